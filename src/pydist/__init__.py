@@ -1,0 +1,1 @@
+"""pydist: idempotent, race-free, event-driven BTC buy orders."""

@@ -1,0 +1,38 @@
+"""Coinbase spot prices over HTTP. Only the btc_price process talks to this."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import orjson
+
+from pydist.domain.errors import InvalidPriceError, PriceUnavailableError
+from pydist.domain.money import Currency, parse_btc_price
+
+
+class CoinbaseSpot:
+    def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
+        self._client = client or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s),
+            headers={"Accept": "application/json", "User-Agent": "pydist-btc-price"},
+        )
+
+    async def spot(self, currency: Currency) -> Decimal:
+        try:
+            response = await self._client.get(f"/v2/prices/BTC-{currency.value}/spot")
+        except httpx.HTTPError as exc:
+            raise PriceUnavailableError(f"coinbase unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise PriceUnavailableError(f"coinbase answered {response.status_code}")
+        try:
+            data = orjson.loads(response.content)["data"]
+            if data["base"] != "BTC" or data["currency"] != currency.value:
+                raise InvalidPriceError("coinbase answered for another pair")
+            return parse_btc_price(data["amount"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, InvalidPriceError) as exc:
+            raise PriceUnavailableError(f"coinbase answered garbage: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

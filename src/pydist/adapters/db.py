@@ -1,0 +1,81 @@
+"""Engines, migrations and the bounded wait for a database at start-up."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from pydist.config import async_url
+from pydist.domain.errors import StoreUnavailableError
+from pydist.domain.money import Currency
+from pydist.domain.order import BuyOrder
+
+WRITE = "write"
+READ = "read"
+
+
+def make_engine(url: str, pool_size: int = 10, application_name: str = "pydist") -> AsyncEngine:
+    return create_async_engine(
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "command_timeout": 10,
+            "timeout": 5,
+        },
+    )
+
+
+async def wait_until_ready(engine: AsyncEngine, *, seconds: float = 30.0) -> None:
+    """Wait (bounded) for a database that is still starting, instead of crash-looping."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.1, max=2),
+        retry=retry_if_exception_type((OSError, Exception)),
+        reraise=True,
+    ):
+        with attempt:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+
+def alembic_config(model: str, url: str) -> Config:
+    cfg = Config()
+    location = resources.files("pydist") / "migrations" / model
+    cfg.set_main_option("script_location", str(location))
+    cfg.attributes["url"] = async_url(url)
+    return cfg
+
+
+def migrate(model: str, url: str, revision: str = "head") -> None:
+    """Bring one database to `revision` (sync: Alembic runs its own event loop)."""
+    command.upgrade(alembic_config(model, url), revision)
+
+
+def unavailable(exc: Exception) -> StoreUnavailableError:
+    return StoreUnavailableError(f"database unavailable: {type(exc).__name__}")
+
+
+STORE_ERRORS = (OSError, OperationalError, InterfaceError, DBAPIError, TimeoutError)
+
+
+def order_from_row(row: Any) -> BuyOrder:
+    return BuyOrder(
+        id=row.id,
+        idempotence_key=row.idempotence_key,
+        created_at=row.created_at,
+        currency=Currency(row.currency),
+        currency_amount=row.currency_amount,
+        btc_rate=row.btc_rate,
+        btc_amount=row.btc_amount,
+    )

@@ -1,0 +1,102 @@
+"""The read model: a separate database with one table, shaped for the newest-first listing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pydist.adapters.db import STORE_ERRORS, order_from_row, unavailable
+from pydist.domain.errors import UnknownReferenceError
+from pydist.domain.events import BuyOrderCreated
+from pydist.domain.order import BuyOrder
+from pydist.service.ports import Projected
+
+_COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
+
+# One round trip for any page. With a reference: the LEFT JOIN yields no row at all when the
+# reference is unknown, and one all-NULL row when it is known but nothing is older.
+_FIRST_PAGE = text(f"SELECT {_COLUMNS} FROM buy_orders ORDER BY created_at DESC, id DESC LIMIT :n")
+_NEXT_PAGE = text(
+    f"""
+    SELECT b.id, b.idempotence_key, b.created_at, b.currency, b.currency_amount, b.btc_rate,
+           b.btc_amount
+    FROM (SELECT created_at, id FROM buy_orders WHERE id = :ref) AS ref
+    LEFT JOIN LATERAL (
+        SELECT {_COLUMNS} FROM buy_orders o
+        WHERE (o.created_at, o.id) < (ref.created_at, ref.id)
+        ORDER BY o.created_at DESC, o.id DESC
+        LIMIT :n
+    ) AS b ON true
+    """
+)
+_UPSERT = text(
+    """
+    INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
+                            btc_amount, event_id)
+    SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
+           r.btc_amount, r.event_id
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+        id uuid, idempotence_key uuid, created_at timestamptz, currency text,
+        currency_amount numeric, btc_rate numeric, btc_amount numeric, event_id uuid)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at, projected_at
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[BuyOrder]
+    has_more: bool
+
+
+class ReadStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
+        try:
+            async with self.engine.connect() as conn:
+                if last_reference is None:
+                    result = await conn.execute(_FIRST_PAGE, {"n": page_size + 1})
+                else:
+                    result = await conn.execute(_NEXT_PAGE, {"n": page_size + 1, "ref": last_reference})
+                rows = result.all()
+        except STORE_ERRORS as exc:
+            raise unavailable(exc) from exc
+        if last_reference is not None and not rows:
+            raise UnknownReferenceError(f"no buy order with id {last_reference}")
+        orders = [order_from_row(r) for r in rows if r.id is not None]
+        return Page(orders[:page_size], has_more=len(orders) > page_size)
+
+    async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
+        """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING)."""
+        if not events:
+            return []
+        payload = orjson.dumps(
+            [
+                {
+                    **e.order.to_public(),
+                    "idempotence_key": str(e.order.idempotence_key),
+                    "event_id": str(e.event_id),
+                }
+                for e in events
+            ]
+        ).decode()
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(_UPSERT, {"rows": payload})).all()
+        return [Projected(r.id, r.created_at, r.projected_at) for r in rows]
+
+    async def all_orders(self) -> dict[uuid.UUID, BuyOrder]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(text(f"SELECT {_COLUMNS} FROM buy_orders"))).all()
+        return {r.id: order_from_row(r) for r in rows}
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))

@@ -1,0 +1,68 @@
+"""Configuration from the environment only (12-factor). Names are a contract: keep them."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def async_url(url: str) -> str:
+    """Accept a plain postgresql:// URL (what operators write) and select the asyncpg driver."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    write_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_write")
+    read_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_read")
+    broker_url: SecretStr | None = Field(
+        default=None, description="amqp:// URL; unset means the embedded in-process read-model sync"
+    )
+    coinbase_api_url: str = "https://api.coinbase.com"
+    price_max_age_s: float = Field(default=10.0, gt=0)
+    price_timeout_s: float = Field(default=2.0, gt=0, le=4.0)
+    price_min_interval_s: float = Field(
+        default=1.0, ge=0, description="least time between two upstream calls for one currency"
+    )
+    btc_price_url: str | None = Field(
+        default=None,
+        description="where create finds btc_price; default http://127.0.0.1:BTC_PRICE_PORT",
+    )
+    create_buy_order_port: int = 8777
+    fetch_buy_orders_port: int = 8778
+    btc_price_port: int = 8779
+    relay_metrics_port: int = 8780
+    sync_metrics_port: int = 8781
+    bind_host: str = "127.0.0.1"
+    web_concurrency: int = Field(default=1, ge=1, le=64)
+    db_pool_size: int = Field(default=10, ge=1)
+    max_batch: int = Field(default=256, ge=1, le=5000, description="orders per write transaction")
+    relay_batch: int = Field(default=500, ge=1)
+    sync_prefetch: int = Field(default=256, ge=1)
+    max_body_bytes: int = 16 * 1024
+    api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")
+    log_level: str = "INFO"
+    fluentd_host: str | None = None
+    fluentd_port: int = 24224
+    service_name: str = "pydist"
+
+    @property
+    def price_service_url(self) -> str:
+        return self.btc_price_url or f"http://127.0.0.1:{self.btc_price_port}"
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        if self.api_keys is None:
+            return frozenset()
+        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

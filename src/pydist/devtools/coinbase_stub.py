@@ -1,0 +1,138 @@
+"""A Coinbase-compatible spot-price server for tests, benchmarks and offline demos.
+
+It speaks the one endpoint pydist uses (GET /v2/prices/BTC-{CCY}/spot) over real HTTP, and can be
+told to misbehave: down (HTTP 500), slow, garbage, negative or zero prices, or refuse connections.
+Control it in-process (`CoinbaseStub.mode = ...`) or over HTTP (POST /_control, GET /_stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_PRICES = {"USD": "97000.00", "EUR": "91234.56", "GBP": "76543.21"}
+MODES = ("ok", "down", "slow", "garbage", "negative", "zero", "not_json", "wrong_pair")
+
+
+class CoinbaseStub:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.prices = dict(DEFAULT_PRICES)
+        self.mode = "ok"
+        self.delay_s = 10.0
+        self.hits: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/_stats":
+                    self._send(200, json.dumps({"hits": dict(stub.hits), "mode": stub.mode}).encode())
+                    return
+                prefix, suffix = "/v2/prices/BTC-", "/spot"
+                if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
+                    self._send(404, b'{"errors":[{"id":"not_found"}]}')
+                    return
+                currency = self.path[len(prefix) : -len(suffix)]
+                with stub._lock:
+                    stub.hits[currency] += 1
+                    mode, price = stub.mode, stub.prices.get(currency)
+                if price is None:
+                    self._send(404, b'{"errors":[{"id":"not_found"}]}')
+                    return
+                if mode == "down":
+                    self._send(500, b'{"errors":[{"id":"internal_server_error"}]}')
+                    return
+                if mode == "slow":
+                    time.sleep(stub.delay_s)
+                amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(
+                    mode, price
+                )
+                if mode == "not_json":
+                    self._send(200, b"<html>maintenance</html>", "text/html")
+                    return
+                pair_currency = "JPY" if mode == "wrong_pair" else currency
+                body = {"data": {"base": "BTC", "currency": pair_currency, "amount": amount}}
+                self._send(200, json.dumps(body).encode())
+
+            def do_POST(self) -> None:
+                if self.path != "/_control":
+                    self._send(404, b"{}")
+                    return
+                length = int(self.headers.get("Content-Length", "0"))
+                data = json.loads(self.rfile.read(length) or b"{}")
+                stub.configure(**data)
+                self._send(200, b"{}")
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def configure(
+        self,
+        mode: str | None = None,
+        prices: dict[str, str] | None = None,
+        delay_s: float | None = None,
+        reset_hits: bool = False,
+    ) -> None:
+        with self._lock:
+            if mode is not None:
+                if mode not in MODES:
+                    raise ValueError(f"mode must be one of {MODES}")
+                self.mode = mode
+            if prices:
+                self.prices.update(prices)
+            if delay_s is not None:
+                self.delay_s = delay_s
+            if reset_hits:
+                self.hits.clear()
+
+    def start(self) -> CoinbaseStub:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8790)
+    args = parser.parse_args()
+    stub = CoinbaseStub(args.host, args.port)
+    print(json.dumps({"event": "coinbase_stub_started", "url": stub.url}), flush=True)
+    try:
+        stub.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The pure core: money rules, orders, errors and events. No I/O is imported here."""

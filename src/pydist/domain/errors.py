@@ -1,0 +1,44 @@
+"""Domain errors: each maps to one HTTP problem type at the edge, and to nothing here."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+
+class DomainError(Exception):
+    """Base of every rule the domain can refuse."""
+
+
+class InvalidAmountError(DomainError, ValueError):
+    pass
+
+
+class InvalidPriceError(DomainError, ValueError):
+    """The upstream price is not usable (non-numeric, non-positive)."""
+
+
+class IdempotencyKeyReusedError(DomainError):
+    def __init__(self) -> None:
+        super().__init__("idempotency key reused with a different request")
+
+
+class CapExceededError(DomainError):
+    def __init__(self, requested_btc: Decimal, available_btc: Decimal) -> None:
+        self.requested_btc = requested_btc
+        self.available_btc = available_btc
+        super().__init__(
+            f"order needs {requested_btc} BTC but only {available_btc} BTC of the "
+            "100 BTC cap is still available"
+        )
+
+
+class PriceUnavailableError(DomainError):
+    """No price younger than the allowed age can be had right now."""
+
+
+class StoreUnavailableError(DomainError):
+    """The write model cannot be reached; the outcome of a write is unknown, retry with the key."""
+
+
+class UnknownReferenceError(DomainError):
+    pass

@@ -1,0 +1,80 @@
+"""Money rules. Everything is Decimal (or exact fractions); a float never touches an amount."""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from fractions import Fraction
+
+from pydist.domain.errors import InvalidAmountError, InvalidPriceError
+
+BTC_CAP = Decimal("100")
+"""The sum of btc_amount over all orders may reach, never exceed, this."""
+
+SATOSHI = Decimal("0.00000001")
+MAX_FIAT_AMOUNT = Decimal("1000000000")  # exclusive
+FIAT_DECIMALS = 2
+_AMOUNT_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+_PRICE_TEXT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,12})?")
+
+
+class Currency(StrEnum):
+    EUR = "EUR"
+    GBP = "GBP"
+    USD = "USD"
+
+
+def parse_fiat_amount(value: object) -> Decimal:
+    """Accept a decimal string or an exactly parsed JSON number; reject anything that would round.
+
+    At most two decimals are allowed; more is an error, never silent rounding.
+    """
+    if isinstance(value, bool):
+        raise InvalidAmountError('amount must be a decimal string such as "123.45"')
+    if isinstance(value, int):
+        value = Decimal(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidAmountError("amount must be a finite number")
+        exponent = value.as_tuple().exponent
+        assert isinstance(exponent, int)
+        if exponent < -FIAT_DECIMALS:
+            raise InvalidAmountError("amount has more than 2 decimal places")
+        amount = value
+    elif isinstance(value, str):
+        if not _AMOUNT_TEXT.fullmatch(value):
+            raise InvalidAmountError(
+                'amount must be a decimal string with at most 2 decimal places, e.g. "123.45"'
+            )
+        amount = Decimal(value)
+    else:
+        raise InvalidAmountError('amount must be a decimal string such as "123.45"')
+    if not (0 < amount < MAX_FIAT_AMOUNT):
+        raise InvalidAmountError("amount must be greater than 0 and less than 1,000,000,000")
+    return amount.quantize(Decimal(1).scaleb(-FIAT_DECIMALS))
+
+
+def parse_btc_price(value: object) -> Decimal:
+    """Parse an upstream price exactly (Decimal from its text); reject non-numeric or non-positive."""
+    if not isinstance(value, str) or not _PRICE_TEXT.fullmatch(value):
+        raise InvalidPriceError(f"price is not a plain positive decimal: {value!r:.40}")
+    try:
+        price = Decimal(value)
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid text
+        raise InvalidPriceError(f"price is not a decimal: {value!r:.40}") from exc
+    if price <= 0:
+        raise InvalidPriceError("price must be positive")
+    return price
+
+
+def btc_for_fiat(amount: Decimal, rate: Decimal) -> Decimal:
+    """BTC bought by `amount` of fiat at `rate` fiat per BTC, rounded up to whole satoshis.
+
+    Computed as an exact fraction, so no precision setting can round it the wrong way.
+    """
+    if amount <= 0 or rate <= 0:
+        raise ValueError("amount and rate must be positive")
+    satoshis = math.ceil(Fraction(amount) / Fraction(rate) / Fraction(SATOSHI))
+    return Decimal(satoshis) * SATOSHI

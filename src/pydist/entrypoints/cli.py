@@ -1,0 +1,309 @@
+"""`pydist`: every process, admin task and a small client, in one command (typer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from pydist.config import get_settings
+
+app = typer.Typer(help="pydist: BTC buy orders, idempotent and race-free.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run one HTTP process.", no_args_is_help=True)
+read_model_app = typer.Typer(help="Admin tasks on the read model.", no_args_is_help=True)
+orders_app = typer.Typer(help="A client for the two APIs.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(read_model_app, name="read-model")
+app.add_typer(orders_app, name="orders")
+console = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+class Service(StrEnum):
+    create = "create"
+    fetch = "fetch"
+    price = "price"
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(
+    service: Annotated[Service, typer.Argument(help="create (:8777), fetch (:8778) or price")],
+    workers: Annotated[int | None, typer.Option(help="Worker processes (WEB_CONCURRENCY)")] = None,
+) -> None:
+    from pydist.entrypoints.serve import serve as run
+
+    run(service.value, workers=workers)
+
+
+@app.command()
+def relay() -> None:
+    """Publish outbox events to RabbitMQ (or straight to the read model without BROKER_URL)."""
+    from pydist.entrypoints.serve import serve as run
+
+    run("relay")
+
+
+@app.command()
+def sync() -> None:
+    """read_model_sync: consume events from RabbitMQ into the read model."""
+    from pydist.entrypoints.serve import serve as run
+
+    run("sync")
+
+
+@app.command()
+def migrate() -> None:
+    """Run the Alembic migrations of both databases (safe to run concurrently and repeatedly)."""
+    from pydist.adapters.db import READ, WRITE
+    from pydist.adapters.db import migrate as run_migrations
+    from pydist.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging("migration", settings.log_level)
+    run_migrations(WRITE, settings.write_database_url.get_secret_value())
+    run_migrations(READ, settings.read_database_url.get_secret_value())
+    console.print("[green]migrations applied[/green] (write and read models at head)")
+
+
+def _engines() -> tuple[Any, Any]:
+    from pydist.adapters.db import make_engine
+
+    s = get_settings()
+    return (
+        make_engine(s.write_database_url.get_secret_value(), 2, "pydist-admin"),
+        make_engine(s.read_database_url.get_secret_value(), 2, "pydist-admin"),
+    )
+
+
+@read_model_app.command("check")
+def read_model_check(as_json: JsonOpt = False) -> None:
+    """Report orders missing from, or different in, the read model. Exit 1 if any."""
+    from pydist.service.read_model_admin import check
+
+    async def run() -> Any:
+        write, read = _engines()
+        try:
+            return await check(write, read)
+        finally:
+            await write.dispose()
+            await read.dispose()
+
+    report = asyncio.run(run())
+    summary = {
+        "write_orders": report.write_count,
+        "read_orders": report.read_count,
+        "missing": [str(i) for i in report.missing],
+        "different": [str(i) for i in report.different],
+        "extra": [str(i) for i in report.extra],
+        "clean": report.clean,
+    }
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        colour = "green" if report.clean else "red"
+        console.print(
+            f"[{colour}]write {report.write_count}, read {report.read_count}: "
+            f"{len(report.missing)} missing, {len(report.different)} different, "
+            f"{len(report.extra)} extra[/{colour}]"
+        )
+    raise typer.Exit(0 if report.clean else 1)
+
+
+@read_model_app.command("rebuild")
+def read_model_rebuild() -> None:
+    """Rebuild the read model from the write model (the source of truth), while the system runs."""
+    from pydist.service.read_model_admin import rebuild, write_count
+
+    async def run() -> int:
+        write, read = _engines()
+        try:
+            total = await write_count(write)
+            with Progress(console=console, transient=False) as progress:
+                task = progress.add_task("rebuilding read model", total=total)
+                return await rebuild(write, read, lambda n: progress.advance(task, n))
+        finally:
+            await write.dispose()
+            await read.dispose()
+
+    walked = asyncio.run(run())
+    console.print(f"[green]read model rebuilt[/green] from {walked} orders")
+
+
+@app.command()
+def cap(as_json: JsonOpt = False) -> None:
+    """BTC used and still available under the 100 BTC cap."""
+    from pydist.adapters.db import make_engine
+    from pydist.adapters.write_store import WriteStore
+
+    async def run() -> Any:
+        engine = make_engine(get_settings().write_database_url.get_secret_value(), 1, "pydist-cli")
+        try:
+            return await WriteStore(engine).cap_status()
+        finally:
+            await engine.dispose()
+
+    status = asyncio.run(run())
+    data = {
+        "limit_btc": f"{status.limit_btc:f}",
+        "used_btc": f"{status.used_btc:f}",
+        "available_btc": f"{status.available_btc:f}",
+    }
+    if as_json:
+        print(json.dumps(data))
+    else:
+        console.print(
+            f"used [bold]{data['used_btc']}[/bold] of {data['limit_btc']} BTC; "
+            f"available [bold]{data['available_btc']}[/bold] BTC"
+        )
+
+
+def _default_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+class _Retryable(Exception):
+    pass
+
+
+@orders_app.command("create")
+def orders_create(
+    currency: Annotated[str, typer.Option(help="EUR, GBP or USD")],
+    amount: Annotated[str, typer.Option(help="Fiat amount, e.g. 10 or 123.45")],
+    key: Annotated[str | None, typer.Option(help="Idempotency key (default: a new UUID)")] = None,
+    url: Annotated[str | None, typer.Option(help="create service base URL")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Place an order. Retries safely (same idempotency key) on 503 and connection errors."""
+    settings = get_settings()
+    base = url or _default_url(settings.create_buy_order_port)
+    idem = key or str(uuid.uuid4())
+    headers = {"Idempotency-Key": idem}
+    if settings.api_key_set:
+        headers["Authorization"] = f"Bearer {sorted(settings.api_key_set)[0]}"
+    if not as_json:
+        console.print(f"idempotency key: [bold]{idem}[/bold]")
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(5),
+                wait=wait_exponential(multiplier=0.2, max=3),
+                retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
+                reraise=True,
+            ):
+                with attempt:
+                    response = await client.put(
+                        "/buy_order",
+                        json={"currency": currency, "amount": amount, "idempotence_key": idem},
+                        headers=headers,
+                    )
+                    if response.status_code == 503:
+                        raise _Retryable()
+            return response
+
+    try:
+        response = asyncio.run(run())
+    except (httpx.TransportError, _Retryable) as exc:
+        console.print(f"[red]gave up after retries: {type(exc).__name__}[/red]")
+        raise typer.Exit(2) from None
+    body = response.json()
+    if as_json:
+        print(json.dumps({"status": response.status_code, **body}))
+    elif response.status_code == 200:
+        order = body["buy_order"]
+        replay = " (replayed)" if response.headers.get("Idempotent-Replayed") else ""
+        console.print(
+            f"[green]order {order['id']}{replay}[/green]: {order['currency_amount']} "
+            f"{order['currency']} at {order['btc_rate']} = [bold]{order['btc_amount']} BTC[/bold]"
+        )
+    else:
+        console.print(f"[red]{response.status_code} {body.get('title')}[/red]: {body.get('detail')}")
+    raise typer.Exit(0 if response.status_code == 200 else 1)
+
+
+@orders_app.command("list")
+def orders_list(
+    page_size: Annotated[int, typer.Option(min=1, max=100)] = 10,
+    last_reference: Annotated[str | None, typer.Option()] = None,
+    all_pages: Annotated[bool, typer.Option("--all", help="Walk every page")] = False,
+    url: Annotated[str | None, typer.Option(help="fetch service base URL")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List orders newest first (one page, or --all)."""
+    settings = get_settings()
+    base = url or _default_url(settings.fetch_buy_orders_port)
+    headers = {}
+    if settings.api_key_set:
+        headers["Authorization"] = f"Bearer {sorted(settings.api_key_set)[0]}"
+    rows: list[dict[str, str]] = []
+    ref = last_reference
+    with httpx.Client(base_url=base, timeout=10, headers=headers) as client:
+        while True:
+            params: dict[str, Any] = {"page_size": page_size}
+            if ref:
+                params["last_reference"] = ref
+            response = client.get("/buy_orders", params=params)
+            if response.status_code != 200:
+                console.print(f"[red]{response.status_code}[/red] {response.text}")
+                raise typer.Exit(1)
+            page = response.json()
+            rows.extend(page["rows"])
+            ref = page["last_reference"]
+            if not all_pages or "next" not in response.links:
+                break
+    if as_json:
+        print(json.dumps({"rows": rows, "last_reference": ref}))
+        return
+    table = Table("id", "created_at", "currency", "amount", "rate", "btc")
+    total = Decimal(0)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["created_at"],
+            r["currency"],
+            r["currency_amount"],
+            r["btc_rate"],
+            r["btc_amount"],
+        )
+        total += Decimal(r["btc_amount"])
+    console.print(table)
+    console.print(f"{len(rows)} orders, {total} BTC; last_reference: {ref}")
+
+
+@app.command()
+def bench(
+    smoke: Annotated[bool, typer.Option(help="A few seconds, to check the bench runs")] = False,
+) -> None:
+    """Run the benchmark suite (same as ./bench/run.sh)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path.cwd() / "bench" / "run.sh"
+    if not script.exists():
+        console.print("[red]run from the repository root (bench/run.sh not found)[/red]")
+        raise typer.Exit(2)
+    raise typer.Exit(subprocess.call([str(script), *(["--smoke"] if smoke else [])]))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

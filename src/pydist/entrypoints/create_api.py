@@ -1,0 +1,149 @@
+"""create_buy_order: PUT /buy_order on CREATE_BUY_ORDER_PORT."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+import structlog
+from fastapi import FastAPI, Header, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from pydist.adapters.db import make_engine, wait_until_ready
+from pydist.adapters.order_writer import BatchingOrderWriter
+from pydist.adapters.price_client import PriceServiceClient
+from pydist.adapters.write_store import WriteStore
+from pydist.config import Settings, get_settings
+from pydist.domain.order import OrderRequest
+from pydist.entrypoints.body import read_json_object
+from pydist.entrypoints.http_app import build_app
+from pydist.entrypoints.problems import ProblemError, validation_problem
+from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses
+from pydist.metrics import ORDERS_CREATED, ORDERS_REPLAYED
+from pydist.service.create_order import CreateBuyOrder
+
+log = structlog.get_logger()
+_MAX_KEY_HEADER = 100
+
+
+def _header_key(raw: str | None) -> uuid.UUID | None:
+    """Idempotency-Key is an RFC 8941 sf-string ("..."); a bare UUID is accepted too."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    if len(text) > 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ProblemError(
+            422,
+            "validation-error",
+            "Idempotency-Key header must be a UUID",
+            errors=[{"field": "Idempotency-Key", "message": "must be a UUID"}],
+        ) from None
+
+
+def to_request(body: BuyOrderIn, header_key: uuid.UUID | None) -> OrderRequest:
+    if body.idempotence_key and header_key and body.idempotence_key != header_key:
+        raise ProblemError(
+            422,
+            "validation-error",
+            "idempotence_key in the body and the Idempotency-Key header differ",
+            errors=[{"field": "idempotence_key", "message": "differs from Idempotency-Key"}],
+        )
+    key = body.idempotence_key or header_key
+    if key is None:
+        raise ProblemError(
+            422,
+            "validation-error",
+            "an idempotency key is required: idempotence_key in the body or the Idempotency-Key header",
+            errors=[{"field": "idempotence_key", "message": "required"}],
+        )
+    return OrderRequest(idempotence_key=key, currency=body.currency, amount=body.amount)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(
+        settings.write_database_url.get_secret_value(), settings.db_pool_size, "pydist-create"
+    )
+    store = WriteStore(engine)
+    writer = BatchingOrderWriter(store, max_batch=settings.max_batch)
+    prices = PriceServiceClient(
+        settings.price_service_url,
+        timeout_s=settings.price_timeout_s + 0.5,
+        max_age_s=settings.price_max_age_s,
+    )
+    create_order = CreateBuyOrder(store, prices, writer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await wait_until_ready(engine)
+        writer.start()
+        log.info("service_started", port=settings.create_buy_order_port)
+        yield
+        await writer.stop()
+        await prices.aclose()
+        await engine.dispose()
+        log.info("service_stopped")
+
+    app = build_app(
+        service="create_buy_order",
+        title="pydist: create buy order",
+        description="Place an idempotent BTC buy order for EUR, GBP or USD.",
+        settings=settings,
+        ready=store.ping,
+        lifespan=lifespan,
+    )
+
+    @app.put(
+        "/buy_order",
+        tags=["orders"],
+        summary="Create a buy order (idempotent)",
+        response_model=CreateBuyOrderOut,
+        responses={
+            200: {"description": "Created, or replayed (header Idempotent-Replayed: true)"},
+            **problem_responses(401, 409, 413, 415, 422, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": BuyOrderIn.model_json_schema()}},
+            }
+        },
+    )
+    async def put_buy_order(
+        request: Request,
+        idempotency_key: str | None = Header(
+            default=None,
+            alias="Idempotency-Key",
+            max_length=_MAX_KEY_HEADER,
+            description="IETF Idempotency-Key (a UUID); must match idempotence_key if both given",
+        ),
+    ) -> Response:
+        raw = await read_json_object(request, settings.max_body_bytes)
+        try:
+            body = BuyOrderIn.model_validate(raw)
+        except ValidationError as exc:
+            return validation_problem(list(exc.errors()))
+        order_request = to_request(body, _header_key(idempotency_key))
+        structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))
+        outcome = await create_order(order_request, request.state.request_id)
+        headers = {}
+        if outcome.replayed:
+            headers["Idempotent-Replayed"] = "true"
+            ORDERS_REPLAYED.inc()
+        else:
+            ORDERS_CREATED.labels(outcome.order.currency.value).inc()
+        payload = {
+            "idempotence_key": str(outcome.order.idempotence_key),
+            "buy_order": outcome.order.to_public(),
+        }
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+
+    app.state.writer = writer
+    return app

@@ -1,0 +1,149 @@
+"""RFC 9457 problem details: every error leaves as application/problem+json, never a stack trace."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from pydist.domain.errors import (
+    CapExceededError,
+    IdempotencyKeyReusedError,
+    PriceUnavailableError,
+    StoreUnavailableError,
+    UnknownReferenceError,
+)
+
+log = structlog.get_logger()
+PROBLEM_JSON = "application/problem+json"
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Unprocessable request",
+    500: "Internal error",
+    503: "Service unavailable",
+}
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a handler to answer with a problem document."""
+
+    def __init__(self, status: int, slug: str, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.extensions = extensions
+
+
+def problem(
+    status: int,
+    slug: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> Response:
+    body = {
+        "type": f"/problems/{slug}",
+        "title": title or _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=dict(headers or {})
+    )
+
+
+def validation_problem(errors: Sequence[Any]) -> Response:
+    """422 with an `errors` list naming each field, without echoing what the client sent."""
+    listed = [
+        {
+            "field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+            or "body",
+            "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+        }
+        for err in errors
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in listed)
+    return problem(422, "validation-error", detail, errors=listed)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def on_problem(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProblemError)
+        return problem(exc.status, exc.slug, exc.detail, **exc.extensions)
+
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return validation_problem(list(exc.errors()))
+
+    async def on_http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
+        return problem(exc.status_code, slug, detail, headers=exc.headers)
+
+    async def on_cap(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CapExceededError)
+        return problem(
+            409,
+            "cap-exceeded",
+            str(exc),
+            title="BTC cap exceeded",
+            available_btc=f"{exc.available_btc:f}",
+            requested_btc=f"{exc.requested_btc:f}",
+        )
+
+    async def on_key_reuse(_: Request, exc: Exception) -> Response:
+        return problem(
+            422,
+            "idempotency-key-reused",
+            "idempotency key reused with a different request: the first request with this key "
+            "had another currency or amount",
+            title="Idempotency key reused with a different request",
+        )
+
+    async def on_unavailable(_: Request, exc: Exception) -> Response:
+        slug = "price-unavailable" if isinstance(exc, PriceUnavailableError) else "store-unavailable"
+        log.warning("upstream_unavailable", error=str(exc))
+        what = "BTC price" if isinstance(exc, PriceUnavailableError) else "order store"
+        return problem(
+            503,
+            slug,
+            f"the {what} is unavailable right now; nothing was stored. Retry with the same idempotency key.",
+            headers={"Retry-After": "1"},
+        )
+
+    async def on_unknown_ref(_: Request, exc: Exception) -> Response:
+        return problem(404, "unknown-reference", str(exc))
+
+    async def on_crash(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled_error", error_type=type(exc).__name__)
+        return problem(500, "internal-error", "an internal error occurred; it has been logged")
+
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(CapExceededError, on_cap)
+    app.add_exception_handler(IdempotencyKeyReusedError, on_key_reuse)
+    app.add_exception_handler(PriceUnavailableError, on_unavailable)
+    app.add_exception_handler(StoreUnavailableError, on_unavailable)
+    app.add_exception_handler(UnknownReferenceError, on_unknown_ref)
+    app.add_exception_handler(Exception, on_crash)

@@ -1,0 +1,105 @@
+"""Wire models: what clients send and get back. Amounts are strings on the wire, always."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from pydist.domain.money import Currency, parse_fiat_amount
+
+FiatAmount = Annotated[
+    Decimal,
+    BeforeValidator(parse_fiat_amount),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$",
+            "description": "0 < amount < 1,000,000,000, at most 2 decimals, as a string",
+            "examples": ["123.45"],
+        }
+    ),
+]
+
+
+class BuyOrderIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "currency": "USD",
+                    "amount": "123.45",
+                    "idempotence_key": "0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b",
+                }
+            ]
+        },
+    )
+
+    currency: Currency = Field(description="ISO 4217 code: EUR, GBP or USD")
+    amount: FiatAmount
+    idempotence_key: uuid.UUID | None = Field(
+        default=None, description="Client-chosen UUID; or send it as the Idempotency-Key header"
+    )
+
+
+class BuyOrderOut(BaseModel):
+    id: uuid.UUID
+    created_at: str = Field(examples=["2026-11-30T12:00:00.123456Z"])
+    currency: Currency
+    currency_amount: str = Field(examples=["123.45"])
+    btc_rate: str = Field(examples=["97000.00"], description="Fiat price of 1 BTC, as received")
+    btc_amount: str = Field(examples=["0.00127269"], description="Rounded up to 8 decimals")
+
+
+class CreateBuyOrderOut(BaseModel):
+    idempotence_key: uuid.UUID
+    buy_order: BuyOrderOut
+
+
+class BuyOrderPage(BaseModel):
+    rows: list[BuyOrderOut]
+    last_reference: uuid.UUID | None = Field(
+        description="id of the last row of this page; pass it to get the next page"
+    )
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "application/problem+json": {
+        "schema": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "field": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        }
+    }
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        401: "Missing or wrong API key (only when API_KEYS is set)",
+        404: "Unknown last_reference",
+        409: "The order would take the total past 100 BTC",
+        413: "Body larger than the limit",
+        415: "Body is not JSON",
+        422: "Invalid request, or idempotency key reused with a different request",
+        503: "Price feed or database unavailable; nothing stored, retry with the same key",
+    }
+    return {s: {"description": descriptions[s], "content": PROBLEM_SCHEMA} for s in statuses}

@@ -1,0 +1,78 @@
+"""Structured event logs: one JSON object per line on stdout (12-factor), optionally to fluentd."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+
+class FluentForwarder:
+    """A structlog processor that also sends each event to fluentd (forward protocol)."""
+
+    def __init__(self, host: str, port: int, tag: str) -> None:
+        from fluent import sender
+
+        self._sender = sender.FluentSender(tag, host=host, port=port, nanosecond_precision=True)
+
+    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        self._sender.emit(str(event.get("event", "log")), dict(event))
+        return event
+
+
+def configure_logging(
+    service: str,
+    level: str = "INFO",
+    *,
+    fluentd_host: str | None = None,
+    fluentd_port: int = 24224,
+) -> None:
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _add_service(service),
+    ]
+    if fluentd_host:
+        processors.append(FluentForwarder(fluentd_host, fluentd_port, f"pydist.{service}"))
+    processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        cache_logger_on_first_use=True,
+    )
+    # Route stdlib logging (uvicorn, aio-pika, alembic) through the same JSON renderer.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(),
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _add_service(service),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO))
+    for noisy in ("uvicorn.access", "aiormq", "aio_pika", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _dumps(obj: Any, **_: Any) -> bytes:
+    return orjson.dumps(obj, default=str)
+
+
+def _add_service(service: str) -> Any:
+    def processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("service", service)
+        return event
+
+    return processor

@@ -1,0 +1,3 @@
+from pydist.migrations.env_common import run
+
+run()

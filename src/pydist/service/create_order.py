@@ -1,0 +1,52 @@
+"""The create-buy-order use case: replay, price, place — in that order, for a reason each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from pydist.domain.errors import CapExceededError
+from pydist.domain.order import BuyOrder, CapRefused, OrderRequest
+from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    order: BuyOrder
+    replayed: bool
+
+
+class CreateBuyOrder:
+    def __init__(self, lookup: OrderLookup, prices: PriceSource, placer: OrderPlacer) -> None:
+        self._lookup = lookup
+        self._prices = prices
+        self._placer = placer
+
+    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+        # 1. A replay is answered from the store alone: no price call, whatever the cap or feed.
+        existing = await self._lookup.find_by_key(request.idempotence_key)
+        if existing is not None:
+            return Outcome(existing.replay_for(request), replayed=True)
+        # 2. Price outside any transaction: the cap row is never held across an HTTP call.
+        priced = request.priced(await self._prices.price(request.currency))
+        # 3. One transaction stores order + outbox event under the cap, or refuses.
+        result = await self._placer.place(priced, request_id)
+        if isinstance(result, CapRefused):
+            log.info(
+                "buy_order_refused_cap",
+                btc_amount=str(priced.btc_amount),
+                available_btc=str(result.available_btc),
+            )
+            raise CapExceededError(priced.btc_amount, result.available_btc)
+        if not result.created:  # a concurrent request with the same key won the race
+            return Outcome(result.order.replay_for(request), replayed=True)
+        log.info(
+            "buy_order_created",
+            order_id=str(result.order.id),
+            currency=result.order.currency.value,
+            btc_amount=str(result.order.btc_amount),
+        )
+        return Outcome(result.order, replayed=False)

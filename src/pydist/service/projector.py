@@ -1,0 +1,34 @@
+"""The projector: applies events to the read model. read_model_sync and the embedded relay share it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from pydist.domain.events import BuyOrderCreated
+from pydist.metrics import EVENTS_PROJECTED, READ_MODEL_LAG
+from pydist.service.ports import Projected
+
+log = structlog.get_logger()
+
+
+class AppliesEvents(Protocol):
+    async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]: ...
+
+
+class Projector:
+    def __init__(self, read_model: AppliesEvents) -> None:
+        self._read_model = read_model
+
+    async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
+        """Same signature as the broker publisher: in embedded mode the relay calls this directly."""
+        projected = await self._read_model.apply(events)
+        for row in projected:
+            READ_MODEL_LAG.observe(max((row.projected_at - row.created_at).total_seconds(), 0.0))
+        EVENTS_PROJECTED.inc(len(projected))
+        if len(projected) < len(events):
+            log.info("duplicate_events_ignored", count=len(events) - len(projected))
+        for event in events:
+            log.info("order_projected", order_id=str(event.order.id), request_id=event.request_id)

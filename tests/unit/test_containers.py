@@ -1,0 +1,442 @@
+"""Static checks of the container setup: docker-compose.yml, Dockerfiles, env files, fluentd.
+
+No Docker engine is needed. The one check that runs the compose CLI (`config -q`) is
+skipped when no compose client is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pydist.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_ENV = ROOT / "docker" / "compose.env"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE_BASE = ROOT / "docker" / "Dockerfile.base"
+DOCKERFILE_RUN = ROOT / "docker" / "Dockerfile"
+BUILD_SCRIPT = ROOT / "docker" / "build_images.sh"
+FLUENT_CONF = ROOT / "docker" / "fluentd" / "fluent.conf"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+BACKING = {"log", "write_model", "read_model", "queue"}
+# service -> the full `pydist ...` command line it must run (ENTRYPOINT + command).
+APP_COMMANDS = {
+    "migration": "pydist migrate",
+    "btc_price": "pydist serve price",
+    "create_buy_order": "pydist serve create",
+    "fetch_buy_orders": "pydist serve fetch",
+    "relay": "pydist relay",
+    "read_model_sync": "pydist sync",
+}
+CLI_COMMANDS = set(APP_COMMANDS.values())
+ONE_SHOT = {"migration"}
+ALL_SERVICES = BACKING | set(APP_COMMANDS)
+LONG_RUNNING = ALL_SERVICES - ONE_SHOT
+# Apps that use a database: they must not start before the schema exists.
+# btc_price has no database, so it does not wait for migration.
+NEEDS_MIGRATION = {"create_buy_order", "fetch_buy_orders", "relay", "read_model_sync"}
+# Backing services (and btc_price) each app needs healthy before it starts.
+REQUIRED_HEALTHY = {
+    "migration": {"write_model", "read_model"},
+    "btc_price": set(),
+    "create_buy_order": {"write_model", "btc_price"},
+    "fetch_buy_orders": {"read_model"},
+    "relay": {"write_model", "queue"},
+    "read_model_sync": {"read_model", "queue"},
+}
+# Which Settings port each long-running app serves /healthcheck on.
+HEALTH_PORT_VAR = {
+    "btc_price": "BTC_PRICE_PORT",
+    "create_buy_order": "CREATE_BUY_ORDER_PORT",
+    "fetch_buy_orders": "FETCH_BUY_ORDERS_PORT",
+    "relay": "RELAY_METRICS_PORT",
+    "read_model_sync": "SYNC_METRICS_PORT",
+}
+PUBLIC_PORTS = {8777, 8778}
+SETTINGS_VARS = {name.upper() for name in Settings.model_fields}
+
+_ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+# `# NAME=value`: a documented variable that is unset by default.
+_COMMENTED_ENV_LINE = re.compile(r"^#\s*([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services = _compose()["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """Active KEY=VALUE lines of a docker env_file / dotenv file."""
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        assert match, f"{path.name}: not a KEY=VALUE line: {raw!r}"
+        values[match.group(1)] = match.group(2)
+    return values
+
+
+def _documented_unset(path: Path) -> set[str]:
+    """Names documented as commented-out `# NAME=...` lines (unset by default)."""
+    names = set()
+    for raw in path.read_text().splitlines():
+        match = _COMMENTED_ENV_LINE.match(raw.strip())
+        if match:
+            names.add(match.group(1))
+    return names
+
+
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, f"{path.name}: dangling line continuation"
+    return instructions
+
+
+def _entrypoint() -> list[str]:
+    entrypoints = [args for kw, args in _dockerfile(DOCKERFILE_RUN) if kw == "ENTRYPOINT"]
+    assert entrypoints, "run image has no ENTRYPOINT"
+    entrypoint = json.loads(entrypoints[-1])  # exec form, so signals reach pydist
+    assert isinstance(entrypoint, list)
+    return entrypoint
+
+
+def _command_line(service: dict[str, Any]) -> str:
+    command = service.get("command", [])
+    parts = command.split() if isinstance(command, str) else list(command)
+    return " ".join(_entrypoint() + parts)
+
+
+def _published_ports(service: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host_ip, host_port) for every published port, short or long syntax."""
+    published = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            if "published" in port:
+                published.append((str(port.get("host_ip", "")), int(port["published"])))
+            continue
+        parts = str(port).split("/")[0].split(":")
+        if len(parts) == 1:  # "8777": container port on a random host port
+            published.append(("", 0))
+        elif len(parts) == 2:
+            published.append(("", int(parts[0])))
+        else:
+            published.append((":".join(parts[:-2]), int(parts[-2])))
+    return published
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):  # short form means service_started
+        return dict.fromkeys(deps, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
+
+
+def _compose_cli() -> list[str] | None:
+    """A working Compose v2 client: the docker plugin, else the standalone v2 binary.
+
+    Compose v1 (the Python `docker-compose` 1.x, e.g. Debian's package) is not used: it
+    is end-of-life and validates a different dialect.
+    """
+    candidates = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
+    for cli in candidates:
+        try:
+            probe = subprocess.run(
+                [*cli, "version", "--short"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        major = probe.stdout.strip().lstrip("v").split(".")[0]
+        if probe.returncode == 0 and major.isdigit() and int(major) >= 2:
+            return cli
+    return None
+
+
+# --- docker-compose.yml --------------------------------------------------------------------
+
+
+def test_all_services_present() -> None:
+    assert set(_services()) == ALL_SERVICES
+
+
+def test_long_running_services_have_healthcheck_and_restart() -> None:
+    services = _services()
+    for name in LONG_RUNNING:
+        service = services[name]
+        test = service.get("healthcheck", {}).get("test")
+        assert test, f"{name} has no healthcheck"
+        assert not service["healthcheck"].get("disable"), f"{name} disables its healthcheck"
+        assert service.get("restart") == "unless-stopped", f"{name} restart policy"
+
+
+def test_migration_is_a_one_shot_job() -> None:
+    migration = _services()["migration"]
+    assert migration.get("restart") in {"no", "on-failure"}
+    assert "healthcheck" not in migration
+
+
+def test_backing_service_healthchecks() -> None:
+    services = _services()
+    for name, db in (("write_model", "pydist_write"), ("read_model", "pydist_read")):
+        service = services[name]
+        assert re.match(r"postgres:[\w.-]*alpine", service["image"]), name
+        assert service["environment"]["POSTGRES_DB"] == db
+        assert "pg_isready" in " ".join(service["healthcheck"]["test"])
+        volume = service["volumes"][0].split(":")[0]
+        assert volume in _compose()["volumes"], f"{name} must use a named volume"
+    queue = services["queue"]
+    assert re.match(r"rabbitmq:[\w.-]*management-alpine", queue["image"])
+    assert queue["healthcheck"]["test"][-3:] == ["rabbitmq-diagnostics", "-q", "ping"]
+    log = services["log"]
+    assert log["image"].startswith("fluent/fluentd")
+    assert any(v.startswith("./docker/fluentd/fluent.conf:/fluentd/etc/fluent.conf") for v in log["volumes"])
+
+
+def test_app_services_run_the_app_image_with_known_commands() -> None:
+    services = _services()
+    images = {services[name]["image"] for name in APP_COMMANDS}
+    assert len(images) == 1, f"apps must share one image, got {images}"
+    assert "pydist" in images.pop()
+    for name, expected in APP_COMMANDS.items():
+        command_line = _command_line(services[name])
+        assert command_line in CLI_COMMANDS, f"{name}: unknown command {command_line!r}"
+        assert command_line == expected, name
+        assert services[name].get("env_file") in ("docker/compose.env", ["docker/compose.env"])
+
+
+def test_app_healthchecks_probe_their_own_port() -> None:
+    services = _services()
+    env = _env_file(COMPOSE_ENV)
+    for name, port_var in HEALTH_PORT_VAR.items():
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD", f"{name}: exec-form healthcheck (the image has no curl)"
+        probe = " ".join(test[1:])
+        assert "urllib" in probe, name
+        assert f"http://127.0.0.1:{env[port_var]}/healthcheck" in probe, name
+
+
+def test_apps_wait_for_migration_and_healthy_backing_services() -> None:
+    services = _services()
+    for name in APP_COMMANDS:
+        deps = _depends_on(services[name])
+        if name in NEEDS_MIGRATION:
+            assert deps.get("migration") == "service_completed_successfully", name
+        for dep in REQUIRED_HEALTHY[name]:
+            assert deps.get(dep) == "service_healthy", f"{name} -> {dep}"
+        # Anything long-running an app waits for must be healthy, not merely started.
+        for dep, condition in deps.items():
+            assert dep in ALL_SERVICES, f"{name} depends on unknown service {dep}"
+            if dep in LONG_RUNNING:
+                assert condition == "service_healthy", f"{name} -> {dep}: {condition}"
+
+
+def test_only_public_api_ports_are_published() -> None:
+    published: dict[int, tuple[str, str]] = {}
+    for name, service in _services().items():
+        for host_ip, port in _published_ports(service):
+            if name == "log" and port == 24224:
+                # The fluentd logging driver runs in dockerd on the host, so fluentd must
+                # be reachable on the host loopback, and only there.
+                assert host_ip == "127.0.0.1", "fluentd must be published on loopback only"
+                continue
+            published[port] = (name, host_ip)
+    assert set(published) == PUBLIC_PORTS
+    assert published[8777][0] == "create_buy_order"
+    assert published[8778][0] == "fetch_buy_orders"
+
+
+def test_every_service_but_log_uses_fluentd_logging() -> None:
+    services = _services()
+    assert services["log"].get("logging", {}).get("driver") != "fluentd"
+    for name in ALL_SERVICES - {"log"}:
+        logging = services[name].get("logging", {})
+        assert logging.get("driver") == "fluentd", name
+        options = logging["options"]
+        assert options["fluentd-address"] == "localhost:24224", name
+        assert str(options["fluentd-async"]) == "true", name
+        assert options["tag"].startswith("pydist."), name
+
+
+@pytest.mark.timeout(60)
+def test_compose_config_is_valid() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip(
+            "no Compose v2 client: `docker compose version` fails (the docker CLI has no "
+            "compose plugin) and there is no standalone docker-compose v2; "
+            "`compose config` needs only the client, not an engine"
+        )
+    result = subprocess.run(
+        [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- environment files ---------------------------------------------------------------------
+
+
+def test_compose_env_uses_only_settings_fields_and_validates() -> None:
+    env = _env_file(COMPOSE_ENV)
+    unknown = (set(env) | _documented_unset(COMPOSE_ENV)) - SETTINGS_VARS
+    assert not unknown, f"docker/compose.env has non-Settings variables: {sorted(unknown)}"
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    assert settings.bind_host == "0.0.0.0"
+    assert settings.broker_url is not None
+    for url in (settings.write_database_url, settings.read_database_url, settings.broker_url):
+        assert "127.0.0.1" not in url.get_secret_value()
+        assert "localhost" not in url.get_secret_value()
+    assert settings.btc_price_url == f"http://btc_price:{settings.btc_price_port}"
+
+
+def test_compose_env_db_credentials_match_postgres_services() -> None:
+    env = _env_file(COMPOSE_ENV)
+    services = _services()
+    for var, host in (("WRITE_DATABASE_URL", "write_model"), ("READ_DATABASE_URL", "read_model")):
+        pg = services[host]["environment"]
+        expected = (
+            f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@{host}:5432/{pg['POSTGRES_DB']}"
+        )
+        assert env[var] == expected
+
+
+def test_env_example_documents_every_setting_with_its_default() -> None:
+    active = _env_file(ENV_EXAMPLE)
+    unset = _documented_unset(ENV_EXAMPLE)
+    documented = set(active) | unset
+    assert not documented - SETTINGS_VARS, f"unknown: {sorted(documented - SETTINGS_VARS)}"
+    assert not SETTINGS_VARS - documented, f"undocumented: {sorted(SETTINGS_VARS - documented)}"
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for name in documented:
+        index = next(i for i, line in enumerate(lines) if re.match(rf"^#?\s*{name}=", line))
+        assert index > 0, name
+        assert lines[index - 1].startswith("# "), f"{name} needs a one-line comment above it"
+        assert not _COMMENTED_ENV_LINE.match(lines[index - 1]), f"{name} needs a comment"
+    for name, value in active.items():
+        field = name.lower()
+        parsed = getattr(Settings(**{field: value}), field)
+        assert parsed == Settings.model_fields[field].default, f"{name}={value} is not the default"
+    for name in unset:
+        assert Settings.model_fields[name.lower()].default is None, f"{name} has a default"
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def test_base_image_installs_locked_dependencies_only() -> None:
+    instructions = _dockerfile(DOCKERFILE_BASE)
+    froms = [args for kw, args in instructions if kw == "FROM"]
+    assert froms == ["python:3.11-slim"]
+    runs = " ".join(args for kw, args in instructions if kw == "RUN")
+    assert re.search(r"useradd\b.*\bpydist\b", runs), "base image must create user pydist"
+    assert re.search(r"\buv\b", runs), "base image must install uv"
+    copies = [args for kw, args in instructions if kw == "COPY"]
+    assert any("pyproject.toml" in c and "uv.lock" in c for c in copies)
+    assert not any("src" in c.split() or "src/" in c for c in copies), "no code in the base"
+    assert re.search(r"uv sync --frozen --no-install-project --no-dev", runs)
+    envs = " ".join(args for kw, args in instructions if kw == "ENV")
+    assert "UV_PROJECT_ENVIRONMENT=/app/.venv" in envs
+
+
+def test_run_image_builds_from_base_arg_and_runs_as_non_root() -> None:
+    instructions = _dockerfile(DOCKERFILE_RUN)
+    keywords = [kw for kw, _ in instructions]
+    first_from = keywords.index("FROM")
+    base_args = [args for kw, args in instructions[:first_from] if kw == "ARG" and args.startswith("BASE")]
+    assert base_args == ["BASE_IMAGE=pydist-base:latest"]
+    assert [args for kw, args in instructions if kw == "FROM"] == ["${BASE_IMAGE}"]
+    runs = " ".join(args for kw, args in instructions if kw == "RUN")
+    assert "uv sync --frozen --no-dev" in runs
+    assert any(kw == "COPY" and args.split()[0] in {"src", "src/"} for kw, args in instructions)
+    users = [args for kw, args in instructions if kw == "USER"]
+    assert users, "run image must set USER"
+    assert users[-1] == "pydist"
+    assert keywords.index("USER") > max(i for i, kw in enumerate(keywords) if kw == "RUN")
+    assert _entrypoint() == ["pydist"]
+
+
+def test_build_script_builds_base_then_run() -> None:
+    script = BUILD_SCRIPT.read_text()
+    assert BUILD_SCRIPT.stat().st_mode & 0o111, "build_images.sh must be executable"
+    base = script.index("-f docker/Dockerfile.base")
+    run = script.index("-f docker/Dockerfile ")
+    assert base < run
+    assert '--build-arg "BASE_IMAGE=' in script, "run image must be built FROM the base just built"
+    assert "pydist:latest" in script
+    assert "pydist:latest" in _services()["migration"]["image"]
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    lines = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*", "allow-list style: ignore everything, then re-include"
+    for needed in ("!pyproject.toml", "!uv.lock", "!README.md", "!src/"):
+        assert needed in rules
+
+
+# --- fluentd -------------------------------------------------------------------------------
+
+
+def test_fluentd_config_forwards_and_parses_json_log_field() -> None:
+    conf = "\n".join(
+        line for line in FLUENT_CONF.read_text().splitlines() if not line.strip().startswith("#")
+    )
+    source = re.search(r"<source>(.*?)</source>", conf, re.S)
+    assert source
+    assert re.search(r"@type\s+forward", source.group(1))
+    assert re.search(r"port\s+24224", source.group(1))
+    assert re.search(r"bind\s+0\.0\.0\.0", source.group(1))
+    parser = re.search(r"<filter pydist\.\*\*>(.*?)</filter>", conf, re.S)
+    assert parser
+    body = parser.group(1)
+    assert re.search(r"@type\s+parser", body)
+    assert re.search(r"key_name\s+log", body)
+    assert re.search(r"reserve_data\s+true", body)
+    assert re.search(r"<parse>\s*@type\s+json\s*</parse>", body)
+    assert re.search(r"<match pydist\.\*\*>\s*@type\s+stdout", conf)
