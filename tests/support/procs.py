@@ -1,0 +1,157 @@
+"""Real processes for e2e tests: each pydist service started as its own OS process over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PORT_FIELDS = {
+    "create": "CREATE_BUY_ORDER_PORT",
+    "fetch": "FETCH_BUY_ORDERS_PORT",
+    "price": "BTC_PRICE_PORT",
+    "relay": "RELAY_METRICS_PORT",
+    "sync": "SYNC_METRICS_PORT",
+}
+COMMANDS = {
+    "create": ["serve", "create"],
+    "fetch": ["serve", "fetch"],
+    "price": ["serve", "price"],
+    "relay": ["relay"],
+    "sync": ["sync"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+        self.popen.wait()
+
+
+@dataclass
+class System:
+    """A set of running processes sharing one environment (databases, broker, price stub)."""
+
+    env: dict[str, str]
+    procs: dict[str, Proc] = field(default_factory=dict)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pydist-e2e-")))
+
+    def start(self, *names: str, wait: bool = True) -> None:
+        for name in names:
+            port = free_port()
+            env = {**self.env, PORT_FIELDS[name]: str(port)}
+            if name == "create" and "price" in self.procs and "BTC_PRICE_URL" not in self.env:
+                env["BTC_PRICE_URL"] = self.procs["price"].url
+            log_path = self.log_dir / f"{name}-{port}.log"
+            with log_path.open("wb") as out:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "pydist.entrypoints.cli", *COMMANDS[name]],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            self.procs[name] = Proc(name, port, popen, log_path)
+        if wait:
+            for name in names:
+                wait_ready(self.procs[name])
+
+    def restart(self, name: str) -> None:
+        old = self.procs.pop(name)
+        if old.alive():
+            old.stop()
+        self.start(name)
+
+    def url(self, name: str) -> str:
+        return self.procs[name].url
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=10)
+        self.procs.clear()
+
+
+def wait_ready(proc: Proc, timeout: float = 40, path: str = "/healthcheck") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(proc.url + path, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready after {timeout}s:\n{proc.log()[-3000:]}")
+
+
+def base_env(write_url: str, read_url: str, coinbase_url: str, broker_url: str | None) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"BROKER_URL", "API_KEYS", "BTC_PRICE_URL", "FLUENTD_HOST"}
+    }
+    env.update(
+        WRITE_DATABASE_URL=write_url,
+        READ_DATABASE_URL=read_url,
+        COINBASE_API_URL=coinbase_url,
+        PRICE_MAX_AGE_S="2",
+        PRICE_MIN_INTERVAL_S="0.2",
+        PRICE_TIMEOUT_S="1",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    if broker_url:
+        env["BROKER_URL"] = broker_url
+    return env
+
+
+@contextlib.contextmanager
+def running(env: dict[str, str], *names: str) -> Iterator[System]:
+    system = System(env)
+    try:
+        system.start(*names)
+        yield system
+    finally:
+        system.stop_all()
