@@ -8,6 +8,7 @@ Control it in-process (`CoinbaseStub.mode = ...`) or over HTTP (POST /_control, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -128,10 +129,8 @@ def main() -> None:
     args = parser.parse_args()
     stub = CoinbaseStub(args.host, args.port)
     print(json.dumps({"event": "coinbase_stub_started", "url": stub.url}), flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stub.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
