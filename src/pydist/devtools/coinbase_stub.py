@@ -62,9 +62,7 @@ class CoinbaseStub:
                     return
                 if mode == "slow":
                     time.sleep(stub.delay_s)
-                amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(
-                    mode, price
-                )
+                amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(mode, price)
                 if mode == "not_json":
                     self._send(200, b"<html>maintenance</html>", "text/html")
                     return
