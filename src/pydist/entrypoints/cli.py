@@ -286,6 +286,43 @@ def orders_list(
     console.print(f"{len(rows)} orders, {total} BTC; last_reference: {ref}")
 
 
+dev_app = typer.Typer(help="Development helpers used by ./run.sh.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+
+
+@dev_app.command("postgres-start")
+def dev_postgres_start(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> None:
+    """Start the embedded PostgreSQL; prints `export` lines for both database URLs."""
+    from pathlib import Path
+
+    from pydist.devtools.embedded_pg import start
+
+    urls = start(Path(data_dir).resolve())
+    print(f"export WRITE_DATABASE_URL='{urls['pydist_write']}'")
+    print(f"export READ_DATABASE_URL='{urls['pydist_read']}'")
+
+
+@dev_app.command("postgres-stop")
+def dev_postgres_stop(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> None:
+    """Stop the embedded PostgreSQL (fast shutdown; data is kept)."""
+    from pathlib import Path
+
+    from pydist.devtools.embedded_pg import stop
+
+    stop(Path(data_dir).resolve())
+
+
+@dev_app.command("coinbase-stub")
+def dev_coinbase_stub(port: Annotated[int, typer.Option()] = 8790) -> None:
+    """Serve Coinbase-compatible spot prices locally (offline demos, tests, benchmarks)."""
+    import sys
+
+    from pydist.devtools import coinbase_stub
+
+    sys.argv = ["coinbase-stub", "--port", str(port)]
+    coinbase_stub.main()
+
+
 @app.command()
 def bench(
     smoke: Annotated[bool, typer.Option(help="A few seconds, to check the bench runs")] = False,
