@@ -13,10 +13,10 @@ DATABASES = ("pydist_write", "pydist_read")
 
 def start(data_dir: Path) -> dict[str, str]:
     """Start (or reuse) the server and make sure both databases exist; returns their URLs."""
-    import pgserver
+    from pgserver.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir), cleanup_mode=None)  # outlives this process
+    server = get_server(str(data_dir), cleanup_mode=None)  # outlives this process
     admin = server.get_uri()
     asyncio.run(_create_databases(admin))
     return {name: _with_database(admin, name) for name in DATABASES}
@@ -24,10 +24,10 @@ def start(data_dir: Path) -> dict[str, str]:
 
 def stop(data_dir: Path) -> None:
     """Stop it through pgserver's own handle accounting (it stops when the last handle closes)."""
-    import pgserver
+    from pgserver.postgres_server import get_server
 
     if (data_dir / "postmaster.pid").exists():
-        pgserver.get_server(str(data_dir), cleanup_mode="stop").cleanup()
+        get_server(str(data_dir), cleanup_mode="stop").cleanup()
 
 
 def _with_database(uri: str, name: str) -> str:
