@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     fluentd_host: str | None = None
     fluentd_port: int = 24224
     service_name: str = "pydist"
+
+    @model_validator(mode="after")
+    def _price_timing_is_coherent(self) -> Settings:
+        # A quote that expires before another upstream call is allowed would make btc_price
+        # answer 503 while the feed is healthy.
+        if self.price_min_interval_s > self.price_max_age_s:
+            raise ValueError("PRICE_MIN_INTERVAL_S must not exceed PRICE_MAX_AGE_S")
+        return self
 
     @property
     def price_service_url(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from pydist.domain.order import BuyOrder
@@ -28,29 +30,41 @@ class BuyOrderCreated:
         }
 
 
+def _positive_decimal(value: object) -> Decimal:
+    # Decimal("abc") raises decimal.InvalidOperation, an ArithmeticError: report it as a ValueError.
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError("amounts must be decimal numbers") from None
+    if not amount.is_finite() or amount <= 0:
+        raise ValueError("amounts must be finite and positive")
+    return amount
+
+
 def order_from_message(message: dict[str, Any]) -> tuple[uuid.UUID, BuyOrder]:
     """Parse a `buy_order.created` message; raises ValueError/KeyError/TypeError on anything else."""
-    from datetime import datetime
-    from decimal import Decimal
-
     from pydist.domain.money import Currency
 
-    if message.get("event_type") != BUY_ORDER_CREATED or message.get("event_version") != EVENT_VERSION:
-        raise ValueError(f"unknown event {message.get('event_type')!r} v{message.get('event_version')!r}")
+    if not isinstance(message, dict):
+        raise TypeError("a message must be a JSON object")
+    version = message.get("event_version")
+    if (
+        message.get("event_type") != BUY_ORDER_CREATED
+        or isinstance(version, bool)  # True == 1 in Python, but it is not version 1
+        or version != EVENT_VERSION
+    ):
+        raise ValueError(f"unknown event {message.get('event_type')!r:.60} v{version!r:.20}")
     data = message["data"]
     created_at = datetime.fromisoformat(str(data["created_at"]).replace("Z", "+00:00"))
-    if created_at.tzinfo is None:
+    if created_at.utcoffset() is None:
         raise ValueError("created_at must carry a time zone")
     order = BuyOrder(
         id=uuid.UUID(str(data["id"])),
         idempotence_key=uuid.UUID(str(data["idempotence_key"])),
-        created_at=created_at,
+        created_at=created_at.astimezone(UTC),
         currency=Currency(data["currency"]),
-        currency_amount=Decimal(str(data["currency_amount"])),
-        btc_rate=Decimal(str(data["btc_rate"])),
-        btc_amount=Decimal(str(data["btc_amount"])),
+        currency_amount=_positive_decimal(data["currency_amount"]),
+        btc_rate=_positive_decimal(data["btc_rate"]),
+        btc_amount=_positive_decimal(data["btc_amount"]),
     )
-    for value in (order.currency_amount, order.btc_rate, order.btc_amount):
-        if not value.is_finite() or value <= 0:
-            raise ValueError("amounts must be finite and positive")
     return uuid.UUID(str(message["event_id"])), order

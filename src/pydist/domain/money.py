@@ -72,9 +72,10 @@ def parse_btc_price(value: object) -> Decimal:
 def btc_for_fiat(amount: Decimal, rate: Decimal) -> Decimal:
     """BTC bought by `amount` of fiat at `rate` fiat per BTC, rounded up to whole satoshis.
 
-    Computed as an exact fraction, so no precision setting can round it the wrong way.
+    Computed as an exact fraction, so no precision setting can round it the wrong way; the result
+    is built from its digits (no Decimal arithmetic), so the ambient context cannot round it either.
     """
     if amount <= 0 or rate <= 0:
         raise ValueError("amount and rate must be positive")
     satoshis = math.ceil(Fraction(amount) / Fraction(rate) / Fraction(SATOSHI))
-    return Decimal(satoshis) * SATOSHI
+    return Decimal(f"{satoshis}E-8")

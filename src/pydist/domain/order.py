@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from pydist.domain.errors import IdempotencyKeyReusedError
@@ -57,9 +57,12 @@ class BuyOrder:
 
     def to_public(self) -> dict[str, str]:
         """The wire shape shared by PUT /buy_order, GET /buy_orders and the events: all strings."""
+        created_at = self.created_at
+        if created_at.utcoffset() is not None:  # the same instant, written in UTC
+            created_at = created_at.astimezone(UTC)
         return {
             "id": str(self.id),
-            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
+            "created_at": created_at.isoformat().replace("+00:00", "Z"),
             "currency": self.currency.value,
             "currency_amount": f"{self.currency_amount:f}",
             "btc_rate": f"{self.btc_rate:f}",

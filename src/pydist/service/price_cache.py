@@ -78,7 +78,10 @@ class PriceCache:
             raise PriceUnavailableError("price feed is cooling down after a recent attempt")
         self._last_attempt[currency] = now
         self.upstream_calls += 1
+        asked_at = datetime.now(UTC)
         amount = await self._fetch(currency)
-        quote = Quote(currency, amount, datetime.now(UTC), self._clock())
+        # The price is as old as the request that asked for it: counting its age from the answer
+        # instead would let a slow upstream (up to the timeout) push it past max_age unnoticed.
+        quote = Quote(currency, amount, asked_at, now)
         self._quotes[currency] = quote
         return quote

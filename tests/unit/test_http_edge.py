@@ -1,0 +1,673 @@
+"""The HTTP edge of the create and fetch services, in process and without any database.
+
+The apps are the real ones from `create_app(Settings(...))`, driven through `httpx.ASGITransport`
+(which does not run the lifespan, so nothing connects at start-up). Two things keep it I/O-free:
+- every socket connect is refused and recorded (`no_network`), and the test fails if one was tried;
+- the create use case is replaced by an in-memory fake (`create_api.CreateBuyOrder` patched before
+  the app is built), so a request that *passes* the edge is answered by the fake, never by a store.
+  That is what lets the tests prove acceptance (e.g. of a quoted Idempotency-Key) and not only
+  refusals. The fetch service's store is faked the same way for its one success-path test.
+
+Every response of every test is also checked for leaks (stack traces, driver or SQL text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from pydist.adapters.read_store import Page
+from pydist.config import Settings
+from pydist.domain.errors import (
+    CapExceededError,
+    IdempotencyKeyReusedError,
+    PriceUnavailableError,
+    StoreUnavailableError,
+    UnknownReferenceError,
+)
+from pydist.domain.money import Currency
+from pydist.domain.order import BuyOrder, OrderRequest
+from pydist.entrypoints import create_api, fetch_api
+from pydist.service.create_order import Outcome
+
+KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
+OTHER_KEY = uuid.UUID("11111111-2222-4333-8444-555555555555")
+ORDER_ID = uuid.UUID("5d1c9a9e-1f0b-4c55-8a0e-6c1f2b3d4e5f")
+MAX_BODY = 16 * 1024
+PROBLEM_JSON = "application/problem+json"
+# Port 9 (discard) on loopback: never reached, because every connect is refused below.
+UNREACHABLE_DB = SecretStr("postgresql://unit:unit@127.0.0.1:9/never")
+LEAKS = ("Traceback", "SELECT", "INSERT", 'File "', "sqlalchemy", "asyncpg", "psycopg", "site-packages")
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "write_database_url": UNREACHABLE_DB,
+        "read_database_url": UNREACHABLE_DB,
+        "btc_price_url": "http://127.0.0.1:9",
+        "api_keys": None,
+        "max_body_bytes": MAX_BODY,
+        "fluentd_host": None,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def stored_order(key: uuid.UUID = KEY) -> BuyOrder:
+    return BuyOrder(
+        id=ORDER_ID,
+        idempotence_key=key,
+        created_at=datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC),
+        currency=Currency.USD,
+        currency_amount=Decimal("123.45"),
+        btc_rate=Decimal("97000.00"),
+        btc_amount=Decimal("0.00127269"),
+    )
+
+
+# --- fakes and fixtures ----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    attempts: list[object] = []
+
+    def refuse(_sock: socket.socket, address: object) -> None:
+        attempts.append(address)
+        raise ConnectionRefusedError(f"unit tests do no network I/O (tried {address!r})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+    assert attempts == [], f"a unit test tried to connect to {attempts}"
+
+
+@dataclass
+class FakeCreate:
+    """Stands in for CreateBuyOrder: records each request, answers with a stored order for its key
+    (marked replayed when `replayed`), or raises `error`."""
+
+    replayed: bool = False
+    error: Exception | None = None
+    calls: list[tuple[OrderRequest, str | None]] = field(default_factory=list)
+
+    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+        self.calls.append((request, request_id))
+        if self.error is not None:
+            raise self.error
+        return Outcome(stored_order(request.idempotence_key), replayed=self.replayed)
+
+
+_FAKE = FakeCreate()
+
+
+def build_create_app(settings: Settings) -> FastAPI:
+    """The real create app, with the shared fake in place of the use case it would wire up."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(create_api, "CreateBuyOrder", lambda *_ports: _FAKE)
+        return create_api.create_app(settings)
+
+
+@pytest.fixture
+def fake_create() -> FakeCreate:
+    _FAKE.replayed = False
+    _FAKE.error = None
+    _FAKE.calls.clear()
+    return _FAKE
+
+
+# Building an app costs far more than a request: one of each per module.
+@pytest.fixture(scope="module")
+def create_app_() -> FastAPI:
+    return build_create_app(make_settings())
+
+
+@pytest.fixture(scope="module")
+def fetch_app_() -> FastAPI:
+    return fetch_api.create_app(make_settings())
+
+
+async def _leak_check(response: httpx.Response) -> None:
+    await response.aread()
+    for marker in LEAKS:
+        assert marker not in response.text, f"response leaks {marker!r}: {response.text[:300]}"
+    assert response.status_code < 500 or response.headers["content-type"] == PROBLEM_JSON
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://testserver",
+        event_hooks={"response": [_leak_check]},
+    )
+
+
+@pytest.fixture
+async def create_client(create_app_: FastAPI, fake_create: FakeCreate) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(create_app_) as client:
+        yield client
+
+
+@pytest.fixture
+async def fetch_client(fetch_app_: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(fetch_app_) as client:
+        yield client
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"currency": "USD", "amount": "123.45", "idempotence_key": str(KEY)}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not _MISSING}
+
+
+_MISSING = object()
+JSON = {"content-type": "application/json"}
+
+
+async def put(
+    client: httpx.AsyncClient,
+    payload: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    content = raw if raw is not None else json.dumps(payload).encode()
+    return await client.put("/buy_order", content=content, headers={**JSON, **(headers or {})})
+
+
+def assert_problem(response: httpx.Response, status: int, field: str | None = None) -> dict[str, Any]:
+    """RFC 9457: the status, the media type, type/title/status/detail; for validation, `errors`."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].split(";")[0] == PROBLEM_JSON
+    doc = response.json()
+    assert isinstance(doc, dict)
+    for member in ("type", "title", "detail"):
+        assert isinstance(doc.get(member), str)
+        assert doc[member]
+    assert doc["status"] == status
+    assert response.headers.get("x-request-id")
+    if field is not None:
+        errors = doc.get("errors")
+        assert isinstance(errors, list)
+        assert errors
+        for error in errors:
+            assert isinstance(error["field"], str)
+            assert isinstance(error["message"], str)
+        assert field in [e["field"] for e in errors], errors
+    return dict(doc)
+
+
+# --- bad bodies ------------------------------------------------------------------------------
+
+_BAD_VALUES: dict[str, tuple[Any, ...]] = {
+    "amount": (
+        *("abc", "NaN", "nan", "Infinity", "-Infinity", "-0", "", " 1", "0", "0.00", "-1"),
+        *("1.234", "1e3", "1000000000", "99999999999", "1" * 400),
+        *(True, False, None, [], ["1"], {}, {"value": "1"}, 0, -5, 10**30, _MISSING),
+    ),
+    "currency": ("usd", "JPY", "", "US D", 1, None, ["USD"], True, _MISSING),
+    "idempotence_key": ("abc", "", str(KEY)[:-1], str(KEY) + "0", 123, True, [], {}, "x" * 5000),
+}
+BAD_FIELDS: list[tuple[str, dict[str, Any]]] = [
+    *[(name, body(**{name: value})) for name, values in _BAD_VALUES.items() for value in values],
+    ("price", body(price="1")),  # unknown field
+    ("buy_order", body(buy_order={})),  # unknown field
+]
+
+
+def _field_id(case: tuple[str, dict[str, Any]]) -> str:
+    name, payload = case
+    return f"{name}={payload.get(name, '<missing>')!r:.30}"
+
+
+@pytest.mark.parametrize(("field", "payload"), BAD_FIELDS, ids=[_field_id(c) for c in BAD_FIELDS])
+async def test_bad_field_is_a_422_naming_it(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, field: str, payload: dict[str, Any]
+) -> None:
+    assert_problem(await put(create_client, payload), 422, field)
+    assert fake_create.calls == []
+
+
+GOOD = json.dumps(body()).encode()
+BAD_RAW: dict[str, bytes] = {
+    "empty": b"",
+    "whitespace": b"   ",
+    "truncated": GOOD[:-5],
+    "trailing garbage": GOOD + b"x",
+    "two documents": GOOD + GOOD,
+    "single quotes": GOOD.replace(b'"', b"'"),
+    "NaN literal": b'{"currency": "USD", "amount": NaN, "idempotence_key": "%s"}' % str(KEY).encode(),
+    "Infinity literal": b'{"currency": "USD", "amount": Infinity}',
+    "-Infinity literal": b'{"currency": "USD", "amount": -Infinity}',
+    "duplicate key": b'{"currency": "USD", "currency": "EUR", "amount": "1"}',
+    "duplicate key nested": b'{"currency": "USD", "amount": {"a": 1, "a": 2}}',
+    "array": b"[]",
+    "array of body": b"[" + GOOD + b"]",
+    "string": b'"USD"',
+    "number": b"1",
+    "null": b"null",
+    "true": b"true",
+    "invalid utf-8": b'{"currency": "\xff\xfe", "amount": "1"}',
+    "lone surrogate escape": b'{"currency": "\\ud800", "amount": "1"}',
+    "lone surrogate as a key": b'{"\\udc80": 1, "currency": "USD", "amount": "1"}',
+    "lone surrogate duplicate key": b'{"\\ud800": 1, "\\ud800": 2}',
+    "utf-8 bom": b"\xef\xbb\xbf" + GOOD,
+    "utf-16": GOOD.decode().encode("utf-16"),
+    "deep nesting": b"[" * 5000 + b"]" * 5000,
+    "deep object nesting": b'{"a":' * 2500 + b"1" + b"}" * 2500,
+    "5000-digit number": b'{"currency": "USD", "amount": 1' + b"0" * 5000 + b"}",
+    "huge exponent": b'{"currency": "USD", "amount": 1e999999999, "idempotence_key": "%s"}'
+    % str(KEY).encode(),
+    "tiny exponent": b'{"currency": "USD", "amount": 1e-999999999, "idempotence_key": "%s"}'
+    % str(KEY).encode(),
+    "float amount, 3 decimals": b'{"currency": "USD", "amount": 1.234, "idempotence_key": "%s"}'
+    % str(KEY).encode(),
+    "negative zero": b'{"currency": "USD", "amount": -0.0, "idempotence_key": "%s"}' % str(KEY).encode(),
+    "nul byte": b'{"currency": "USD\x00", "amount": "1"}',
+}
+
+
+@pytest.mark.parametrize("raw", BAD_RAW.values(), ids=BAD_RAW.keys())
+async def test_bad_json_is_a_422_problem(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, raw: bytes
+) -> None:
+    doc = assert_problem(await put(create_client, raw=raw), 422)
+    assert doc["errors"]  # names the body or the field
+    assert fake_create.calls == []
+
+
+async def test_amount_as_an_exact_json_number_is_accepted(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    raw = b'{"currency": "EUR", "amount": 10.5, "idempotence_key": "%s"}' % str(KEY).encode()
+    response = await put(create_client, raw=raw)
+    assert response.status_code == 200
+    assert fake_create.calls[0][0].amount == Decimal("10.50")
+    assert fake_create.calls[0][0].currency is Currency.EUR
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml"],
+)
+async def test_non_json_content_type_is_415(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, content_type: str
+) -> None:
+    response = await put(create_client, raw=GOOD, headers={"content-type": content_type})
+    assert_problem(response, 415)
+    assert fake_create.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+async def test_json_content_types_are_accepted(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, content_type: str
+) -> None:
+    response = await put(create_client, raw=GOOD, headers={"content-type": content_type})
+    assert response.status_code == 200
+    assert len(fake_create.calls) == 1
+
+
+async def test_a_body_without_content_type_is_read_as_json(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    response = await create_client.put("/buy_order", content=GOOD)
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200
+    assert len(fake_create.calls) == 1
+
+
+async def test_body_over_the_limit_is_413(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
+    padded = GOOD[:-1] + b" " * (MAX_BODY + 1 - len(GOOD)) + b"}"
+    assert len(padded) == MAX_BODY + 1
+    assert_problem(await put(create_client, raw=padded), 413)
+    assert fake_create.calls == []
+
+
+async def test_body_of_exactly_the_limit_is_read(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    padded = GOOD[:-1] + b" " * (MAX_BODY - len(GOOD)) + b"}"
+    assert len(padded) == MAX_BODY
+    response = await put(create_client, raw=padded)
+    assert response.status_code == 200
+    assert len(fake_create.calls) == 1
+
+
+async def test_chunked_body_over_the_limit_is_413_without_reading_it_all(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(1000):  # up to 1 MB, with no Content-Length
+            sent += 1024
+            yield b" " * 1024
+
+    response = await create_client.put("/buy_order", content=chunks(), headers=JSON)
+    assert "content-length" not in response.request.headers
+    assert_problem(response, 413)
+    assert sent < 100 * 1024  # stopped soon after the limit
+    assert fake_create.calls == []
+
+
+async def test_huge_declared_length_is_413(create_client: httpx.AsyncClient) -> None:
+    # A client may declare anything; the server refuses before reading.
+    response = await put(create_client, raw=GOOD, headers={"content-length": "99999999999999999999"})
+    assert_problem(response, 413)
+
+
+# --- the idempotency key ---------------------------------------------------------------------
+
+
+async def test_missing_key_is_422(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
+    assert_problem(await put(create_client, body(idempotence_key=_MISSING)), 422, "idempotence_key")
+    assert_problem(await put(create_client, body(idempotence_key=None)), 422, "idempotence_key")
+    assert fake_create.calls == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["abc", "", '"abc"', '"', '""', f'"{KEY}', f'{KEY}"', f"'{KEY}'", f"{KEY}, {KEY}", "x" * 100],
+)
+async def test_non_uuid_header_is_422(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, header: str
+) -> None:
+    response = await put(create_client, body(idempotence_key=_MISSING), headers={"Idempotency-Key": header})
+    # Present but not a UUID (an empty header too): the header is what is wrong.
+    assert_problem(response, 422, "Idempotency-Key")
+    assert fake_create.calls == []
+
+
+async def test_huge_header_is_422(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
+    response = await put(create_client, body(), headers={"Idempotency-Key": "a" * 10_000})
+    assert_problem(response, 422, "Idempotency-Key")
+    assert fake_create.calls == []
+
+
+@pytest.mark.parametrize("header", [str(KEY), f'"{KEY}"', str(KEY).upper(), f'"{str(KEY).upper()}"'])
+async def test_header_alone_bare_or_quoted_is_used(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, header: str
+) -> None:
+    response = await put(create_client, body(idempotence_key=_MISSING), headers={"Idempotency-Key": header})
+    assert response.status_code == 200, response.text
+    assert fake_create.calls[0][0].idempotence_key == KEY
+    assert response.json()["idempotence_key"] == str(KEY)
+
+
+@pytest.mark.parametrize("header", [str(KEY), f'"{KEY}"', str(KEY).upper()])
+async def test_header_matching_the_body_key_is_not_a_mismatch(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, header: str
+) -> None:
+    response = await put(create_client, body(), headers={"Idempotency-Key": header})
+    assert response.status_code == 200, response.text
+    assert [c[0].idempotence_key for c in fake_create.calls] == [KEY]
+
+
+@pytest.mark.parametrize("header", [str(OTHER_KEY), f'"{OTHER_KEY}"'])
+async def test_header_differing_from_the_body_key_is_422(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, header: str
+) -> None:
+    response = await put(create_client, body(), headers={"Idempotency-Key": header})
+    doc = assert_problem(response, 422, "idempotence_key")
+    # The quoted form was understood as a UUID: the complaint is the mismatch, not the format.
+    assert "Idempotency-Key" not in [e["field"] for e in doc["errors"]]
+    assert "differ" in doc["detail"]
+    assert fake_create.calls == []
+
+
+# --- what the use case answers, as HTTP ------------------------------------------------------
+
+
+async def test_created_order_is_200_with_string_amounts(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    response = await put(create_client, body(), headers={"X-Request-ID": "req-42"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert "idempotent-replayed" not in response.headers
+    assert response.json() == {
+        "idempotence_key": str(KEY),
+        "buy_order": {
+            "id": str(ORDER_ID),
+            "created_at": "2026-11-30T12:00:00.123456Z",
+            "currency": "USD",
+            "currency_amount": "123.45",
+            "btc_rate": "97000.00",
+            "btc_amount": "0.00127269",
+        },
+    }
+    request, request_id = fake_create.calls[0]
+    assert request == OrderRequest(KEY, Currency.USD, Decimal("123.45"))
+    assert request_id == "req-42"
+
+
+async def test_replay_is_marked(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
+    first = await put(create_client, body())
+    fake_create.replayed = True
+    again = await put(create_client, body())
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+
+
+async def test_cap_exceeded_is_409_with_what_is_left(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    fake_create.error = CapExceededError(Decimal("0.00127269"), Decimal("0.00100000"))
+    doc = assert_problem(await put(create_client, body()), 409)
+    assert doc["available_btc"] == "0.00100000"
+    assert "0.00100000" in doc["detail"]
+
+
+async def test_key_reuse_is_422(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
+    fake_create.error = IdempotencyKeyReusedError()
+    doc = assert_problem(await put(create_client, body()), 422)
+    assert "different request" in doc["detail"]
+
+
+@pytest.mark.parametrize("error", [PriceUnavailableError("feed down"), StoreUnavailableError("db down")])
+async def test_unavailable_is_503_retry_after(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, error: Exception
+) -> None:
+    fake_create.error = error
+    response = await put(create_client, body())
+    assert_problem(response, 503)
+    assert response.headers["retry-after"]
+
+
+async def test_an_unexpected_error_is_a_500_problem_that_leaks_nothing(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    fake_create.error = RuntimeError('SELECT secret FROM asyncpg; File "/x/sqlalchemy/engine.py"')
+    response = await put(create_client, body())
+    assert response.status_code == 500
+    assert response.headers["content-type"] == PROBLEM_JSON
+    doc = response.json()
+    assert doc["status"] == 500
+    assert doc["type"].endswith("internal-error")
+    assert "secret" not in response.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the catch-all 500 is answered by Starlette's ServerErrorMiddleware, outside EdgeMiddleware, "
+    "so it bypasses the X-Request-ID header (fix proposed for entrypoints/http_app.py)",
+)
+async def test_an_unexpected_error_still_carries_the_request_id(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate
+) -> None:
+    fake_create.error = RuntimeError("boom")
+    response = await put(create_client, body(), headers={"X-Request-ID": "trace-500"})
+    assert response.status_code == 500
+    assert response.headers.get("x-request-id") == "trace-500"
+
+
+# --- routing, request ids, keys --------------------------------------------------------------
+
+
+async def test_unknown_route_is_404_problem(
+    create_client: httpx.AsyncClient, fetch_client: httpx.AsyncClient
+) -> None:
+    assert_problem(await create_client.get("/nope"), 404)
+    assert_problem(await fetch_client.get("/buy_orders/extra"), 404)
+
+
+async def test_wrong_method_is_405_problem(
+    create_client: httpx.AsyncClient, fetch_client: httpx.AsyncClient
+) -> None:
+    assert_problem(await create_client.post("/buy_order", json=body()), 405)
+    assert_problem(await fetch_client.delete("/buy_orders"), 405)
+
+
+async def test_request_id_is_echoed(create_client: httpx.AsyncClient) -> None:
+    ok = await create_client.get("/healthcheck", headers={"X-Request-ID": "abc-123_XYZ.7"})
+    assert ok.headers["x-request-id"] == "abc-123_XYZ.7"
+    refused = await put(create_client, raw=b"[]", headers={"X-Request-ID": "trace-9"})
+    assert refused.status_code == 422
+    assert refused.headers["x-request-id"] == "trace-9"
+
+
+async def test_request_id_is_generated_when_absent_or_unusable(create_client: httpx.AsyncClient) -> None:
+    seen = set()
+    for sent in (None, "has space", "x" * 500, ""):
+        headers = {} if sent is None else {"X-Request-ID": sent}
+        response = await create_client.get("/healthcheck", headers=headers)
+        made = response.headers["x-request-id"]
+        assert made
+        assert made != sent
+        assert re.fullmatch(r"[\x21-\x7e]{1,128}", made)
+        seen.add(made)
+    assert len(seen) == 4  # a fresh one each time
+
+
+async def test_healthcheck_and_openapi_need_no_database(
+    create_client: httpx.AsyncClient, fetch_client: httpx.AsyncClient
+) -> None:
+    for client in (create_client, fetch_client):
+        health = await client.get("/healthcheck")
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok"}
+        schema = await client.get("/openapi.json")
+        assert schema.status_code == 200
+        assert schema.json()["paths"]
+
+
+@pytest.fixture(scope="module")
+def keyed_apps() -> tuple[FastAPI, FastAPI]:
+    settings = make_settings(api_keys=SecretStr("k-one, k-two"))
+    return build_create_app(settings), fetch_api.create_app(settings)
+
+
+@pytest.fixture
+async def keyed_clients(
+    keyed_apps: tuple[FastAPI, FastAPI], fake_create: FakeCreate
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    async with client_for(keyed_apps[0]) as create, client_for(keyed_apps[1]) as fetch:
+        yield create, fetch
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", "Bearer wrong", "Bearer k-one2", "Bearer k-on", "Basic k-one", "k-one"],
+)
+async def test_api_keys_refuse_without_a_valid_bearer(
+    keyed_clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    fake_create: FakeCreate,
+    authorization: str | None,
+) -> None:
+    create, fetch = keyed_clients
+    headers = {} if authorization is None else {"Authorization": authorization}
+    refused = await put(create, body(), headers=headers)
+    assert_problem(refused, 401)
+    assert refused.headers["www-authenticate"].lower().startswith("bearer")
+    assert_problem(await fetch.get("/buy_orders", headers=headers), 401)
+    assert fake_create.calls == []
+
+
+@pytest.mark.parametrize("key", ["k-one", "k-two"])
+async def test_api_keys_let_a_valid_bearer_through(
+    keyed_clients: tuple[httpx.AsyncClient, httpx.AsyncClient], fake_create: FakeCreate, key: str
+) -> None:
+    create, fetch = keyed_clients
+    auth = {"Authorization": f"Bearer {key}"}
+    response = await put(create, body(), headers=auth)
+    assert response.status_code == 200
+    assert len(fake_create.calls) == 1
+    # Through the key check, into validation: still no database needed.
+    assert_problem(await fetch.get("/buy_orders?page_size=0", headers=auth), 422, "page_size")
+
+
+async def test_healthcheck_stays_open_with_api_keys(
+    keyed_clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    for client in keyed_clients:
+        response = await client.get("/healthcheck")
+        assert response.status_code == 200
+
+
+# --- fetch -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("page_size=0", "page_size"),
+        ("page_size=101", "page_size"),
+        ("page_size=-1", "page_size"),
+        ("page_size=abc", "page_size"),
+        ("page_size=1.5", "page_size"),
+        ("page_size=" + "9" * 5000, "page_size"),
+        ("last_reference=abc", "last_reference"),
+        ("last_reference=0b6f3c5e-8d1a-4f5e-9c7b", "last_reference"),
+        ("last_reference=" + "a" * 5000, "last_reference"),
+        ("page_size=0&last_reference=abc", "last_reference"),
+    ],
+)
+async def test_fetch_bad_query_is_422(fetch_client: httpx.AsyncClient, query: str, field: str) -> None:
+    assert_problem(await fetch_client.get(f"/buy_orders?{query}"), 422, field)
+
+
+@dataclass
+class FakeReadStore:
+    pages: list[Page]
+    calls: list[tuple[int, uuid.UUID | None]] = field(default_factory=list)
+
+    async def page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
+        self.calls.append((page_size, last_reference))
+        if last_reference == OTHER_KEY:
+            raise UnknownReferenceError(f"no buy order with id {last_reference}")
+        return self.pages.pop(0)
+
+    async def ping(self) -> None:
+        return None
+
+
+async def test_fetch_pages_link_to_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    older = stored_order(OTHER_KEY)
+    store = FakeReadStore([Page([stored_order()], has_more=True), Page([older], has_more=False)])
+    monkeypatch.setattr(fetch_api, "ReadStore", lambda _engine: store)
+    async with client_for(fetch_api.create_app(make_settings())) as client:
+        first = await client.get("/buy_orders?page_size=1")
+        assert first.status_code == 200
+        assert first.json() == {"rows": [stored_order().to_public()], "last_reference": str(ORDER_ID)}
+        assert first.headers["link"] == f'</buy_orders?page_size=1&last_reference={ORDER_ID}>; rel="next"'
+        last = await client.get(f"/buy_orders?page_size=1&last_reference={ORDER_ID}")
+        assert last.status_code == 200
+        assert "link" not in last.headers
+        assert store.calls == [(1, None), (1, ORDER_ID)]
+        unknown = await client.get(f"/buy_orders?last_reference={OTHER_KEY}")
+        assert_problem(unknown, 404)
