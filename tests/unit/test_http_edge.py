@@ -502,11 +502,6 @@ async def test_an_unexpected_error_is_a_500_problem_that_leaks_nothing(
     assert "secret" not in response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the catch-all 500 is answered by Starlette's ServerErrorMiddleware, outside EdgeMiddleware, "
-    "so it bypasses the X-Request-ID header (fix proposed for entrypoints/http_app.py)",
-)
 async def test_an_unexpected_error_still_carries_the_request_id(
     create_client: httpx.AsyncClient, fake_create: FakeCreate
 ) -> None:
