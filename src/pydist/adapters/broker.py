@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
 import aio_pika
@@ -18,7 +19,9 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated, order_from_message
+from pydist.domain.errors import EventRejectedError
+from pydist.domain.events import BUY_ORDER_CREATED, EVENT_VERSION, BuyOrderCreated, order_from_message
+from pydist.domain.money import MAX_FIAT_AMOUNT
 from pydist.metrics import EVENTS_DEAD_LETTERED
 
 log = structlog.get_logger()
@@ -64,39 +67,63 @@ def to_amqp(event: BuyOrderCreated) -> aio_pika.Message:
         message_id=str(event.event_id),
         type=BUY_ORDER_CREATED,
         correlation_id=event.request_id,
-        headers={"event_version": 1},
+        headers={"event_version": EVENT_VERSION},
     )
 
 
 class BrokerPublisher:
     """Publishes a batch with all messages in flight at once; returns only when every one of them
-    is confirmed by the broker (publisher confirms), and raises if any is not."""
+    is confirmed by the broker (publisher confirms), and raises if any is not.
 
-    def __init__(self, url: str) -> None:
+    A message the broker cannot route (its queue was deleted, say) is *returned* before it is
+    confirmed: with `on_return_raises` that is an error, not a success, so the relay does not mark
+    the row published, and the topology is declared again before the next attempt."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         self._url = url
+        self._timeout_s = timeout_s
         self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
     async def start(self) -> None:
-        self._connection = await connect(self._url)
-        channel = await self._connection.channel(publisher_confirms=True)
-        self._exchange, _ = await declare_topology(channel)
+        if self._connection is None:
+            self._connection = await connect(self._url)
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange, _ = await declare_topology(self._channel)
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
         if self._exchange is None:
             await self.start()
         assert self._exchange is not None
         exchange = self._exchange
-        await asyncio.wait_for(
+        results = await asyncio.wait_for(
             asyncio.gather(
-                *(exchange.publish(to_amqp(e), routing_key=BUY_ORDER_CREATED, mandatory=True) for e in events)
+                *(
+                    exchange.publish(to_amqp(e), routing_key=BUY_ORDER_CREATED, mandatory=True)
+                    for e in events
+                ),
+                return_exceptions=True,  # every publish settles before this returns or raises
             ),
-            timeout=30,
+            timeout=self._timeout_s,
         )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            if any(isinstance(f, aio_pika.exceptions.PublishError) for f in failures):
+                self._exchange = None  # unroutable: declare exchange, queues and binding again first
+            log.warning(
+                "publish_unconfirmed",
+                failed=len(failures),
+                of=len(events),
+                error=type(failures[0]).__name__,
+            )
+            raise failures[0]
 
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
+            self._connection = self._channel = self._exchange = None
 
 
 Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
@@ -104,7 +131,8 @@ Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
 
 class BatchingConsumer:
     """Consumes with a prefetch window, applies what has arrived as one batch, and acks each
-    message only after the batch is committed. Unparseable messages go to the dead-letter queue."""
+    message only after the batch is committed. Poison goes to the dead-letter queue with a log
+    event: a message that is not a valid event, or one the read model refuses to store."""
 
     def __init__(self, url: str, handler: Handler, *, prefetch: int, max_batch: int = 500) -> None:
         self._url = url
@@ -117,7 +145,12 @@ class BatchingConsumer:
         self._consumer_tag: str | None = None
 
     async def start(self) -> None:
-        self._connection = await connect(self._url)
+        """Connect (robustly: after a broker restart the connection re-opens the channel, its
+        QoS, the queue and this consumer by itself). Safe to call again after a failed attempt."""
+        if self._consumer_tag is not None:
+            return
+        if self._connection is None:
+            self._connection = await connect(self._url)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         _, self._queue = await declare_topology(channel)
@@ -150,43 +183,92 @@ class BatchingConsumer:
         events: list[BuyOrderCreated] = []
         good: list[AbstractIncomingMessage] = []
         for message in messages:
-            event = _parse(message)
-            if event is None:
-                EVENTS_DEAD_LETTERED.inc()
-                log.error(
-                    "message_dead_lettered",
-                    message_id=message.message_id,
-                    reason="malformed or unknown event",
-                    body_prefix=message.body[:200].decode("utf-8", "replace"),
-                )
-                await _settle(message.reject(requeue=False))
+            parsed = _parse(message)
+            if isinstance(parsed, str):
+                await _dead_letter(message, parsed)
             else:
-                events.append(event)
+                events.append(parsed)
                 good.append(message)
         if events:
-            try:
-                await self._handler(events)
-            except Exception as exc:
-                log.warning("projection_failed", error=type(exc).__name__, count=len(events))
-                for message in good:
-                    await _settle(message.nack(requeue=True))
-                await asyncio.sleep(0.5)
-                return 0
-            for message in good:
-                await _settle(message.ack())
+            await self._apply(events, good)
         return len(messages)
 
+    async def _apply(self, events: list[BuyOrderCreated], messages: list[AbstractIncomingMessage]) -> None:
+        """Apply, then ack. A batch the read model refuses is applied one message at a time, so
+        only the offending messages are dead-lettered; any other failure (the database is down,
+        say) requeues them all for redelivery, after a pause."""
+        try:
+            await self._handler(events)
+        except EventRejectedError:
+            if len(events) == 1:
+                await _dead_letter(messages[0], "refused by the read model")
+                return
+            for i, (event, message) in enumerate(zip(events, messages, strict=True)):
+                try:
+                    await self._handler([event])
+                except EventRejectedError:
+                    await _dead_letter(message, "refused by the read model")
+                    continue
+                except Exception as exc:
+                    await self._requeue(messages[i:], exc)
+                    return
+                await _settle(message.ack())
+            return
+        except Exception as exc:
+            await self._requeue(messages, exc)
+            return
+        for message in messages:
+            await _settle(message.ack())
 
-def _parse(message: AbstractIncomingMessage) -> BuyOrderCreated | None:
+    async def _requeue(self, messages: Sequence[AbstractIncomingMessage], exc: Exception) -> None:
+        log.warning("projection_failed", error=type(exc).__name__, count=len(messages))
+        for message in messages:
+            await _settle(message.nack(requeue=True))
+        await asyncio.sleep(0.5)
+
+
+async def _dead_letter(message: AbstractIncomingMessage, reason: str) -> None:
+    """reject(requeue=False): the queue's dead-letter exchange routes it to the DLQ."""
+    EVENTS_DEAD_LETTERED.inc()
+    log.error(
+        "message_dead_lettered",
+        message_id=message.message_id,
+        reason=reason,
+        body_prefix=message.body[:200].decode("utf-8", "replace"),
+    )
+    await _settle(message.reject(requeue=False))
+
+
+# What the read model's columns hold exactly (NUMERIC(12,2) and NUMERIC(18,8)): a value that would
+# be rounded or overflow there is refused here rather than stored differently from the write model.
+_MAX_FIAT = MAX_FIAT_AMOUNT
+_MAX_BTC = Decimal("1e10")
+
+
+def _parse(message: AbstractIncomingMessage) -> BuyOrderCreated | str:
+    """The event, or why it is poison. Never raises: anything unreadable is poison."""
     try:
         body: Any = orjson.loads(message.body)
         if not isinstance(body, dict):
-            return None
+            return "not a JSON object"
+        if type(body.get("event_version")) is not int:
+            return "event_version is not an integer"
         event_id, order = order_from_message(body)
+        if not _fits(order.currency_amount, 2, _MAX_FIAT) or not _fits(order.btc_amount, 8, _MAX_BTC):
+            return "amount out of range or too precise"
         request_id = body.get("request_id")
         return BuyOrderCreated(event_id, order, str(request_id) if request_id else None)
-    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except orjson.JSONDecodeError:
+        return "malformed JSON"
+    except Exception as exc:  # KeyError, TypeError, ValueError, decimal.InvalidOperation, ...
+        return f"not a valid {BUY_ORDER_CREATED} v{EVENT_VERSION} event ({type(exc).__name__}: {exc})"[:300]
+
+
+def _fits(value: Decimal, places: int, limit: Decimal) -> bool:
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int) or value >= limit:
+        return False
+    return exponent >= -places or value == round(value, places)
 
 
 async def _settle(awaitable: Awaitable[Any]) -> None:

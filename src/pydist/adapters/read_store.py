@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.db import STORE_ERRORS, order_from_row, unavailable
-from pydist.domain.errors import UnknownReferenceError
+from pydist.domain.errors import EventRejectedError, UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.order import BuyOrder
 from pydist.service.ports import Projected
@@ -43,6 +44,7 @@ _UPSERT = text(
     FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
         id uuid, idempotence_key uuid, created_at timestamptz, currency text,
         currency_amount numeric, btc_rate numeric, btc_amount numeric, event_id uuid)
+    ORDER BY r.id
     ON CONFLICT (id) DO NOTHING
     RETURNING id, created_at, projected_at
     """
@@ -75,7 +77,13 @@ class ReadStore:
         return Page(orders[:page_size], has_more=len(orders) > page_size)
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
-        """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING)."""
+        """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and
+        an event repeated within the batch is inserted once. Rows go in in id order, so two
+        appliers with overlapping batches (redeliveries, two relays) never deadlock.
+
+        Raises EventRejectedError when the database refuses the data itself (SQLSTATE class 22
+        data exception / 23 constraint): the same events would fail again, whereas any other
+        failure (connection, timeout, …) is worth a retry."""
         if not events:
             return []
         payload = orjson.dumps(
@@ -85,11 +93,17 @@ class ReadStore:
                     "idempotence_key": str(e.order.idempotence_key),
                     "event_id": str(e.event_id),
                 }
-                for e in events
+                for e in sorted(events, key=lambda e: e.order.id)
             ]
         ).decode()
-        async with self.engine.begin() as conn:
-            rows = (await conn.execute(_UPSERT, {"rows": payload})).all()
+        try:
+            async with self.engine.begin() as conn:
+                rows = (await conn.execute(_UPSERT, {"rows": payload})).all()
+        except DBAPIError as exc:
+            sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+            if sqlstate[:2] in ("22", "23"):
+                raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
+            raise
         return [Projected(r.id, r.created_at, r.projected_at) for r in rows]
 
     async def all_orders(self) -> dict[uuid.UUID, BuyOrder]:

@@ -42,3 +42,9 @@ class StoreUnavailableError(DomainError):
 
 class UnknownReferenceError(DomainError):
     pass
+
+
+class EventRejectedError(DomainError):
+    """The read model refuses the data of these events (a value it cannot store): retrying the
+    same events can never succeed, unlike a connection failure. A consumer isolates and
+    dead-letters the offending ones instead of redelivering them for ever."""

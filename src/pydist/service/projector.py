@@ -30,5 +30,8 @@ class Projector:
         EVENTS_PROJECTED.inc(len(projected))
         if len(projected) < len(events):
             log.info("duplicate_events_ignored", count=len(events) - len(projected))
+        new = {row.order_id for row in projected}
         for event in events:
-            log.info("order_projected", order_id=str(event.order.id), request_id=event.request_id)
+            if event.order.id in new:
+                new.discard(event.order.id)  # once, even if the batch repeats the event
+                log.info("order_projected", order_id=str(event.order.id), request_id=event.request_id)

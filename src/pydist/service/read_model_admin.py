@@ -1,7 +1,15 @@
 """Admin use cases for the read model: compare it with the write model, and rebuild it from there.
 
-Both walk the write model in keyset-ordered chunks, so memory stays flat at any size and the
-system can keep running meanwhile (orders are append-only; a rebuild only adds or corrects rows).
+Both walk the models in keyset-ordered chunks, so memory stays flat at any size and the system
+can keep running meanwhile: orders are append-only and their ids are never reused, so
+
+- an order of the write model that is not (yet) in the read model is *missing*;
+- a read row whose wire form (what GET /buy_orders would serve) differs from its order is
+  *different* — compared as strings, so even a changed scale ("97000.0" vs "97000.00") counts;
+- a read row whose id the write model does not have is *extra*. That is decided by looking the
+  id up in the write model *after* reading the row, and a projected row always comes from an
+  order committed earlier, so an order created during the check is never taken for an extra,
+  and a rebuild never deletes one.
 """
 
 from __future__ import annotations
@@ -10,7 +18,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,6 +42,10 @@ class CheckReport:
     @property
     def clean(self) -> bool:
         return not (self.missing or self.different or self.extra)
+
+
+def _wire(order: BuyOrder) -> tuple[dict[str, str], uuid.UUID]:
+    return order.to_public(), order.idempotence_key
 
 
 async def _chunks(engine: AsyncEngine, chunk: int = CHUNK) -> AsyncIterator[list[BuyOrder]]:
@@ -62,39 +76,60 @@ async def _read_rows(read: AsyncEngine, ids: list[uuid.UUID]) -> dict[uuid.UUID,
     return {r.id: order_from_row(r) for r in rows}
 
 
+async def _existing(write: AsyncEngine, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    async with write.connect() as conn:
+        rows = (
+            await conn.execute(text("SELECT id FROM buy_orders WHERE id = ANY(:ids)"), {"ids": ids})
+        ).all()
+    return {r.id for r in rows}
+
+
 async def _count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(text("SELECT count(*) FROM buy_orders"))).scalar_one())
 
 
+async def _extras(write: AsyncEngine, read: AsyncEngine, chunk: int) -> AsyncIterator[list[uuid.UUID]]:
+    """Read rows whose id the write model does not have, chunk by chunk."""
+    async for rows in _chunks(read, chunk):
+        ids = [o.id for o in rows]
+        known = await _existing(write, ids)
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            yield unknown
+
+
 async def check(
-    write: AsyncEngine, read: AsyncEngine, progress: Callable[[int], None] = lambda _: None
+    write: AsyncEngine,
+    read: AsyncEngine,
+    progress: Callable[[int], None] = lambda _: None,
+    *,
+    chunk: int = CHUNK,
 ) -> CheckReport:
     report = CheckReport()
-    seen: set[uuid.UUID] = set()
-    horizon: datetime | None = None
-    async for orders in _chunks(write):
-        horizon = orders[-1].created_at
+    async for orders in _chunks(write, chunk):
         report.write_count += len(orders)
         present = await _read_rows(read, [o.id for o in orders])
         for order in orders:
-            seen.add(order.id)
             projected = present.get(order.id)
             if projected is None:
                 report.missing.append(order.id)
-            elif projected != order:
+            elif _wire(projected) != _wire(order):
                 report.different.append(order.id)
         progress(len(orders))
     report.read_count = await _count(read)
+    # Every walked order not missing has its read row; more read rows than that means extras, or
+    # orders created (and projected) since the walk: only then is the read model walked too.
     if report.read_count > report.write_count - len(report.missing):
-        # Only rows no newer than the last order walked: later ones may be new, not extra.
-        async for orders in _chunks(read):
-            report.extra.extend(
-                o.id for o in orders if o.id not in seen and (horizon is None or o.created_at <= horizon)
-            )
+        async for ids in _extras(write, read, chunk):
+            report.extra.extend(ids)
     return report
 
 
+# Rows go in in id order (like the projector's), so a rebuild and the projector writing the same
+# new rows at once never deadlock. A row is rewritten only if its served form differs: btc_rate is
+# an unconstrained NUMERIC, compared as text so that its scale counts too. Rows the rebuild adds
+# get a fresh event_id (the outbox has no index by order to look the original up cheaply).
 _REBUILD = text(
     """
     INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
@@ -104,39 +139,48 @@ _REBUILD = text(
     FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
         id uuid, idempotence_key uuid, created_at timestamptz, currency text,
         currency_amount numeric, btc_rate numeric, btc_amount numeric)
+    ORDER BY r.id
     ON CONFLICT (id) DO UPDATE SET
         idempotence_key = EXCLUDED.idempotence_key, created_at = EXCLUDED.created_at,
         currency = EXCLUDED.currency, currency_amount = EXCLUDED.currency_amount,
         btc_rate = EXCLUDED.btc_rate, btc_amount = EXCLUDED.btc_amount
     WHERE (buy_orders.idempotence_key, buy_orders.created_at, buy_orders.currency,
-           buy_orders.currency_amount, buy_orders.btc_rate, buy_orders.btc_amount)
+           buy_orders.currency_amount::text, buy_orders.btc_rate::text, buy_orders.btc_amount::text)
           IS DISTINCT FROM
           (EXCLUDED.idempotence_key, EXCLUDED.created_at, EXCLUDED.currency,
-           EXCLUDED.currency_amount, EXCLUDED.btc_rate, EXCLUDED.btc_amount)
+           EXCLUDED.currency_amount::text, EXCLUDED.btc_rate::text, EXCLUDED.btc_amount::text)
     """
 )
 
 
-async def rebuild(
-    write: AsyncEngine, read: AsyncEngine, progress: Callable[[int], None] = lambda _: None
-) -> int:
-    """Upsert every order of the write model into the read model, then drop rows the write model
-    does not have. Returns the number of orders walked."""
-    import orjson
+def _payload(orders: list[BuyOrder]) -> str:
+    rows: list[dict[str, Any]] = [
+        {**o.to_public(), "idempotence_key": str(o.idempotence_key)} for o in orders
+    ]
+    return orjson.dumps(rows).decode()
 
+
+async def rebuild(
+    write: AsyncEngine,
+    read: AsyncEngine,
+    progress: Callable[[int], None] = lambda _: None,
+    *,
+    chunk: int = CHUNK,
+) -> int:
+    """Upsert every order of the write model into the read model, then delete the read rows
+    whose id the write model does not have. Safe while orders are created and projected.
+    Returns the number of orders walked."""
     walked = 0
-    async for orders in _chunks(write):
-        payload = orjson.dumps(
-            [{**o.to_public(), "idempotence_key": str(o.idempotence_key)} for o in orders]
-        ).decode()
+    async for orders in _chunks(write, chunk):
         async with read.begin() as conn:
-            await conn.execute(_REBUILD, {"rows": payload})
+            await conn.execute(_REBUILD, {"rows": _payload(orders)})
         walked += len(orders)
         progress(len(orders))
-    report = await check(write, read)
-    if report.extra:
-        async with read.begin() as conn:
-            await conn.execute(text("DELETE FROM buy_orders WHERE id = ANY(:ids)"), {"ids": report.extra})
+    # Every walked order now has its read row: more rows than that are extras or new orders.
+    if await _count(read) > walked:
+        async for ids in _extras(write, read, chunk):
+            async with read.begin() as conn:
+                await conn.execute(text("DELETE FROM buy_orders WHERE id = ANY(:ids)"), {"ids": ids})
     return walked
 
 

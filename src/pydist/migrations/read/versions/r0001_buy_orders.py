@@ -30,7 +30,7 @@ def upgrade() -> None:
     # Covering index: a page is one index-only range scan, whatever its depth.
     op.execute(
         "CREATE INDEX buy_orders_newest_first ON buy_orders (created_at DESC, id DESC) "
-        "INCLUDE (currency, currency_amount, btc_rate, btc_amount)"
+        "INCLUDE (currency, currency_amount, btc_rate, btc_amount, idempotence_key)"
     )
 
 

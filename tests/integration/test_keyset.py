@@ -1,0 +1,154 @@
+"""Keyset paging of the read model on real Postgres: ties on created_at, every page size, unknown and
+last references, and the plan shape at depth (an index range scan, no Sort, no OFFSET)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from pydist.adapters import read_store
+from pydist.adapters.read_store import ReadStore
+from pydist.domain.errors import UnknownReferenceError
+from tests.integration.conftest import Stores
+from tests.support import db as testdb
+from tests.support.services import Databases
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+async def insert_rows(read_url: str, created: list[datetime]) -> list[tuple[datetime, uuid.UUID]]:
+    """Read rows straight into the read model; returns their (created_at, id) keys."""
+    rows = [
+        (uuid.uuid4(), at, "USD", f"{10 + i}.25", "97000.00", "0.00010567", uuid.uuid4(), uuid.uuid4())
+        for i, at in enumerate(created)
+    ]
+    conn = await asyncpg.connect(read_url, timeout=5)
+    try:
+        await conn.executemany(
+            "INSERT INTO buy_orders (id, created_at, currency, currency_amount, btc_rate, btc_amount,"
+            " idempotence_key, event_id) VALUES ($1, $2, $3, $4::numeric, $5::numeric, $6::numeric, $7, $8)",
+            rows,
+        )
+    finally:
+        await conn.close()
+    return [(r[1], r[0]) for r in rows]
+
+
+async def walk(store: ReadStore, size: int) -> tuple[list[uuid.UUID], list[int]]:
+    ids: list[uuid.UUID] = []
+    sizes: list[int] = []
+    ref: uuid.UUID | None = None
+    for _ in range(1000):  # bounded
+        page = await store.page(size, ref)
+        ids.extend(o.id for o in page.rows)
+        sizes.append(len(page.rows))
+        if not page.has_more:
+            return ids, sizes
+        assert len(page.rows) == size
+        ref = page.rows[-1].id
+    raise AssertionError("the walk did not end")
+
+
+@pytest.mark.parametrize("size", [1, 3, 19, 100])
+async def test_walk_with_tied_created_at_returns_every_row_once_in_order(
+    stores: Stores, clean: Databases, size: int
+):
+    # 41 rows: groups of up to 7 sharing the very same created_at, and a few unique ones
+    created = [T0 + timedelta(microseconds=i // 7) for i in range(38)] + [T0 - timedelta(days=1)] * 3
+    keys = await insert_rows(clean.read_url, created)
+    expected = [k[1] for k in sorted(keys, reverse=True)]  # (created_at DESC, id DESC)
+    ids, sizes = await walk(stores.read, size)
+    assert ids == expected
+    assert len(set(ids)) == len(keys) == 41
+    full, rest = divmod(41, size)
+    assert sizes == [size] * full + ([rest] if rest else [])
+
+
+async def test_exact_multiple_of_page_size_ends_without_an_empty_page(stores: Stores, clean: Databases):
+    await insert_rows(clean.read_url, [T0] * 6)
+    ids, sizes = await walk(stores.read, 3)
+    assert sizes == [3, 3]
+    assert len(set(ids)) == 6
+
+
+async def test_reference_to_the_last_row_gives_an_empty_final_page(stores: Stores, clean: Databases):
+    keys = await insert_rows(clean.read_url, [T0, T0, T0 - timedelta(seconds=1)])
+    oldest = min(keys)[1]
+    page = await stores.read.page(10, oldest)
+    assert page.rows == []
+    assert page.has_more is False
+
+
+async def test_unknown_reference_is_refused(stores: Stores, clean: Databases):
+    await insert_rows(clean.read_url, [T0])
+    with pytest.raises(UnknownReferenceError):
+        await stores.read.page(10, uuid.uuid4())
+
+
+async def test_empty_read_model_first_page(stores: Stores, clean: Databases):
+    page = await stores.read.page(10, None)
+    assert (page.rows, page.has_more) == ([], False)
+
+
+async def execute(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(sql, timeout=60)
+    finally:
+        await conn.close()
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean: Databases):
+    """50 000 rows (created_at tied in threes): a page 45 000 rows deep is read with the
+    buy_orders_newest_first index from the reference onwards, reading only page_size + 1 index
+    entries, with no Sort node and no OFFSET; the rows match an OFFSET-based oracle."""
+    await execute(
+        clean.read_url,
+        """INSERT INTO buy_orders (id, created_at, currency, currency_amount, btc_rate, btc_amount,
+                                   idempotence_key, event_id)
+           SELECT gen_random_uuid(), timestamptz '2024-01-01' + (g / 3) * interval '1 second', 'EUR',
+                  10.00 + g % 1000, 97000, 0.00010309, gen_random_uuid(), gen_random_uuid()
+           FROM generate_series(1, 50000) g""",
+    )
+    await execute(clean.read_url, "VACUUM ANALYZE buy_orders")
+    oracle = await testdb.fetch(
+        clean.read_url, "SELECT id FROM buy_orders ORDER BY created_at DESC, id DESC OFFSET 45000 LIMIT 21"
+    )
+    ref, expected = oracle[0]["id"], [r["id"] for r in oracle[1:]]
+
+    page = await stores.read.page(20, ref)
+    assert [o.id for o in page.rows] == expected
+    assert page.has_more
+
+    for sql, params in ((read_store._NEXT_PAGE, {"n": 21, "ref": ref}), (read_store._FIRST_PAGE, {"n": 21})):
+        assert "OFFSET" not in sql.text.upper()
+        async with stores.read.engine.connect() as conn:
+            result = await conn.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.text), params)
+            doc = result.scalar_one()
+        plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+        nodes = plan_nodes(plan)
+        kinds = [n["Node Type"] for n in nodes]
+        assert "Sort" not in kinds, kinds
+        assert "Incremental Sort" not in kinds, kinds
+        assert "Seq Scan" not in kinds, kinds
+        scans = [n for n in nodes if n.get("Index Name") == "buy_orders_newest_first"]
+        assert len(scans) == 1, kinds
+        scan = scans[0]
+        assert scan["Node Type"] in ("Index Scan", "Index Only Scan")
+        assert scan["Actual Rows"] * scan["Actual Loops"] <= 21, scan  # stops after one page
+        if sql is read_store._NEXT_PAGE:
+            assert "created_at" in scan.get("Index Cond", ""), scan  # starts at the reference
+            assert "Filter" not in scan, scan

@@ -1,0 +1,312 @@
+"""The read side on real Postgres (and RabbitMQ where the broker path is under test): relay,
+projector, read model. Orders are made by the real create path (order + outbox row, one commit)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from pydist.adapters.broker import QUEUE, BatchingConsumer, BrokerPublisher
+from pydist.adapters.db import make_engine
+from pydist.adapters.outbox import Outbox
+from pydist.adapters.read_store import ReadStore
+from pydist.domain.events import BuyOrderCreated
+from pydist.service import read_model_admin
+from pydist.service.projector import Projector
+from pydist.service.relay import Relay
+from tests.integration.conftest import Stores
+from tests.support import db as testdb
+from tests.support.read_side import (
+    CountingHandler,
+    RecordingSink,
+    background,
+    backlog,
+    broker_probe,
+    consume_loop,
+    count,
+    create_orders,
+    outbox_events,
+    read_snapshot,
+    wait_until,
+)
+from tests.support.services import Databases
+
+
+async def assert_models_agree(stores: Stores, expected: int) -> None:
+    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    assert report.clean, report
+    assert (report.write_count, report.read_count) == (expected, expected)
+
+
+async def test_embedded_relay_projects_every_order_identically(stores: Stores, clean: Databases):
+    """No broker: relay → projector → read model. Each read row equals the order the create path
+    returned, field for field, and in the wire form the listing serves."""
+    orders = await create_orders(stores, 60)
+    relay = Relay(Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=25)
+    async with background() as bg:
+        bg.start(relay.run, "relay")
+        await wait_until(lambda: _has(clean.read_url, 60), timeout=30, what="60 read rows", bg=bg)
+    projected = await stores.read.all_orders()
+    assert projected == {o.id: o for o in orders}
+    assert {k: v.to_public() for k, v in projected.items()} == {o.id: o.to_public() for o in orders}
+    assert await backlog(clean.write_url) == 0
+    await assert_models_agree(stores, 60)
+
+
+async def test_broker_mode_500_orders_all_arrive(stores: Stores, clean: Databases, amqp_url: str):
+    """relay → RabbitMQ → BatchingConsumer → projector → read model, orders created meanwhile."""
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url)
+        consumer = BatchingConsumer(amqp_url, Projector(stores.read).publish, prefetch=200)
+        relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=100, idle_poll_s=0.2)
+        await consumer.start()
+        try:
+            async with background() as bg:
+                bg.start(relay.run, "relay")
+                bg.start(consume_loop(consumer), "consumer")
+                await create_orders(stores, 500)
+                await wait_until(lambda: _has(clean.read_url, 500), timeout=60, what="500 rows", bg=bg)
+                await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="queue drained")
+        finally:
+            await consumer.close()
+            await publisher.close()
+        assert await probe.depth("pydist.read_model_sync.dlq") == 0
+    assert await backlog(clean.write_url) == 0
+    await assert_models_agree(stores, 500)
+
+
+async def test_message_carries_ids_type_version_and_string_amounts(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    (order,) = await create_orders(stores, 1)
+    (event,) = await outbox_events(clean.write_url)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url)
+        try:
+            await publisher.publish([event])
+        finally:
+            await publisher.close()
+        (message,) = await probe.get_all(QUEUE, 1)
+    body = orjson.loads(message.body)
+    assert body["event_id"] == str(event.event_id) == message.message_id
+    assert (body["event_type"], body["event_version"]) == ("buy_order.created", 1)
+    assert body["request_id"] == "req-0" == message.correlation_id
+    assert body["data"] == {**order.to_public(), "idempotence_key": str(order.idempotence_key)}
+    assert all(isinstance(v, str) for v in body["data"].values())
+    assert message.delivery_mode == 2  # persistent
+    assert message.content_type == "application/json"
+
+
+async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databases, amqp_url: str):
+    """The same events published twice, then the whole outbox re-relayed (published_at reset):
+    same row count, same contents, projected_at and event_id of the first application."""
+    await create_orders(stores, 30)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url)
+        handler = CountingHandler(Projector(stores.read).publish)
+        consumer = BatchingConsumer(amqp_url, handler, prefetch=50)
+        relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=10, idle_poll_s=0.1)
+        await consumer.start()
+        try:
+            async with background() as bg:
+                bg.start(relay.run, "relay")
+                bg.start(consume_loop(consumer), "consumer")
+                await wait_until(lambda: _has(clean.read_url, 30), timeout=30, what="30 rows", bg=bg)
+                first = await read_snapshot(clean.read_url)
+                events = await outbox_events(clean.write_url)
+
+                # 1. the same events, twice more, straight to the broker
+                await publisher.publish(events)
+                await publisher.publish(events)
+                await wait_until(lambda: _handled(handler, 90), timeout=30, what="90 events", bg=bg)
+                assert await read_snapshot(clean.read_url) == first
+
+                # 2. the relay re-publishes rows it had already published (lost mark, say)
+                await testdb.fetch(clean.write_url, "UPDATE outbox SET published_at = NULL")
+                relay.wake.set()
+                await wait_until(lambda: _handled(handler, 120), timeout=30, what="120 events", bg=bg)
+                assert await backlog(clean.write_url) == 0
+                assert await read_snapshot(clean.read_url) == first
+        finally:
+            await consumer.close()
+            await publisher.close()
+        assert await probe.depth(QUEUE) == 0
+
+    # 3. embedded mode, the projector applying a batch that repeats itself and what is stored
+    projector = Projector(stores.read)
+    await projector.publish([*events[:5], *events[:5]])
+    await projector.publish(events)
+    assert await read_snapshot(clean.read_url) == first
+    await assert_models_agree(stores, 30)
+
+
+async def test_two_relays_share_the_outbox_without_double_publishing(stores: Stores, clean: Databases):
+    """Two relays (own engines, like two processes) on one outbox while orders keep coming:
+    the claimed sets are disjoint (SKIP LOCKED), every row is published once, each order is
+    in the read model once."""
+    await create_orders(stores, 150)
+    engines = [make_engine(clean.write_url, 4, f"relay-{i}") for i in range(2)]
+    read_engines = [make_engine(clean.read_url, 4, f"projector-{i}") for i in range(2)]
+    sinks = [RecordingSink(Projector(ReadStore(e))) for e in read_engines]
+    outboxes = [Outbox(e, clean.write_url) for e in engines]
+    relays = [Relay(o, s, batch=7, idle_poll_s=0.2) for o, s in zip(outboxes, sinks, strict=True)]
+    try:
+        async with background() as bg:
+            for i, (outbox, relay) in enumerate(zip(outboxes, relays, strict=True)):
+                bg.start(relay.run, f"relay-{i}")
+                bg.start(lambda stop, o=outbox, r=relay: o.listen(r.wake.set, stop), f"listen-{i}")
+            await create_orders(stores, 250, start=150, concurrency=10)
+            await wait_until(lambda: _has(clean.read_url, 400), timeout=60, what="400 rows", bg=bg)
+            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="empty backlog")
+    finally:
+        for e in (*engines, *read_engines):
+            await e.dispose()
+    a, b = (set(s.event_ids) for s in sinks)
+    all_events = {e.event_id for e in await outbox_events(clean.write_url)}
+    assert len(sinks[0].event_ids) == len(a)  # no relay published a row twice …
+    assert len(sinks[1].event_ids) == len(b)
+    assert not a & b, "a row was claimed by both relays"
+    assert a | b == all_events
+    assert len(a) > 0, (len(a), len(b))  # both did work
+    assert len(b) > 0, (len(a), len(b))
+    print(f"relay A published {len(a)} in {len(sinks[0].calls)} batches, B {len(b)} in {len(sinks[1].calls)}")
+    await assert_models_agree(stores, 400)
+
+
+async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
+    """With a 30 s idle poll, an order still reaches the read model at once: the NOTIFY sent by
+    place_orders() wakes the relay (< 5 s is a correctness bound, not a timing target)."""
+    wakes = 0
+    relay = Relay(
+        Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=10, idle_poll_s=30
+    )
+
+    def on_notify() -> None:
+        nonlocal wakes
+        wakes += 1
+        relay.wake.set()
+
+    outbox = Outbox(stores.write.engine, clean.write_url)
+    async with background() as bg:
+        bg.start(relay.run, "relay")
+        bg.start(lambda stop: outbox.listen(on_notify, stop), "listen")
+        # The listener calls on_notify once right after LISTEN (catch-up); then the relay finds
+        # nothing and settles into its 30 s wait.
+        await wait_until(lambda: _true(wakes >= 1), timeout=10, what="listener up", bg=bg)
+        await asyncio.sleep(0.5)
+        before = wakes
+        await create_orders(stores, 1)
+        took = await wait_until(lambda: _has(clean.read_url, 1), timeout=10, what="order relayed", bg=bg)
+        assert wakes > before, "the relay was not woken by NOTIFY"
+    print(f"order relayed {took:.3f}s after commit (idle poll 30 s)")
+    assert took < 5
+
+
+class FlakySink:
+    """A real projector behind a fault: the first `fail_before` calls raise before projecting,
+    the next `fail_after` raise after projecting (a publish whose confirm was lost)."""
+
+    def __init__(self, inner: Projector, fail_before: int, fail_after: int) -> None:
+        self.inner = inner
+        self.fail_before = fail_before
+        self.fail_after = fail_after
+        self.calls = 0
+
+    async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
+        self.calls += 1
+        if self.fail_before > 0:
+            self.fail_before -= 1
+            raise ConnectionError("sink down")
+        await self.inner.publish(events)
+        if self.fail_after > 0:
+            self.fail_after -= 1
+            raise TimeoutError("confirm lost")
+
+
+async def test_relay_marks_nothing_it_could_not_confirm(stores: Stores, clean: Databases):
+    """Sink failures before and after the events got through: rows stay unpublished until a
+    publish is confirmed, then each order is in the read model exactly once."""
+    await create_orders(stores, 40)
+    sink = FlakySink(Projector(stores.read), fail_before=2, fail_after=2)
+    relay = Relay(Outbox(stores.write.engine, clean.write_url), sink, batch=40, max_backoff_s=0.2)
+    for _ in range(4):
+        with pytest.raises((ConnectionError, TimeoutError)):
+            await relay.relay_once()
+        assert await backlog(clean.write_url) == 40
+    assert await relay.relay_once() == 40
+    assert await backlog(clean.write_url) == 0
+    assert await relay.relay_once() == 0
+    await assert_models_agree(stores, 40)
+
+
+async def test_relay_survives_losing_its_database_connection_after_publishing(
+    stores: Stores, clean: Databases
+):
+    """The claim transaction is killed (pg_terminate_backend) after the sink confirmed: the
+    mark is lost, so the rows are relayed again; the projector ignores the repeats."""
+    await create_orders(stores, 30)
+    engine = make_engine(clean.write_url, 2, "relay-victim")
+
+    class KillAfterPublish:
+        def __init__(self) -> None:
+            self.inner = Projector(stores.read)
+            self.kills = 0
+            self.published = 0
+
+        async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
+            await self.inner.publish(events)
+            self.published += len(events)
+            if self.kills == 0:
+                rows = await testdb.fetch(
+                    clean.write_url,
+                    "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+                    "WHERE application_name = 'relay-victim' AND state = 'idle in transaction'",
+                )
+                self.kills += rows[0]["n"]
+
+    sink = KillAfterPublish()
+    relay = Relay(Outbox(engine, clean.write_url), sink, batch=50, idle_poll_s=0.1, max_backoff_s=0.2)
+    try:
+        async with background() as bg:
+            bg.start(relay.run, "relay")
+            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=30, what="backlog", bg=bg)
+    finally:
+        await engine.dispose()
+    assert sink.kills == 1
+    assert sink.published == 60  # everything went out twice …
+    await assert_models_agree(stores, 30)  # … and is in the read model once
+
+
+async def test_projector_skips_duplicates_within_and_across_batches(stores: Stores, clean: Databases):
+    await create_orders(stores, 3)
+    events = await outbox_events(clean.write_url)
+    projected = await stores.read.apply([events[0], events[0], events[1]])
+    assert sorted(p.order_id for p in projected) == sorted([events[0].order.id, events[1].order.id])
+    again = await stores.read.apply(events)
+    assert [p.order_id for p in again] == [events[2].order.id]
+    assert await count(clean.read_url) == 3
+    assert Decimal(0) < min(e.order.btc_amount for e in events)
+
+
+async def _has(read_url: str, n: int) -> bool:
+    return await count(read_url) >= n
+
+
+async def _handled(handler: CountingHandler, n: int) -> bool:
+    return handler.events >= n
+
+
+async def _depth_zero(probe, name: str) -> bool:  # type: ignore[no-untyped-def]
+    return await probe.depth(name) == 0
+
+
+async def _backlog_zero(write_url: str) -> bool:
+    return await backlog(write_url) == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
