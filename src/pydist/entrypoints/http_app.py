@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 import uuid
@@ -18,20 +19,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pydist.config import Settings
 from pydist.entrypoints.problems import install_problem_handlers, problem
+from pydist.entrypoints.schemas import PROBLEM_SCHEMA
 from pydist.logs import configure_logging
 from pydist.metrics import HTTP_LATENCY
 
 log = structlog.get_logger()
 OPEN_PATHS = frozenset({"/healthcheck", "/readyz", "/metrics"})
+KEYED_SERVICES = frozenset({"create_buy_order", "fetch_buy_orders"})
+"""The two public APIs: API_KEYS applies to them only. btc_price is an internal service (its one
+client, create_buy_order, sends no key) and relay/read_model_sync serve only the open paths."""
 _MAX_REQUEST_ID = 128
+MAX_HEADER_BYTES = 16 * 1024
+"""All request header names and values together; more is answered 431 before any routing.
+(uvicorn's httptools parser has no limit of its own: this is the application's.)"""
 
 
 def _request_id(raw: bytes | None) -> str:
-    if raw and len(raw) <= _MAX_REQUEST_ID:
-        text = raw.decode("latin-1")
-        if text.isprintable() and " " not in text:
-            return text
+    """The client's X-Request-ID if it is short, visible ASCII (no space, CR, LF or other control
+    byte, nothing that could split or smuggle a header); otherwise a fresh id."""
+    if raw and len(raw) <= _MAX_REQUEST_ID and all(0x21 <= b <= 0x7E for b in raw):
+        return raw.decode("ascii")
     return uuid.uuid4().hex
+
+
+def _digest(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
 
 
 class EdgeMiddleware:
@@ -40,7 +52,9 @@ class EdgeMiddleware:
     def __init__(self, app: ASGIApp, *, service: str, api_keys: frozenset[str]) -> None:
         self.app = app
         self.service = service
-        self.api_keys = tuple(k.encode() for k in api_keys)
+        # Keys are kept (and compared) as SHA-256 digests: equal lengths, so the comparison time
+        # says nothing about a key's length or content.
+        self.api_keys = tuple(_digest(k.encode()) for k in api_keys)
 
     def _route(self, scope: Scope) -> str:
         app = scope.get("app")
@@ -58,10 +72,11 @@ class EdgeMiddleware:
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
             return False
+        presented = _digest(token.strip())
         # Compare against every key, always, so timing says nothing about which matched.
         matched = False
         for key in self.api_keys:
-            matched |= hmac.compare_digest(token.strip(), key)
+            matched |= hmac.compare_digest(presented, key)
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -75,16 +90,26 @@ class EdgeMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
+            if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+                response = problem(
+                    431,
+                    "headers-too-large",
+                    f"the request headers may be at most {MAX_HEADER_BYTES} bytes in total",
+                )
+                await response(scope, receive, send_wrapper)
+                return
             if not self._authorised(scope, headers):
                 response = problem(
                     401,
@@ -95,6 +120,15 @@ class EdgeMiddleware:
                 await response(scope, receive, send_wrapper)
                 return
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the 500 also
+            # carries X-Request-ID. Logged with its traceback; the client gets a bare problem.
+            log.exception("unhandled_error", error_type=type(exc).__name__)
+            if response_started:
+                raise
+            await problem(500, "internal-error", "an internal error occurred; it has been logged")(
+                scope, receive, send_wrapper
+            )
         finally:
             HTTP_LATENCY.labels(self.service, scope["method"], self._route(scope), str(status)).observe(
                 time.perf_counter() - started
@@ -118,13 +152,30 @@ def build_app(
     )
     app = FastAPI(title=title, description=description, version="1.0.0", lifespan=lifespan)
     install_problem_handlers(app)
-    app.add_middleware(EdgeMiddleware, service=service, api_keys=settings.api_key_set)
+    api_keys = settings.api_key_set if service in KEYED_SERVICES else frozenset()
+    app.add_middleware(EdgeMiddleware, service=service, api_keys=api_keys)
+    if api_keys:
+        _declare_bearer_auth(app)
 
-    @app.get("/healthcheck", tags=["ops"], summary="Liveness: the process answers")
+    @app.get(
+        "/healthcheck",
+        tags=["ops"],
+        summary="Liveness: the process answers",
+        responses={200: {"content": {"application/json": {"schema": _STATUS_SCHEMA}}}},
+    )
     async def healthcheck() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="Readiness: the process and its database answer")
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Readiness: the process and its database answer",
+        response_class=Response,
+        responses={
+            200: {"description": "Ready", "content": {"application/json": {"schema": _STATUS_SCHEMA}}},
+            503: {"description": "A dependency (the database) is down", "content": PROBLEM_SCHEMA},
+        },
+    )
     async def readyz() -> Response:
         try:
             await ready()
@@ -138,3 +189,34 @@ def build_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"type": "string"}},
+}
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """With API_KEYS set, the OpenAPI document says so: bearer auth everywhere but the open paths."""
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = plain_openapi()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of the keys in API_KEYS",
+        }
+        schema["security"] = [{"bearerAuth": []}]
+        for path, operations in schema.get("paths", {}).items():
+            if path in OPEN_PATHS:
+                for operation in operations.values():
+                    operation["security"] = []
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -33,9 +33,23 @@ _TITLES = {
     413: "Request body too large",
     415: "Unsupported media type",
     422: "Unprocessable request",
+    431: "Request header fields too large",
     500: "Internal error",
     503: "Service unavailable",
 }
+
+
+_MAX_FIELD = 64
+_MAX_MESSAGE = 200
+
+
+def safe_text(value: object, limit: int) -> str:
+    """Client-influenced text made safe to echo: valid UTF-8 (lone surrogates escaped), no control
+    characters, at most `limit` characters. Keeps a hostile key or value from growing, breaking or
+    smuggling anything into a problem document."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ProblemError(Exception):
@@ -74,11 +88,14 @@ def validation_problem(errors: Sequence[Any]) -> Response:
     """422 with an `errors` list naming each field, without echoing what the client sent."""
     listed = [
         {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
-            or "body",
-            "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+            "field": safe_text(
+                ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+                or "body",
+                _MAX_FIELD,
+            ),
+            "message": safe_text(str(err.get("msg", "invalid")).removeprefix("Value error, "), _MAX_MESSAGE),
         }
-        for err in errors
+        for err in errors[:10]
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in listed)
     return problem(422, "validation-error", detail, errors=listed)

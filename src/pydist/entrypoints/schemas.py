@@ -10,17 +10,32 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from pydist.domain.money import Currency, parse_fiat_amount
 
-FiatAmount = Annotated[
-    Decimal,
-    BeforeValidator(parse_fiat_amount),
-    WithJsonSchema(
+# Exactly what parse_fiat_amount accepts, so a schema-driven client (or fuzzer) and the server agree:
+# a decimal string of at most 10 integer digits and 2 decimals, not zero, below 1,000,000,000; or a
+# JSON number with at most 2 decimals in the same range (parsed as Decimal, never as a float).
+AMOUNT_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
         {
             "type": "string",
             "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$",
-            "description": "0 < amount < 1,000,000,000, at most 2 decimals, as a string",
-            "examples": ["123.45"],
-        }
-    ),
+            "not": {"pattern": r"^(0+(\.0*)?|[1-9][0-9]{9}(\.[0-9]*)?)$"},
+        },
+        {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "exclusiveMaximum": 1000000000,
+            "multipleOf": 0.01,
+        },
+    ],
+    "description": "0 < amount < 1,000,000,000 with at most 2 decimals: a string (preferred), "
+    "or a JSON number written with at most 2 decimals",
+    "examples": ["123.45"],
+}
+
+FiatAmount = Annotated[
+    Decimal,
+    BeforeValidator(parse_fiat_amount),
+    WithJsonSchema(AMOUNT_JSON_SCHEMA),
 ]
 
 
@@ -38,7 +53,11 @@ class BuyOrderIn(BaseModel):
         },
     )
 
-    currency: Currency = Field(description="ISO 4217 code: EUR, GBP or USD")
+    # Inline enum, not a $ref: create_api embeds this schema in the OpenAPI document as is, where
+    # a "#/$defs/..." reference would point at the document root and not resolve.
+    currency: Annotated[Currency, WithJsonSchema({"type": "string", "enum": [c.value for c in Currency]})] = (
+        Field(description="ISO 4217 code: EUR, GBP or USD")
+    )
     amount: FiatAmount
     idempotence_key: uuid.UUID | None = Field(
         default=None, description="Client-chosen UUID; or send it as the Idempotency-Key header"
