@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Coroutine
+from typing import Any
 
 
 class TcpProxy:
@@ -62,9 +64,8 @@ class TcpProxy:
         self._links.discard(writer)
         self._links.discard(up_writer)
 
-    def _call(self, fn: object) -> None:
-        fut = asyncio.run_coroutine_threadsafe(fn, self._loop)  # type: ignore[arg-type]
-        fut.result(5)
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(5)
 
     async def _cut(self) -> None:
         for w in list(self._links):

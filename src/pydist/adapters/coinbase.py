@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import httpx
@@ -13,6 +14,7 @@ from pydist.domain.money import Currency, parse_btc_price
 
 class CoinbaseSpot:
     def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
+        self._timeout_s = timeout_s
         self._client = client or httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s),
@@ -21,8 +23,11 @@ class CoinbaseSpot:
 
     async def spot(self, currency: Currency) -> Decimal:
         try:
-            response = await self._client.get(f"/v2/prices/BTC-{currency.value}/spot")
-        except httpx.HTTPError as exc:
+            # httpx's timeout applies to each phase (a trickling server could stretch it); this
+            # bounds the whole call, so a slow feed costs at most `timeout_s`.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.get(f"/v2/prices/BTC-{currency.value}/spot")
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise PriceUnavailableError(f"coinbase unreachable: {type(exc).__name__}") from exc
         if response.status_code != 200:
             raise PriceUnavailableError(f"coinbase answered {response.status_code}")

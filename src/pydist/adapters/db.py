@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -19,15 +20,25 @@ from pydist.domain.order import BuyOrder
 
 WRITE = "write"
 READ = "read"
+POOL_TIMEOUT_S = 5.0
 
 
-def make_engine(url: str, pool_size: int = 10, application_name: str = "pydist") -> AsyncEngine:
+def make_engine(
+    url: str,
+    pool_size: int = 10,
+    application_name: str = "pydist",
+    *,
+    pool_timeout_s: float = POOL_TIMEOUT_S,
+) -> AsyncEngine:
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # Waiting longer than this for a pooled connection fails the call (503, STORE_ERRORS)
+        # instead of holding the client for SQLAlchemy's default 30 s.
+        pool_timeout=pool_timeout_s,
         connect_args={
             "server_settings": {"application_name": application_name},
             "command_timeout": 10,
@@ -66,7 +77,17 @@ def unavailable(exc: Exception) -> StoreUnavailableError:
     return StoreUnavailableError(f"database unavailable: {type(exc).__name__}")
 
 
-STORE_ERRORS = (OSError, OperationalError, InterfaceError, DBAPIError, TimeoutError)
+# What "the database is unavailable right now" looks like from here: the driver's and SQLAlchemy's
+# connection errors, timeouts, and the pool's own checkout timeout (sqlalchemy.exc.TimeoutError is
+# not a builtin TimeoutError: without it an exhausted pool surfaced as a 500).
+STORE_ERRORS = (
+    OSError,
+    OperationalError,
+    InterfaceError,
+    DBAPIError,
+    TimeoutError,
+    PoolTimeoutError,
+)
 
 
 def order_from_row(row: Any) -> BuyOrder:

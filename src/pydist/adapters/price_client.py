@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from decimal import Decimal
 
@@ -15,13 +16,30 @@ from pydist.domain.money import Currency, parse_btc_price
 
 class PriceServiceClient:
     """Caches a quote until it reaches `max_age_s` by the price service's own age count, so the
-    create path makes no HTTP call per order and still never uses a price older than allowed."""
+    create path makes no HTTP call per order and still never uses a price older than allowed.
 
-    def __init__(self, base_url: str, *, timeout_s: float, max_age_s: float) -> None:
+    Single flight with a shared outcome: while one call for a currency is in flight, every other
+    order for that currency waits for *that* call and gets its result or its error. (A lock alone
+    would make the waiters call again one after the other when the call fails, so with a slow
+    feed the n-th order would wait n timeouts.) After a failure, orders are refused at once for
+    `retry_after_s` instead of calling again, which bounds the calls to btc_price during an outage.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        max_age_s: float,
+        retry_after_s: float = 0.25,
+    ) -> None:
         self._client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s))
+        self._timeout_s = timeout_s
         self._max_age_s = max_age_s
+        self._retry_after_s = retry_after_s
         self._cache: dict[Currency, tuple[Decimal, float]] = {}
-        self._locks = {c: asyncio.Lock() for c in Currency}
+        self._failed: dict[Currency, tuple[PriceUnavailableError, float]] = {}
+        self._inflight: dict[Currency, asyncio.Future[Decimal]] = {}
 
     def _cached(self, currency: Currency) -> Decimal | None:
         hit = self._cache.get(currency)
@@ -33,32 +51,57 @@ class PriceServiceClient:
         cached = self._cached(currency)
         if cached is not None:
             return cached
-        async with self._locks[currency]:
-            cached = self._cached(currency)
-            if cached is not None:
-                return cached
-            asked = time.monotonic()
-            try:
+        failed = self._failed.get(currency)
+        if failed is not None and time.monotonic() < failed[1]:
+            raise PriceUnavailableError(str(failed[0]))
+        flight = self._inflight.get(currency)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch(currency))
+            self._inflight[currency] = flight
+            flight.add_done_callback(lambda f: self._landed(currency, f))
+        # shield: a client that goes away must not cancel the call the others are waiting for
+        return await asyncio.shield(flight)
+
+    def _landed(self, currency: Currency, flight: asyncio.Future[Decimal]) -> None:
+        if self._inflight.get(currency) is flight:
+            del self._inflight[currency]
+        if flight.cancelled():
+            return
+        exc = flight.exception()  # also marks it retrieved when no one waits any more
+        if isinstance(exc, PriceUnavailableError):
+            self._failed[currency] = (exc, time.monotonic() + self._retry_after_s)
+        elif exc is None:
+            self._failed.pop(currency, None)
+
+    async def _fetch(self, currency: Currency) -> Decimal:
+        asked = time.monotonic()
+        try:
+            # httpx's timeout applies to each phase; this bounds the whole call.
+            async with asyncio.timeout(self._timeout_s):
                 response = await self._client.get(f"/prices/{currency.value}")
-            except httpx.HTTPError as exc:
-                raise PriceUnavailableError(f"btc_price unreachable: {type(exc).__name__}") from exc
-            if response.status_code != 200:
-                raise PriceUnavailableError(f"btc_price answered {response.status_code}")
-            try:
-                body = orjson.loads(response.content)
-                rate = parse_btc_price(body["amount"])
-                age = float(body["age_s"])
-            except (
-                orjson.JSONDecodeError,
-                KeyError,
-                TypeError,
-                ValueError,
-                InvalidPriceError,
-            ) as exc:
-                raise PriceUnavailableError("btc_price answered garbage") from exc
-            # Count the time in flight as age too: the quote expires no later than upstream's.
-            self._cache[currency] = (rate, asked + self._max_age_s - age)
-            return rate
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise PriceUnavailableError(f"btc_price unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise PriceUnavailableError(f"btc_price answered {response.status_code}")
+        try:
+            body = orjson.loads(response.content)
+            rate = parse_btc_price(body["amount"])
+            age = float(body["age_s"])
+        except (
+            orjson.JSONDecodeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            InvalidPriceError,
+        ) as exc:
+            raise PriceUnavailableError("btc_price answered garbage") from exc
+        # Count the time in flight as age too: the quote expires no later than upstream's.
+        self._cache[currency] = (rate, asked + self._max_age_s - max(age, 0.0))
+        return rate
 
     async def aclose(self) -> None:
+        for flight in list(self._inflight.values()):
+            flight.cancel()
+            with contextlib.suppress(BaseException):
+                await flight
         await self._client.aclose()

@@ -143,7 +143,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(
             503,
             slug,
-            f"the {what} is unavailable right now; nothing was stored. Retry with the same idempotency key.",
+            (
+                f"the {what} is unavailable right now; nothing was stored. "
+                "Retry with the same idempotency key."
+                if isinstance(exc, PriceUnavailableError)
+                else f"the {what} is unavailable right now; the order may or may not have been "
+                "stored. Retry with the same idempotency key: that is safe either way."
+            ),
             headers={"Retry-After": "1"},
         )
 

@@ -119,6 +119,6 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body larger than the limit",
         415: "Body is not JSON",
         422: "Invalid request, or idempotency key reused with a different request",
-        503: "Price feed or database unavailable; nothing stored, retry with the same key",
+        503: "Price feed or database unavailable; retry with the same idempotency key",
     }
     return {s: {"description": descriptions[s], "content": PROBLEM_SCHEMA} for s in statuses}
