@@ -47,18 +47,27 @@ def configure_logging(
         logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
-    # Route stdlib logging (uvicorn, aio-pika, alembic) through the same JSON renderer.
+    # Route stdlib logging (uvicorn, aio-pika, alembic) through the same processors and the same
+    # renderer, so its lines carry the same fields (timestamp, level, event, service, request_id
+    # where bound, logger) and a traceback is one JSON string, never extra lines.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processor=structlog.processors.JSONRenderer(),
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(serializer=_dumps_text),
+            ],
             foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
                 _add_service(service),
             ],
         )
     )
+    logging.captureWarnings(True)  # warnings.warn → the same JSON lines, not raw stderr text
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))
@@ -68,6 +77,10 @@ def configure_logging(
 
 def _dumps(obj: Any, **_: Any) -> bytes:
     return orjson.dumps(obj, default=str)
+
+
+def _dumps_text(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
 
 
 def _add_service(service: str) -> Any:

@@ -23,6 +23,10 @@ PORT_FIELDS = {
     "relay": "RELAY_METRICS_PORT",
     "sync": "SYNC_METRICS_PORT",
 }
+# What "started" means for System.start: ready to do its work. The APIs and workers open their HTTP
+# port before their databases (and broker) answer, so /readyz is the signal; btc_price's /readyz
+# needs a fresh upstream price, which a test may withhold on purpose, so it is waited for as alive.
+READY_PATHS = {"price": "/healthcheck"}
 COMMANDS = {
     "create": ["serve", "create"],
     "fetch": ["serve", "fetch"],
@@ -58,6 +62,8 @@ class Proc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.alive():
             self.popen.send_signal(sig)
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGCONT)  # a paused process must run to handle it
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -70,6 +76,13 @@ class Proc:
             self.popen.kill()
         self.popen.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen (its sockets stay open, nothing answers)."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.popen.send_signal(signal.SIGCONT)
+
 
 @dataclass
 class System:
@@ -79,9 +92,10 @@ class System:
     procs: dict[str, Proc] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pydist-e2e-")))
 
-    def start(self, *names: str, wait: bool = True) -> None:
+    def start(self, *names: str, wait: bool = True, ports: dict[str, int] | None = None) -> None:
+        """Start each named process (all at once), then wait until each is ready (see READY_PATHS)."""
         for name in names:
-            port = free_port()
+            port = (ports or {}).get(name) or free_port()
             env = {**self.env, PORT_FIELDS[name]: str(port)}
             if name == "create" and "price" in self.procs and "BTC_PRICE_URL" not in self.env:
                 env["BTC_PRICE_URL"] = self.procs["price"].url
@@ -96,21 +110,34 @@ class System:
             self.procs[name] = Proc(name, port, popen, log_path)
         if wait:
             for name in names:
-                wait_ready(self.procs[name])
+                wait_ready(self.procs[name], path=READY_PATHS.get(name, "/readyz"))
 
     def restart(self, name: str) -> None:
+        """Stop `name` (if alive) and start it again on the same port, so the URLs other processes
+        were given (BTC_PRICE_URL) stay valid."""
         old = self.procs.pop(name)
         if old.alive():
+            old.resume()
             old.stop()
-        self.start(name)
+        self.start(name, ports={name: old.port})
 
     def url(self, name: str) -> str:
         return self.procs[name].url
 
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=10)
+    def stop_all(self, timeout: float = 10) -> None:
+        """SIGTERM every process at once, then wait for each (kill -9 after `timeout` s)."""
+        procs = list(self.procs.values())
+        for proc in procs:
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+                    proc.popen.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill9()
         self.procs.clear()
 
 

@@ -5,23 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Coroutine
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-import httpx
 import typer
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from pydist.config import get_settings
+
+# httpx, tenacity, rich.progress and rich.table are imported by the commands that use them: every
+# process (`pydist serve …`) and admin command starts through this module, so what it imports at
+# the top is paid by all of them.
 
 app = typer.Typer(help="pydist: BTC buy orders, idempotent and race-free.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run one HTTP process.", no_args_is_help=True)
@@ -31,6 +27,7 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(read_model_app, name="read-model")
 app.add_typer(orders_app, name="orders")
 console = Console()
+T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
@@ -81,6 +78,18 @@ def migrate() -> None:
     console.print("[green]migrations applied[/green] (write and read models at head)")
 
 
+def _run_admin(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an admin task; a database that cannot be reached is one clear line and exit 2, not a
+    page of traceback."""
+    from pydist.domain.errors import StoreUnavailableError
+
+    try:
+        return asyncio.run(coro)
+    except (StoreUnavailableError, OSError) as exc:
+        console.print(f"[red]database unavailable[/red]: {exc}")
+        raise typer.Exit(2) from None
+
+
 def _engines() -> tuple[Any, Any]:
     from pydist.adapters.db import make_engine
 
@@ -104,7 +113,7 @@ def read_model_check(as_json: JsonOpt = False) -> None:
             await write.dispose()
             await read.dispose()
 
-    report = asyncio.run(run())
+    report = _run_admin(run())
     summary = {
         "write_orders": report.write_count,
         "read_orders": report.read_count,
@@ -128,6 +137,8 @@ def read_model_check(as_json: JsonOpt = False) -> None:
 @read_model_app.command("rebuild")
 def read_model_rebuild() -> None:
     """Rebuild the read model from the write model (the source of truth), while the system runs."""
+    from rich.progress import Progress
+
     from pydist.service.read_model_admin import rebuild, write_count
 
     async def run() -> int:
@@ -141,7 +152,7 @@ def read_model_rebuild() -> None:
             await write.dispose()
             await read.dispose()
 
-    walked = asyncio.run(run())
+    walked = _run_admin(run())
     console.print(f"[green]read model rebuilt[/green] from {walked} orders")
 
 
@@ -158,7 +169,7 @@ def cap(as_json: JsonOpt = False) -> None:
         finally:
             await engine.dispose()
 
-    status = asyncio.run(run())
+    status = _run_admin(run())
     data = {
         "limit_btc": f"{status.limit_btc:f}",
         "used_btc": f"{status.used_btc:f}",
@@ -190,6 +201,9 @@ def orders_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Place an order. Retries safely (same idempotency key) on 503 and connection errors."""
+    import httpx
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
     settings = get_settings()
     base = url or _default_url(settings.create_buy_order_port)
     idem = key or str(uuid.uuid4())
@@ -199,7 +213,7 @@ def orders_create(
     if not as_json:
         console.print(f"idempotency key: [bold]{idem}[/bold]")
 
-    async def run() -> httpx.Response:
+    async def run() -> Any:
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(5),
@@ -246,6 +260,9 @@ def orders_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List orders newest first (one page, or --all)."""
+    import httpx
+    from rich.table import Table
+
     settings = get_settings()
     base = url or _default_url(settings.fetch_buy_orders_port)
     headers = {}
@@ -315,10 +332,13 @@ def dev_postgres_stop(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> 
 @dev_app.command("coinbase-stub")
 def dev_coinbase_stub(port: Annotated[int, typer.Option()] = 8790) -> None:
     """Serve Coinbase-compatible spot prices locally (offline demos, tests, benchmarks)."""
+    import signal
     import sys
 
     from pydist.devtools import coinbase_stub
 
+    # SIGTERM (honcho, run.sh's Ctrl-C) ends it like Ctrl-C: the stub's main exits 0 on that.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.argv = ["coinbase-stub", "--port", str(port)]
     coinbase_stub.main()
 

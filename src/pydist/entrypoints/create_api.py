@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,21 +14,50 @@ from fastapi import FastAPI, Header, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from pydist.adapters.db import make_engine, wait_until_ready
+from pydist.adapters.db import make_engine
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.price_client import PriceServiceClient
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
+from pydist.domain.errors import (
+    CapExceededError,
+    IdempotencyKeyReusedError,
+    PriceUnavailableError,
+    StoreUnavailableError,
+)
 from pydist.domain.order import OrderRequest
 from pydist.entrypoints.body import read_json_object
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.problems import ProblemError, validation_problem
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses
-from pydist.metrics import ORDERS_CREATED, ORDERS_REPLAYED
+from pydist.entrypoints.serve import await_dependency, cancel_tasks
+from pydist.metrics import (
+    CAP_REMAINING,
+    CAP_USED,
+    CREATE_METRICS,
+    ORDERS_CREATED,
+    ORDERS_REFUSED,
+    ORDERS_REPLAYED,
+    expose,
+)
 from pydist.service.create_order import CreateBuyOrder
 
 log = structlog.get_logger()
 _MAX_KEY_HEADER = 100
+CAP_POLL_S = 1.0
+"""How often the cap gauges are refreshed from the cap row (one primary-key read)."""
+REFUSALS = (CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError, StoreUnavailableError)
+"""What the use case may refuse an order with: each counted in pydist_orders_refused_total."""
+
+
+def _refusal_reason(exc: Exception) -> str:
+    if isinstance(exc, CapExceededError):
+        return "cap_exceeded"
+    if isinstance(exc, IdempotencyKeyReusedError):
+        return "idempotency_key_reused"
+    if isinstance(exc, PriceUnavailableError):
+        return "price_unavailable"
+    return "store_unavailable"
 
 
 def _header_key(raw: str | None) -> uuid.UUID | None:
@@ -68,6 +99,7 @@ def to_request(body: BuyOrderIn, header_key: uuid.UUID | None) -> OrderRequest:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    expose(*CREATE_METRICS)
     engine = make_engine(
         settings.write_database_url.get_secret_value(), settings.db_pool_size, "pydist-create"
     )
@@ -80,13 +112,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     create_order = CreateBuyOrder(store, prices, writer)
 
+    async def watch_cap(stop: asyncio.Event) -> None:
+        """Keep pydist_cap_used_btc / pydist_cap_remaining_btc current: the cap row is the truth
+        (other create processes write it too), so it is read rather than tracked."""
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                status = await store.cap_status()
+                CAP_USED.set(float(status.used_btc))
+                CAP_REMAINING.set(float(status.available_btc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=CAP_POLL_S)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await wait_until_ready(engine)
+        # No blocking wait for the database: the port opens at once and /readyz answers 503
+        # until the write model answers (requests meanwhile get a 503 problem, nothing stored).
+        stop = asyncio.Event()
         writer.start()
+        tasks = [
+            asyncio.create_task(await_dependency("write_database", store.ping, stop), name="await-db"),
+            asyncio.create_task(watch_cap(stop), name="cap-gauges"),
+        ]
         log.info("service_started", port=settings.create_buy_order_port)
         yield
+        stop.set()
         await writer.stop()
+        await cancel_tasks(tasks, timeout=2)
         await prices.aclose()
         await engine.dispose()
         log.info("service_stopped")
@@ -132,7 +183,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return validation_problem(list(exc.errors()))
         order_request = to_request(body, _header_key(idempotency_key))
         structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))
-        outcome = await create_order(order_request, request.state.request_id)
+        try:
+            outcome = await create_order(order_request, request.state.request_id)
+        except REFUSALS as exc:
+            ORDERS_REFUSED.labels(_refusal_reason(exc)).inc()
+            raise
         headers = {}
         if outcome.replayed:
             headers["Idempotent-Replayed"] = "true"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,11 +13,12 @@ import structlog
 from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
-from pydist.adapters.db import make_engine, wait_until_ready
+from pydist.adapters.db import make_engine
 from pydist.adapters.read_store import ReadStore
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.schemas import BuyOrderPage, problem_responses
+from pydist.entrypoints.serve import await_dependency, cancel_tasks
 
 log = structlog.get_logger()
 
@@ -28,9 +30,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await wait_until_ready(engine)
+        # The port opens at once; /readyz answers 503 until the read model answers.
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(await_dependency("read_database", store.ping, stop), name="await-db")
         log.info("service_started", port=settings.fetch_buy_orders_port)
         yield
+        stop.set()
+        await cancel_tasks([waiting], timeout=1)
         await engine.dispose()
         log.info("service_stopped")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 
@@ -20,7 +21,7 @@ from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.schemas import problem_responses
-from pydist.metrics import PRICE_AGE, PRICE_UPSTREAM_CALLS
+from pydist.metrics import PRICE_AGE, PRICE_METRICS, PRICE_UPSTREAM_CALLS, expose
 from pydist.service.price_cache import PriceCache
 
 log = structlog.get_logger()
@@ -28,7 +29,20 @@ log = structlog.get_logger()
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    expose(*PRICE_METRICS)
     coinbase = CoinbaseSpot(settings.coinbase_api_url, settings.price_timeout_s)
+    fetched: dict[Currency, float] = {}
+
+    def age_of(currency: Currency) -> Callable[[], float]:
+        def age() -> float:
+            at = fetched.get(currency)
+            return math.nan if at is None else time.monotonic() - at
+
+        return age
+
+    # Read at scrape time: the age of the newest quote, NaN before the first one.
+    for c in Currency:
+        PRICE_AGE.labels(c.value).set_function(age_of(c))
 
     async def fetch(currency: Currency) -> Decimal:
         try:
@@ -38,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("price_fetch_failed", currency=currency.value, error=str(exc))
             raise
         PRICE_UPSTREAM_CALLS.labels(currency.value, "ok").inc()
+        fetched[currency] = time.monotonic()
         return price
 
     cache = PriceCache(
@@ -88,7 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def get_price(currency: Currency) -> Response:
         quote = await cache.get(currency)
         age = quote.age(time.monotonic())
-        PRICE_AGE.labels(currency.value).set(age)
         body = {
             "currency": currency.value,
             "amount": f"{quote.amount:f}",

@@ -1,5 +1,8 @@
 """relay and read_model_sync: background workers that still answer /healthcheck, /readyz and
-/metrics over HTTP, and shut down through the same graceful path as the APIs."""
+/metrics over HTTP, and shut down through the same graceful path as the APIs.
+
+Neither blocks its start-up on a backing service: the HTTP port opens at once, the work starts as
+soon as the databases (and the broker) answer, and /readyz says 503 until then."""
 
 from __future__ import annotations
 
@@ -10,32 +13,50 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.broker import BatchingConsumer, BrokerPublisher
-from pydist.adapters.db import make_engine, wait_until_ready
+from pydist.adapters.db import make_engine
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.read_store import ReadStore
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import build_app
-from pydist.metrics import OUTBOX_BACKLOG
+from pydist.entrypoints.serve import await_dependency, cancel_tasks
+from pydist.metrics import (
+    OUTBOX_BACKLOG,
+    PROJECTION_METRICS,
+    RELAY_METRICS,
+    SYNC_METRICS,
+    expose,
+)
 from pydist.service.ports import EventSink
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 
 log = structlog.get_logger()
 
+BROKER_ATTEMPT_S = 70.0
+"""One broker attempt: adapters.broker.connect already retries for 60 s within it."""
+SHUTDOWN_S = 10.0
+
 
 def _plain_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+class _NotStarted(Exception):
+    pass
+
+
 def create_relay_app(settings: Settings | None = None) -> FastAPI:
     """Outbox → broker; with no BROKER_URL, outbox → projector → read model (embedded mode)."""
     settings = settings or get_settings()
+    expose(*RELAY_METRICS)
     write_url = settings.write_database_url.get_secret_value()
     engine = make_engine(write_url, 4, "pydist-relay")
     outbox = Outbox(engine, _plain_dsn(write_url))
-    read_engine = None
+    read_engine: AsyncEngine | None = None
     publisher: BrokerPublisher | None = None
     sink: EventSink
     if settings.broker_url is not None:
@@ -44,7 +65,9 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     else:
         read_engine = make_engine(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
         sink = Projector(ReadStore(read_engine))
+        expose(*PROJECTION_METRICS)
     relay = Relay(outbox, sink, batch=settings.relay_batch)
+    running = asyncio.Event()
 
     async def watch_backlog(stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -53,23 +76,43 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2)
 
+    async def run(stop: asyncio.Event) -> None:
+        if not await await_dependency("write_database", lambda: _ping(engine), stop):
+            return
+        if read_engine is not None:
+            read = read_engine
+            if not await await_dependency("read_database", lambda: _ping(read), stop):
+                return
+        if publisher is not None and not await await_dependency(
+            "broker", publisher.start, stop, attempt_timeout_s=BROKER_ATTEMPT_S
+        ):
+            return
+        running.set()
+        log.info("relay_running", mode="broker" if publisher else "embedded")
+        await asyncio.gather(
+            outbox.listen(relay.wake.set, stop),
+            relay.run(stop),
+            watch_backlog(stop),
+        )
+
+    async def ready() -> None:
+        if not running.is_set():
+            raise _NotStarted("relay not running yet")
+        await _ping(engine)
+        if read_engine is not None:
+            await _ping(read_engine)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await wait_until_ready(engine)
-        if read_engine is not None:
-            await wait_until_ready(read_engine)
         stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(outbox.listen(relay.wake.set, stop), name="outbox-listen"),
-            asyncio.create_task(relay.run(stop), name="relay"),
-            asyncio.create_task(watch_backlog(stop), name="outbox-backlog"),
-        ]
+        task = asyncio.create_task(run(stop), name="relay")
         log.info("relay_started", mode="broker" if publisher else "embedded")
         yield
         stop.set()
-        await asyncio.wait(tasks, timeout=10)
+        await cancel_tasks([task], timeout=SHUTDOWN_S)
         if publisher is not None:
-            await publisher.close()
+            with contextlib.suppress(Exception):
+                await publisher.close()
         await engine.dispose()
         if read_engine is not None:
             await read_engine.dispose()
@@ -80,7 +123,7 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
         title="pydist: relay",
         description="Publishes committed outbox events.",
         settings=settings,
-        ready=lambda: _ping(engine),
+        ready=ready,
         lifespan=lifespan,
     )
 
@@ -90,6 +133,7 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.broker_url is None:
         raise SystemExit("read_model_sync needs BROKER_URL (without it the relay projects directly)")
+    expose(*SYNC_METRICS)
     engine = make_engine(settings.read_database_url.get_secret_value(), 4, "pydist-sync")
     projector = Projector(ReadStore(engine))
     consumer = BatchingConsumer(
@@ -97,26 +141,37 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
         projector.publish,
         prefetch=settings.sync_prefetch,
     )
+    consuming = asyncio.Event()
 
-    async def consume(stop: asyncio.Event) -> None:
+    async def run(stop: asyncio.Event) -> None:
+        if not await await_dependency("read_database", lambda: _ping(engine), stop):
+            return
+        if not await await_dependency("broker", consumer.start, stop, attempt_timeout_s=BROKER_ATTEMPT_S):
+            return
+        consuming.set()
+        log.info("sync_consuming")
         while not stop.is_set():
             await consumer.run_once(timeout=0.5)
         # Drain what was already delivered before closing; the rest is redelivered elsewhere.
         while not consumer.idle():
             await consumer.run_once(timeout=0.1)
 
+    async def ready() -> None:
+        if not consuming.is_set():
+            raise _NotStarted("not consuming yet")
+        await _ping(engine)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await wait_until_ready(engine)
-        await consumer.start()
         stop = asyncio.Event()
-        task = asyncio.create_task(consume(stop), name="consume")
+        task = asyncio.create_task(run(stop), name="consume")
         log.info("sync_started")
         yield
         await consumer.stop_consuming()
         stop.set()
-        await asyncio.wait([task], timeout=10)
-        await consumer.close()
+        await cancel_tasks([task], timeout=SHUTDOWN_S)
+        with contextlib.suppress(Exception):
+            await consumer.close()
         await engine.dispose()
         log.info("sync_stopped")
 
@@ -125,15 +180,11 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
         title="pydist: read_model_sync",
         description="Projects events into the read model.",
         settings=settings,
-        ready=lambda: _ping(engine),
+        ready=ready,
         lifespan=lifespan,
     )
 
 
-async def _ping(engine: object) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    assert isinstance(engine, AsyncEngine)
+async def _ping(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
