@@ -39,7 +39,9 @@ async def _admin(sql: str) -> None:
 
 
 def create_databases(tag: str) -> Databases:
-    """Create and migrate a fresh write and read database; they are dropped by drop_databases."""
+    """Create and migrate a fresh write and read database; they are dropped by drop_databases.
+
+    Not from parallel threads: Alembic's migration context is process-global."""
     suffix = f"{tag}_{uuid.uuid4().hex[:8]}"
     names = (f"pydist_t_{suffix}_w", f"pydist_t_{suffix}_r")
     for name in names:

@@ -254,7 +254,10 @@ def test_app_healthchecks_probe_their_own_port() -> None:
         assert test[0] == "CMD", f"{name}: exec-form healthcheck (the image has no curl)"
         probe = " ".join(test[1:])
         assert "urllib" in probe, name
-        assert f"http://127.0.0.1:{env[port_var]}/healthcheck" in probe, name
+        # Readiness (/readyz: its database and broker answer) for the apps that have backing
+        # services; btc_price's /readyz needs a fresh upstream price, so it is probed for liveness.
+        path = "/healthcheck" if name == "btc_price" else "/readyz"
+        assert f"http://127.0.0.1:{env[port_var]}{path}" in probe, name
 
 
 def test_apps_wait_for_migration_and_healthy_backing_services() -> None:

@@ -112,6 +112,7 @@ def serve(name: str, *, workers: int | None = None) -> None:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        server_header=False,
         log_config=None,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
