@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pydist.devtools.coinbase_stub import DEFAULT_PRICES, CoinbaseStub
 from tests.support import db as testdb
-from tests.support.procs import READY_PATHS, System, base_env, wait_ready
+from tests.support.procs import READY_PATHS, System, base_env, running, wait_ready
 from tests.support.services import (
     Databases,
     create_databases,
@@ -408,3 +408,13 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def api_system(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
+    """price, create and fetch on the session's databases and healthy stub, for one module."""
+    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+    asyncio.run(testdb.reset(databases.write_url, databases.read_url))
+    env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
+    with running(env, "price", "create", "fetch") as started:
+        yield started

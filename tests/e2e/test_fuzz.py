@@ -8,7 +8,6 @@ internal leaked, invalid data rejected and valid data accepted (see `_accepted_o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import uuid
@@ -30,11 +29,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from pydist.devtools.coinbase_stub import DEFAULT_PRICES, CoinbaseStub
 from tests.e2e.test_hostile_input import assert_problem, leaks
-from tests.support import db as testdb
-from tests.support.procs import System, base_env, running
-from tests.support.services import Databases
+from tests.support.procs import System
 
 pytestmark = pytest.mark.timeout(150 if os.environ.get("PYDIST_LONG") != "1" else 900)
 
@@ -64,13 +60,8 @@ SEEN: Counter[tuple[str, int]] = Counter()
 
 
 @pytest.fixture(scope="module")
-def system(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
-    # The `stub` fixture is per test; this module-wide system needs the same healthy stub once.
-    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
-    asyncio.run(testdb.reset(databases.write_url, databases.read_url))
-    env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
-    with running(env, "price", "create", "fetch") as started:
-        yield started
+def system(api_system: System) -> Iterator[System]:
+    yield api_system
     SEEN.clear()
 
 

@@ -12,7 +12,6 @@ and none of the secrets (keys, DB password, a rejected token) appears in any pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -28,7 +27,6 @@ import httpx
 import pytest
 
 from pydist.devtools.coinbase_stub import DEFAULT_PRICES, CoinbaseStub
-from tests.support import db as testdb
 from tests.support.procs import System, base_env, running
 from tests.support.services import Databases
 
@@ -150,12 +148,8 @@ def put_head(extra: str = "") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def system(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
-    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
-    asyncio.run(testdb.reset(databases.write_url, databases.read_url))
-    env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
-    with running(env, "price", "create", "fetch") as started:
-        yield started
+def system(api_system: System) -> System:
+    return api_system
 
 
 @pytest.fixture(scope="module")

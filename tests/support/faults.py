@@ -468,62 +468,6 @@ async def terminate_backends(db_url: str) -> int:
     return int(rows[0][0])
 
 
-# --------------------------------------------------------------------------------------------
-# A partition without resets
-
-
-class BlackholeProxy(TcpProxy):
-    """A TcpProxy that can also *swallow* traffic: `blackhole()` keeps every link open but lets no
-    byte through either way, and holds new connections without answering, like a network
-    partition where packets vanish (no RST, no FIN); `flow()` delivers what was held and resumes."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        super().__init__(target_host, target_port)
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    def blackhole(self) -> None:
-        self._loop.call_soon_threadsafe(self._flowing.clear)
-
-    def flow(self) -> None:
-        self._loop.call_soon_threadsafe(self._flowing.set)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._accepting:
-            writer.close()
-            return
-        self._links.add(writer)
-        await self._flowing.wait()  # a new connection hangs, unanswered, during a partition
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            self._links.discard(writer)
-            writer.close()
-            return
-        self.connections += 1
-        self._links.add(up_writer)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    await self._flowing.wait()
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._links.discard(writer)
-        self._links.discard(up_writer)
-
-
-# --------------------------------------------------------------------------------------------
-# The topology under test
-
-
 @dataclass
 class Topology:
     """price, two create processes, fetch, relay and read_model_sync; the write database and the
@@ -531,7 +475,7 @@ class Topology:
 
     dbs: Databases
     amqp_url: str
-    pg_proxy: BlackholeProxy
+    pg_proxy: TcpProxy
     amqp_proxy: TcpProxy
     system: System
     extra: System
@@ -576,7 +520,7 @@ def topology(coinbase_url: str, tag: str, **env_overrides: str) -> Iterator[Topo
     vhost, amqp_url = create_vhost(tag)
     pg_host, pg_port = _host_port(dbs.write_url, 5432)
     amqp_host, amqp_port = _host_port(amqp_url, 5672)
-    pg_proxy = BlackholeProxy(pg_host, pg_port)
+    pg_proxy = TcpProxy(pg_host, pg_port)
     pg_proxy.start()
     amqp_proxy = TcpProxy(amqp_host, amqp_port).start()
     env = base_env(pg_proxy.url_for(dbs.write_url), dbs.read_url, coinbase_url, amqp_proxy.url_for(amqp_url))

@@ -21,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._accepting = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.connections = 0
@@ -41,17 +43,21 @@ class TcpProxy:
         if not self._accepting:
             writer.close()
             return
+        self._links.add(writer)
+        await self._flowing.wait()  # a new connection hangs, unanswered, during a partition
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
+            self._links.discard(writer)
             writer.close()
             return
         self.connections += 1
-        self._links.update((writer, up_writer))
+        self._links.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -84,6 +90,14 @@ class TcpProxy:
 
     def up(self) -> None:
         self._accepting = True
+
+    def blackhole(self) -> None:
+        """A partition without resets: links stay open but no byte passes either way (no RST, no
+        FIN), and new connections hang unanswered, until `flow()` delivers what was held."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def flow(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     def url_for(self, url: str) -> str:
         """Rewrite a service URL's host:port to go through this proxy."""
