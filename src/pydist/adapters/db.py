@@ -9,7 +9,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pydist.config import async_url
 from pydist.domain.errors import StoreUnavailableError
@@ -48,17 +47,10 @@ def make_engine(
     )
 
 
-async def wait_until_ready(engine: AsyncEngine, *, seconds: float = 30.0) -> None:
-    """Wait (bounded) for a database that is still starting, instead of crash-looping."""
-    async for attempt in AsyncRetrying(
-        stop=stop_after_delay(seconds),
-        wait=wait_exponential(multiplier=0.1, max=2),
-        retry=retry_if_exception_type((OSError, Exception)),
-        reraise=True,
-    ):
-        with attempt:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+async def ping(engine: AsyncEngine) -> None:
+    """One round trip: what readiness and start-up waits ask of a database."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def alembic_config(model: str, url: str) -> Config:

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import STORE_ERRORS, order_from_row, unavailable
+from pydist.adapters.db import STORE_ERRORS, order_from_row, ping, unavailable
 from pydist.domain.errors import EventRejectedError, UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.order import BuyOrder
@@ -112,5 +112,4 @@ class ReadStore:
         return {r.id: order_from_row(r) for r in rows}
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await ping(self.engine)

@@ -13,11 +13,10 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.broker import BatchingConsumer, BrokerPublisher
-from pydist.adapters.db import make_engine
+from pydist.adapters.db import make_engine, ping
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.read_store import ReadStore
 from pydist.config import Settings, get_settings
@@ -77,11 +76,11 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.wait_for(stop.wait(), timeout=2)
 
     async def run(stop: asyncio.Event) -> None:
-        if not await await_dependency("write_database", lambda: _ping(engine), stop):
+        if not await await_dependency("write_database", lambda: ping(engine), stop):
             return
         if read_engine is not None:
             read = read_engine
-            if not await await_dependency("read_database", lambda: _ping(read), stop):
+            if not await await_dependency("read_database", lambda: ping(read), stop):
                 return
         if publisher is not None and not await await_dependency(
             "broker", publisher.start, stop, attempt_timeout_s=BROKER_ATTEMPT_S
@@ -98,9 +97,9 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     async def ready() -> None:
         if not running.is_set():
             raise _NotStarted("relay not running yet")
-        await _ping(engine)
+        await ping(engine)
         if read_engine is not None:
-            await _ping(read_engine)
+            await ping(read_engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +143,7 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
     consuming = asyncio.Event()
 
     async def run(stop: asyncio.Event) -> None:
-        if not await await_dependency("read_database", lambda: _ping(engine), stop):
+        if not await await_dependency("read_database", lambda: ping(engine), stop):
             return
         if not await await_dependency("broker", consumer.start, stop, attempt_timeout_s=BROKER_ATTEMPT_S):
             return
@@ -159,7 +158,7 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
     async def ready() -> None:
         if not consuming.is_set():
             raise _NotStarted("not consuming yet")
-        await _ping(engine)
+        await ping(engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -183,8 +182,3 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
         ready=ready,
         lifespan=lifespan,
     )
-
-
-async def _ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
