@@ -26,7 +26,7 @@ from pydist.config import async_url
 from pydist.domain.errors import CapExceededError
 from pydist.domain.money import Currency
 from pydist.domain.order import OrderRequest
-from pydist.migrations.write.versions import w0002_least_privilege_roles as w0002
+from pydist.migrations.roles import ensure_roles
 from pydist.service.create_order import CreateBuyOrder
 from pydist.service.projector import Projector
 from tests.support import db as testdb
@@ -288,7 +288,7 @@ async def test_role_creation_survives_concurrent_migrations() -> None:
     run by four transactions at the same moment for a role that does not exist yet, must let all
     four succeed (one creates it, the others find it made meanwhile)."""
     name = f"pydist_t_race_{uuid.uuid4().hex[:10]}"
-    sql = w0002.ENSURE_ROLES.format(names=f"'{name}'")
+    sql = ensure_roles([name])
     conns = [await asyncpg.connect(PG_ADMIN_URL, timeout=5) for _ in range(4)]
 
     async def migrate(conn: asyncpg.Connection) -> None:

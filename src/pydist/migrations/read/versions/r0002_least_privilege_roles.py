@@ -19,6 +19,8 @@ Revises: r0001
 
 from alembic import op
 
+from pydist.migrations.roles import connect_only, connect_public, ensure_roles, schema_usage
+
 revision = "r0002"
 down_revision = "r0001"
 branch_labels = None
@@ -26,53 +28,17 @@ depends_on = None
 
 ROLES = ("pydist_sync", "pydist_fetch")
 
-ENSURE_ROLES = """
-DO $roles$
-DECLARE
-    r text;
-BEGIN
-    FOREACH r IN ARRAY ARRAY[{names}] LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            BEGIN
-                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
-            EXCEPTION WHEN duplicate_object OR unique_violation THEN
-                NULL;  -- created meanwhile by a migration of another database
-            END;
-        END IF;
-    END LOOP;
-END
-$roles$
-"""
-
-DATABASE_ACL = """
-DO $acl$
-BEGIN
-    EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
-    EXECUTE format('GRANT CONNECT ON DATABASE %I TO {roles}', current_database());
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO {roles}', current_schema());
-END
-$acl$
-"""
-
-DATABASE_ACL_UNDO = """
-DO $acl$
-BEGIN
-    EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM {roles}', current_schema());
-    EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {roles}', current_database());
-    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO PUBLIC', current_database());
-END
-$acl$
-"""
-
 
 def upgrade() -> None:
-    op.execute(ENSURE_ROLES.format(names=", ".join(f"'{r}'" for r in ROLES)))
+    op.execute(ensure_roles(ROLES))
     op.execute("REVOKE ALL ON TABLE buy_orders FROM PUBLIC")
     op.execute("GRANT SELECT, INSERT ON buy_orders TO pydist_sync")
     op.execute("GRANT SELECT ON buy_orders TO pydist_fetch")
-    op.execute(DATABASE_ACL.format(roles=", ".join(ROLES)))
+    op.execute(connect_only(ROLES))
+    op.execute(schema_usage(ROLES))
 
 
 def downgrade() -> None:
-    op.execute(DATABASE_ACL_UNDO.format(roles=", ".join(ROLES)))
+    op.execute(schema_usage(ROLES, grant=False))
+    op.execute(connect_public(ROLES))
     op.execute(f"REVOKE ALL ON TABLE buy_orders FROM {', '.join(ROLES)}")

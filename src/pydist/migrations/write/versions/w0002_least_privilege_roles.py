@@ -27,6 +27,8 @@ Revises: w0001
 
 from alembic import op
 
+from pydist.migrations.roles import connect_only, connect_public, ensure_roles, schema_usage
+
 revision = "w0002"
 down_revision = "w0001"
 branch_labels = None
@@ -34,24 +36,6 @@ depends_on = None
 
 ROLES = ("pydist_create", "pydist_relay", "pydist_place_orders")
 LOGIN_ROLES = ("pydist_create", "pydist_relay")
-
-ENSURE_ROLES = """
-DO $roles$
-DECLARE
-    r text;
-BEGIN
-    FOREACH r IN ARRAY ARRAY[{names}] LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            BEGIN
-                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
-            EXCEPTION WHEN duplicate_object OR unique_violation THEN
-                NULL;  -- created meanwhile by a migration of another database
-            END;
-        END IF;
-    END LOOP;
-END
-$roles$
-"""
 
 # place_orders() becomes SECURITY DEFINER owned by pydist_place_orders. A superuser may hand the
 # function over directly; another owner needs to be able to become that role and the role needs
@@ -79,36 +63,10 @@ END
 $definer$
 """
 
-DATABASE_ACL = """
-DO $acl$
-BEGIN
-    EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
-    EXECUTE format('GRANT CONNECT ON DATABASE %I TO {roles}', current_database());
-END
-$acl$
-"""
-
-DATABASE_ACL_UNDO = """
-DO $acl$
-BEGIN
-    EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {roles}', current_database());
-    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO PUBLIC', current_database());
-END
-$acl$
-"""
-
-
-def _names(roles: tuple[str, ...]) -> str:
-    return ", ".join(f"'{r}'" for r in roles)
-
 
 def upgrade() -> None:
-    op.execute(ENSURE_ROLES.format(names=_names(ROLES)))
-    op.execute(
-        "DO $usage$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO "
-        + ", ".join(ROLES)
-        + "', current_schema()); END $usage$"
-    )
+    op.execute(ensure_roles(ROLES))
+    op.execute(schema_usage(ROLES))
     op.execute("REVOKE ALL ON TABLE buy_orders, btc_cap, outbox FROM PUBLIC")
     op.execute("REVOKE ALL ON FUNCTION place_orders(jsonb) FROM PUBLIC")
     op.execute("REVOKE ALL ON FUNCTION buy_orders_append_only() FROM PUBLIC")
@@ -125,11 +83,11 @@ def upgrade() -> None:
     op.execute("GRANT SELECT ON buy_orders TO pydist_relay")
     op.execute("GRANT SELECT, UPDATE (published_at) ON outbox TO pydist_relay")
 
-    op.execute(DATABASE_ACL.format(roles=", ".join(LOGIN_ROLES)))
+    op.execute(connect_only(LOGIN_ROLES))
 
 
 def downgrade() -> None:
-    op.execute(DATABASE_ACL_UNDO.format(roles=", ".join(LOGIN_ROLES)))
+    op.execute(connect_public(LOGIN_ROLES))
     op.execute("ALTER FUNCTION place_orders(jsonb) OWNER TO CURRENT_USER")
     op.execute("ALTER FUNCTION place_orders(jsonb) SECURITY INVOKER RESET search_path")
     op.execute("GRANT EXECUTE ON FUNCTION place_orders(jsonb) TO PUBLIC")
@@ -137,8 +95,4 @@ def downgrade() -> None:
     roles = ", ".join(ROLES)
     op.execute(f"REVOKE ALL ON TABLE buy_orders, btc_cap, outbox FROM {roles}")
     op.execute(f"REVOKE ALL ON FUNCTION place_orders(jsonb) FROM {roles}")
-    op.execute(
-        "DO $usage$ BEGIN EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM "
-        + roles
-        + "', current_schema()); END $usage$"
-    )
+    op.execute(schema_usage(ROLES, grant=False))
