@@ -1,7 +1,8 @@
 """Micro-batching in front of place_orders(): many concurrent orders share one transaction.
 
 Requests that arrive while a batch is being committed wait for the next one, as in a database's
-group commit. Each order still gets its own cap check and idempotency outcome.
+group commit. Each order still gets its own cap check and idempotency outcome. The writer keeps one
+connection while batches keep coming, and gives it back after LINGER_S without work.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import contextlib
 
 import structlog
 
-from pydist.adapters.write_store import WriteStore
+from pydist.adapters.write_store import LINGER_S, RawConnection, WriteStore
 from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.order import PlaceResult, PricedOrder
+from pydist.metrics import WRITE_BATCH_SIZE
 
 log = structlog.get_logger()
 
@@ -48,36 +50,72 @@ class BatchingOrderWriter:
             raise StoreUnavailableError("order writer is not running")
         future: asyncio.Future[PlaceResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((order, request_id, future))
-        return await asyncio.shield(future)
+        # No shield needed: a caller that is cancelled cancels only its future; the order is still
+        # placed with its batch, and the writer skips settling a future that is already done.
+        return await future
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             try:
-                results = await self._store.place_batch([(o, rid) for o, rid, _ in batch])
+                async with self._store.raw_connection() as conn:
+                    while batch:
+                        self._fill(batch)
+                        await self._commit(batch, conn)
+                        batch = []
+                        if not conn.broken:
+                            batch = await self._next(LINGER_S)
             except asyncio.CancelledError:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailableError("shutting down"))
+                self._fail(batch, StoreUnavailableError("shutting down"))
                 raise
-            except Exception as exc:
-                self._done(len(batch))
-                if not isinstance(exc, StoreUnavailableError):
-                    log.exception("order_batch_failed", size=len(batch))
-                    exc = StoreUnavailableError(f"write failed: {type(exc).__name__}")
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.orders += len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-            self._done(len(batch))
+            except Exception as exc:  # no connection to be had: this batch fails, the next retries
+                self._fail(batch, _unavailable(exc))
+
+    async def _next(self, linger_s: float) -> list[_Item]:
+        """The first item of the next batch, waiting up to `linger_s` for one; [] if none came."""
+        if not self._queue.empty():
+            return [self._queue.get_nowait()]
+        try:
+            return [await asyncio.wait_for(self._queue.get(), linger_s)]
+        except TimeoutError:
+            return []
+
+    def _fill(self, batch: list[_Item]) -> None:
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
+    async def _commit(self, batch: list[_Item], conn: RawConnection) -> None:
+        """Store one batch and settle every one of its futures (a failure fails them all)."""
+        WRITE_BATCH_SIZE.observe(len(batch))
+        try:
+            results = await self._store.place_batch([(o, rid) for o, rid, _ in batch], conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailableError):
+                log.exception("order_batch_failed", size=len(batch))
+            self._fail(batch, _unavailable(exc))
+            return
+        self.batches += 1
+        self.orders += len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        self._done(len(batch))
+
+    def _fail(self, batch: list[_Item], exc: Exception) -> None:
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+        self._done(len(batch))
+        batch.clear()
 
     def _done(self, n: int) -> None:
         for _ in range(n):
             self._queue.task_done()
+
+
+def _unavailable(exc: Exception) -> StoreUnavailableError:
+    if isinstance(exc, StoreUnavailableError):
+        return exc
+    return StoreUnavailableError(f"write failed: {type(exc).__name__}")

@@ -1,21 +1,49 @@
-"""The write model: the source of truth for orders, the cap and the outbox."""
+"""The write model: the source of truth for orders, the cap and the outbox.
+
+The two calls on the create path talk to asyncpg directly, on a connection borrowed from the
+SQLAlchemy pool, and send one statement each, with no BEGIN/COMMIT around it (a single statement is
+its own transaction):
+
+- `find_by_key` coalesces the lookups of all concurrent requests into one `= ANY($1)` query, and
+  keeps one connection for as long as lookups keep coming;
+- `place_batch` runs place_orders() as one statement; `BatchingOrderWriter` keeps its connection
+  for as long as orders keep coming (`writer_connection`).
+
+Measured in docs/benchmarks.md: through SQLAlchemy each of these cost a checkout ping (BEGIN, `;`,
+ROLLBACK), BEGIN, the statement and ROLLBACK/COMMIT: six round trips instead of one, and under load a
+lookup per request exhausted the pool and opened and closed overflow connections.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from pydist.adapters.db import STORE_ERRORS, order_from_row, unavailable
+from pydist.adapters.db import STORE_ERRORS, unavailable
+from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, PricedOrder
 
 _ORDER_COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
+_FIND_KEYS = f"SELECT {_ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = ANY($1::uuid[])"
+_PLACE = "SELECT * FROM place_orders($1::jsonb)"
+# Driver-level failures: the connection is then thrown away, and the caller gets a 503.
+RAW_ERRORS = (*STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+MAX_KEYS_PER_LOOKUP = 1000
+# How long an idle hot-path connection is kept before it goes back to the pool. Borrowing one costs
+# the pool's pre-ping (three round trips), so under load it is kept between bursts; a short linger
+# keeps small the window in which a connection killed while idle fails a request instead of the ping.
+LINGER_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,25 +56,98 @@ class CapStatus:
         return self.limit_btc - self.used_btc
 
 
+class RawConnection:
+    """One pooled connection, used through its asyncpg driver connection. `broken` is set when a
+    call failed: the connection is then invalidated (closed, not returned to the pool)."""
+
+    def __init__(self, sa: AsyncConnection, driver: Any) -> None:
+        self.sa = sa
+        self.driver = driver
+        self.broken = False
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.driver.fetch(sql, *args))
+        except BaseException:
+            self.broken = True
+            raise
+
+
 class WriteStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._waiting: dict[uuid.UUID, list[asyncio.Future[BuyOrder | None]]] = {}
+        self._lookups: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # made by each lookup task, in its own loop
+
+    @contextlib.asynccontextmanager
+    async def raw_connection(self) -> AsyncIterator[RawConnection]:
+        """Borrow a pool connection (checked by the pool's pre-ping) for direct asyncpg calls."""
+        try:
+            sa = await self.engine.connect()
+        except RAW_ERRORS as exc:
+            raise unavailable(exc) from exc
+        conn: RawConnection | None = None
+        try:
+            pooled = await sa.get_raw_connection()
+            conn = RawConnection(sa, pooled.driver_connection)
+            yield conn
+        finally:
+            if conn is None or conn.broken:
+                with contextlib.suppress(Exception):
+                    await sa.invalidate()
+            with contextlib.suppress(Exception):
+                await sa.close()
+
+    # ------------------------------------------------------------ idempotency lookups
 
     async def find_by_key(self, key: uuid.UUID) -> BuyOrder | None:
-        try:
-            async with self.engine.connect() as conn:
-                row = (
-                    await conn.execute(
-                        text(f"SELECT {_ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = :k"),
-                        {"k": key},
-                    )
-                ).first()
-        except STORE_ERRORS as exc:
-            raise unavailable(exc) from exc
-        return order_from_row(row) if row else None
+        """The order stored under `key`, if any. Concurrent calls share one query."""
+        future: asyncio.Future[BuyOrder | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(future)
+        if self._wake is not None:
+            self._wake.set()
+        if self._lookups is None or self._lookups.done():
+            self._lookups = asyncio.create_task(self._lookup_while_busy(), name="order-lookups")
+        return await future
 
-    async def place_batch(self, orders: Sequence[tuple[PricedOrder, str | None]]) -> list[PlaceResult]:
-        """Store a batch in one transaction, one round trip: the cap stays exact per order."""
+    async def _lookup_while_busy(self) -> None:
+        """Answer waiting lookups, one query per round, until none has come for LINGER_S:
+        lookups that arrive during a query share the next one."""
+        self._wake = wake = asyncio.Event()
+        try:
+            async with self.raw_connection() as conn:
+                while self._waiting or await _woken(wake, LINGER_S):
+                    keys = list(self._waiting)[:MAX_KEYS_PER_LOOKUP]
+                    waiters = {k: self._waiting.pop(k) for k in keys}
+                    try:
+                        rows = await conn.fetch(_FIND_KEYS, keys)
+                    except BaseException as exc:
+                        _fail(waiters, _as_unavailable(exc))
+                        raise
+                    found = {row["idempotence_key"]: _order(row) for row in rows}
+                    for key, futures in waiters.items():
+                        for f in futures:
+                            if not f.done():
+                                f.set_result(found.get(key))
+        except BaseException as exc:
+            waiting, self._waiting = self._waiting, {}
+            _fail(waiting, _as_unavailable(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._waiting:  # arrived while the connection was being given back
+                self._lookups = asyncio.create_task(self._lookup_while_busy(), name="order-lookups")
+
+    # ------------------------------------------------------------ placing orders
+
+    async def place_batch(
+        self,
+        orders: Sequence[tuple[PricedOrder, str | None]],
+        conn: RawConnection | None = None,
+    ) -> list[PlaceResult]:
+        """Store a batch with one statement (its own transaction): the cap stays exact per order.
+        `conn` is a connection the caller keeps between batches; without it one is borrowed."""
         payload = orjson.dumps(
             [
                 {
@@ -60,32 +161,22 @@ class WriteStore:
                 for p, request_id in orders
             ]
         ).decode()
-        try:
-            async with self.engine.begin() as conn:
-                rows = (
-                    await conn.execute(
-                        text("SELECT * FROM place_orders(CAST(:reqs AS jsonb))"), {"reqs": payload}
-                    )
-                ).all()
-        except STORE_ERRORS as exc:
-            raise unavailable(exc) from exc
+        if conn is None:
+            async with self.raw_connection() as borrowed:
+                rows = await _place(borrowed, payload)
+        else:
+            rows = await _place(conn, payload)
         results: list[PlaceResult | None] = [None] * len(orders)
         for row in rows:
-            if row.outcome == "cap_exceeded":
-                results[row.idx] = CapRefused(row.available_btc)
+            if row["outcome"] == "cap_exceeded":
+                results[row["idx"]] = CapRefused(row["available_btc"])
             else:
-                order = BuyOrder(
-                    id=row.order_id,
-                    idempotence_key=row.key,
-                    created_at=row.created_at,
-                    currency=Currency(row.currency),
-                    currency_amount=row.currency_amount,
-                    btc_rate=row.btc_rate,
-                    btc_amount=row.btc_amount,
-                )
-                results[row.idx] = Placed(order, created=row.outcome == "created")
+                order = _order(row, id_column="order_id", key_column="key")
+                results[row["idx"]] = Placed(order, created=row["outcome"] == "created")
         assert all(r is not None for r in results), "place_orders answered every order"
         return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------ the rest (not on the hot path)
 
     async def cap_status(self) -> CapStatus:
         try:
@@ -98,3 +189,47 @@ class WriteStore:
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+
+async def _woken(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to `timeout` for `event`; True if it was set (and clear it for next time)."""
+    event.clear()
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _place(conn: RawConnection, payload: str) -> list[Any]:
+    try:
+        return await conn.fetch(_PLACE, payload)
+    except RAW_ERRORS as exc:
+        raise unavailable(exc) from exc
+
+
+def _fail(waiters: dict[uuid.UUID, list[asyncio.Future[BuyOrder | None]]], exc: Exception) -> None:
+    for futures in waiters.values():
+        for f in futures:
+            if not f.done():
+                f.set_exception(exc)
+
+
+def _as_unavailable(exc: BaseException) -> Exception:
+    if isinstance(exc, StoreUnavailableError):
+        return exc
+    if isinstance(exc, Exception):
+        return unavailable(exc)
+    return StoreUnavailableError("shutting down")
+
+
+def _order(row: Any, id_column: str = "id", key_column: str = "idempotence_key") -> BuyOrder:
+    return BuyOrder(
+        id=row[id_column],
+        idempotence_key=row[key_column],
+        created_at=row["created_at"],
+        currency=Currency(row["currency"]),
+        currency_amount=row["currency_amount"],
+        btc_rate=row["btc_rate"],
+        btc_amount=row["btc_amount"],
+    )

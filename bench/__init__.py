@@ -1,0 +1,1 @@
+"""pydist benchmarks: ./bench/run.sh (see docs/benchmarks.md)."""
