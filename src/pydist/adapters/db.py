@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -18,6 +19,7 @@ from pydist.domain.order import BuyOrder
 if TYPE_CHECKING:
     from alembic.config import Config
 
+T = TypeVar("T")
 WRITE = "write"
 READ = "read"
 POOL_TIMEOUT_S = 5.0
@@ -77,6 +79,26 @@ def unavailable(exc: Exception) -> StoreUnavailableError:
 # What "the database is unavailable right now" looks like from here: the driver's and SQLAlchemy's
 # connection errors, timeouts, and the pool's own checkout timeout (sqlalchemy.exc.TimeoutError is
 # not a builtin TimeoutError: without it an exhausted pool surfaced as a 500).
+STORE_DEADLINE_S = 4.0
+"""The longest a request waits on the write model (a partition can hold a connection silently for
+much longer): past it the client gets a 503 and retries with its key, which is safe either way."""
+
+
+async def within_deadline(future: asyncio.Future[T]) -> T:
+    """Await `future` for at most STORE_DEADLINE_S. The future is shielded: the batch it belongs to
+    still settles it later, for nobody, if the deadline passes first."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), STORE_DEADLINE_S)
+    except TimeoutError:
+        future.add_done_callback(_consume)  # its late outcome is nobody's: do not warn about it
+        raise StoreUnavailableError(f"no answer from the database within {STORE_DEADLINE_S:g} s") from None
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 STORE_ERRORS = (
     OSError,
     OperationalError,

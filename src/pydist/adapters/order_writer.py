@@ -12,6 +12,7 @@ import contextlib
 
 import structlog
 
+from pydist.adapters.db import within_deadline
 from pydist.adapters.write_store import LINGER_S, RawConnection, WriteStore
 from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.order import PlaceResult, PricedOrder
@@ -50,9 +51,9 @@ class BatchingOrderWriter:
             raise StoreUnavailableError("order writer is not running")
         future: asyncio.Future[PlaceResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((order, request_id, future))
-        # No shield needed: a caller that is cancelled cancels only its future; the order is still
-        # placed with its batch, and the writer skips settling a future that is already done.
-        return await future
+        # A caller that gives up (deadline, cancellation) leaves the order in its batch; the writer
+        # skips settling a future that is already done.
+        return await within_deadline(future)
 
     async def _run(self) -> None:
         while True:

@@ -29,7 +29,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from pydist.adapters.db import STORE_ERRORS, unavailable
+from pydist.adapters.db import STORE_ERRORS, unavailable, within_deadline
 from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, PricedOrder
@@ -109,7 +109,7 @@ class WriteStore:
             self._wake.set()
         if self._lookups is None or self._lookups.done():
             self._lookups = asyncio.create_task(self._lookup_while_busy(), name="order-lookups")
-        return await future
+        return await within_deadline(future)
 
     async def _lookup_while_busy(self) -> None:
         """Answer waiting lookups, one query per round, until none has come for LINGER_S:

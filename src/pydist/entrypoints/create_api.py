@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import orjson
 import structlog
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -64,6 +64,13 @@ def _header_key(raw: str | None) -> uuid.UUID | None:
     """Idempotency-Key is an RFC 8941 sf-string ("..."); a bare UUID is accepted too."""
     if raw is None:
         return None
+    if len(raw) > _MAX_KEY_HEADER:
+        raise ProblemError(
+            422,
+            "validation-error",
+            f"Idempotency-Key header must be at most {_MAX_KEY_HEADER} characters",
+            errors=[{"field": "Idempotency-Key", "message": "too long"}],
+        )
     text = raw.strip()
     if len(text) > 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
@@ -164,24 +171,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": BuyOrderIn.model_json_schema()}},
-            }
+            },
+            # Read by hand rather than as a FastAPI Header parameter: measured cheaper per request.
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "IETF Idempotency-Key (a UUID, bare or as a quoted sf-string); "
+                    "must match idempotence_key if both are given",
+                    "schema": {"type": "string", "maxLength": _MAX_KEY_HEADER},
+                }
+            ],
         },
     )
-    async def put_buy_order(
-        request: Request,
-        idempotency_key: str | None = Header(
-            default=None,
-            alias="Idempotency-Key",
-            max_length=_MAX_KEY_HEADER,
-            description="IETF Idempotency-Key (a UUID); must match idempotence_key if both given",
-        ),
-    ) -> Response:
+    async def put_buy_order(request: Request) -> Response:
         raw = await read_json_object(request, settings.max_body_bytes)
         try:
             body = BuyOrderIn.model_validate(raw)
         except ValidationError as exc:
             return validation_problem(list(exc.errors()))
-        order_request = to_request(body, _header_key(idempotency_key))
+        order_request = to_request(body, _header_key(request.headers.get("idempotency-key")))
         structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))
         try:
             outcome = await create_order(order_request, request.state.request_id)
