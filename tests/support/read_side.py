@@ -72,15 +72,7 @@ async def outbox_events(write_url: str) -> list[BuyOrderCreated]:
                   b.currency_amount, b.btc_rate, b.btc_amount
            FROM outbox o JOIN buy_orders b ON b.id = o.order_id ORDER BY o.id""",
     )
-    return [BuyOrderCreated(r["event_id"], order_from_row(_Row(r)), r["request_id"]) for r in rows]
-
-
-class _Row:
-    def __init__(self, record: Any) -> None:
-        self._r = record
-
-    def __getattr__(self, name: str) -> Any:
-        return self._r[name]
+    return [BuyOrderCreated(r["event_id"], order_from_row(r), r["request_id"]) for r in rows]
 
 
 async def read_snapshot(read_url: str) -> list[tuple[Any, ...]]:

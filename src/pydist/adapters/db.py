@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from pydist.config import async_url
 from pydist.domain.errors import StoreUnavailableError
@@ -31,12 +34,15 @@ def make_engine(
     application_name: str = "pydist",
     *,
     pool_timeout_s: float = POOL_TIMEOUT_S,
+    pre_ping: bool = True,
 ) -> AsyncEngine:
+    """`pre_ping=False` saves the checkout round trips on a read-only hot path; a connection found
+    dead then fails one call (503) and is thrown away by raw_connection()."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         # Waiting longer than this for a pooled connection fails the call (503, STORE_ERRORS)
         # instead of holding the client for SQLAlchemy's default 30 s.
@@ -109,13 +115,56 @@ STORE_ERRORS = (
 )
 
 
-def order_from_row(row: Any) -> BuyOrder:
+def order_from_row(row: Any, id_column: str = "id", key_column: str = "idempotence_key") -> BuyOrder:
+    """From a SQLAlchemy row or an asyncpg record (place_orders() names two columns differently)."""
+    m = row if isinstance(row, asyncpg.Record) else row._mapping
     return BuyOrder(
-        id=row.id,
-        idempotence_key=row.idempotence_key,
-        created_at=row.created_at,
-        currency=Currency(row.currency),
-        currency_amount=row.currency_amount,
-        btc_rate=row.btc_rate,
-        btc_amount=row.btc_amount,
+        id=m[id_column],
+        idempotence_key=m[key_column],
+        created_at=m["created_at"],
+        currency=Currency(m["currency"]),
+        currency_amount=m["currency_amount"],
+        btc_rate=m["btc_rate"],
+        btc_amount=m["btc_amount"],
     )
+
+
+RAW_ERRORS = (*STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""Driver-level failures on a raw connection: it is then thrown away, and the caller gets a 503."""
+
+
+class RawConnection:
+    """One pooled connection, used through its asyncpg driver connection. `broken` is set when a
+    call failed: the connection is then invalidated (closed, not returned to the pool)."""
+
+    def __init__(self, sa: AsyncConnection, driver: Any) -> None:
+        self.sa = sa
+        self.driver = driver
+        self.broken = False
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.driver.fetch(sql, *args))
+        except BaseException:
+            self.broken = True
+            raise
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(engine: AsyncEngine) -> AsyncIterator[RawConnection]:
+    """Borrow a pool connection (checked by the pool's pre-ping) for direct asyncpg calls."""
+    try:
+        sa = await engine.connect()
+    except RAW_ERRORS as exc:
+        raise unavailable(exc) from exc
+    conn: RawConnection | None = None
+    try:
+        pooled = await sa.get_raw_connection()
+        conn = RawConnection(sa, pooled.driver_connection)
+        yield conn
+    finally:
+        if conn is None or conn.broken:
+            with contextlib.suppress(Exception):
+                await sa.invalidate()
+        with contextlib.suppress(Exception):
+            await sa.close()

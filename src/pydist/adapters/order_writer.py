@@ -12,8 +12,8 @@ import contextlib
 
 import structlog
 
-from pydist.adapters.db import within_deadline
-from pydist.adapters.write_store import LINGER_S, RawConnection, WriteStore
+from pydist.adapters.db import RawConnection, within_deadline
+from pydist.adapters.write_store import LINGER_S, WriteStore
 from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.order import PlaceResult, PricedOrder
 from pydist.metrics import WRITE_BATCH_SIZE

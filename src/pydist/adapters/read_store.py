@@ -6,35 +6,43 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import orjson
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import STORE_ERRORS, order_from_row, ping, unavailable
+from pydist.adapters.db import (
+    RAW_ERRORS,
+    order_from_row,
+    ping,
+    raw_connection,
+    unavailable,
+)
 from pydist.domain.errors import EventRejectedError, UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.order import BuyOrder
 from pydist.service.ports import Projected
 
+_DISCONNECTS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+
 _COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
 
 # One round trip for any page. With a reference: the LEFT JOIN yields no row at all when the
 # reference is unknown, and one all-NULL row when it is known but nothing is older.
-_FIRST_PAGE = text(f"SELECT {_COLUMNS} FROM buy_orders ORDER BY created_at DESC, id DESC LIMIT :n")
-_NEXT_PAGE = text(
-    f"""
+# Sent with asyncpg directly (one round trip, a prepared statement per connection).
+_FIRST_PAGE = f"SELECT {_COLUMNS} FROM buy_orders ORDER BY created_at DESC, id DESC LIMIT $1"
+_NEXT_PAGE = f"""
     SELECT b.id, b.idempotence_key, b.created_at, b.currency, b.currency_amount, b.btc_rate,
            b.btc_amount
-    FROM (SELECT created_at, id FROM buy_orders WHERE id = :ref) AS ref
+    FROM (SELECT created_at, id FROM buy_orders WHERE id = $2) AS ref
     LEFT JOIN LATERAL (
         SELECT {_COLUMNS} FROM buy_orders o
         WHERE (o.created_at, o.id) < (ref.created_at, ref.id)
         ORDER BY o.created_at DESC, o.id DESC
-        LIMIT :n
+        LIMIT $1
     ) AS b ON true
     """
-)
 _UPSERT = text(
     """
     INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
@@ -62,18 +70,24 @@ class ReadStore:
         self.engine = engine
 
     async def page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
-        try:
-            async with self.engine.connect() as conn:
-                if last_reference is None:
-                    result = await conn.execute(_FIRST_PAGE, {"n": page_size + 1})
-                else:
-                    result = await conn.execute(_NEXT_PAGE, {"n": page_size + 1, "ref": last_reference})
-                rows = result.all()
-        except STORE_ERRORS as exc:
-            raise unavailable(exc) from exc
+        for attempt in (1, 2):
+            try:
+                async with raw_connection(self.engine) as conn:
+                    if last_reference is None:
+                        rows = await conn.fetch(_FIRST_PAGE, page_size + 1)
+                    else:
+                        rows = await conn.fetch(_NEXT_PAGE, page_size + 1, last_reference)
+                break
+            except RAW_ERRORS as exc:
+                if attempt == 2 or not isinstance(exc, _DISCONNECTS):
+                    raise unavailable(exc) from exc
+                # No pre-ping on this path: a dead connection shows here. Its idle siblings are
+                # likely dead too (database restart, backends terminated), so start a fresh pool
+                # and retry once; a read is always safe to repeat.
+                await self.engine.dispose(close=False)
         if last_reference is not None and not rows:
             raise UnknownReferenceError(f"no buy order with id {last_reference}")
-        orders = [order_from_row(r) for r in rows if r.id is not None]
+        orders = [order_from_row(r) for r in rows if r["id"] is not None]
         return Page(orders[:page_size], has_more=len(orders) > page_size)
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:

@@ -19,26 +19,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import STORE_ERRORS, unavailable, within_deadline
+from pydist.adapters.db import (
+    RAW_ERRORS,
+    STORE_ERRORS,
+    RawConnection,
+    order_from_row,
+    raw_connection,
+    unavailable,
+    within_deadline,
+)
 from pydist.domain.errors import StoreUnavailableError
-from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, PricedOrder
 
 _ORDER_COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
 _FIND_KEYS = f"SELECT {_ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = ANY($1::uuid[])"
 _PLACE = "SELECT * FROM place_orders($1::jsonb)"
 # Driver-level failures: the connection is then thrown away, and the caller gets a 503.
-RAW_ERRORS = (*STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
 MAX_KEYS_PER_LOOKUP = 1000
 # How long an idle hot-path connection is kept before it goes back to the pool. Borrowing one costs
 # the pool's pre-ping (three round trips), so under load it is kept between bursts; a short linger
@@ -56,23 +61,6 @@ class CapStatus:
         return self.limit_btc - self.used_btc
 
 
-class RawConnection:
-    """One pooled connection, used through its asyncpg driver connection. `broken` is set when a
-    call failed: the connection is then invalidated (closed, not returned to the pool)."""
-
-    def __init__(self, sa: AsyncConnection, driver: Any) -> None:
-        self.sa = sa
-        self.driver = driver
-        self.broken = False
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        try:
-            return list(await self.driver.fetch(sql, *args))
-        except BaseException:
-            self.broken = True
-            raise
-
-
 class WriteStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -80,24 +68,8 @@ class WriteStore:
         self._lookups: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None  # made by each lookup task, in its own loop
 
-    @contextlib.asynccontextmanager
-    async def raw_connection(self) -> AsyncIterator[RawConnection]:
-        """Borrow a pool connection (checked by the pool's pre-ping) for direct asyncpg calls."""
-        try:
-            sa = await self.engine.connect()
-        except RAW_ERRORS as exc:
-            raise unavailable(exc) from exc
-        conn: RawConnection | None = None
-        try:
-            pooled = await sa.get_raw_connection()
-            conn = RawConnection(sa, pooled.driver_connection)
-            yield conn
-        finally:
-            if conn is None or conn.broken:
-                with contextlib.suppress(Exception):
-                    await sa.invalidate()
-            with contextlib.suppress(Exception):
-                await sa.close()
+    def raw_connection(self) -> contextlib.AbstractAsyncContextManager[RawConnection]:
+        return raw_connection(self.engine)
 
     # ------------------------------------------------------------ idempotency lookups
 
@@ -125,7 +97,7 @@ class WriteStore:
                     except BaseException as exc:
                         _fail(waiters, _as_unavailable(exc))
                         raise
-                    found = {row["idempotence_key"]: _order(row) for row in rows}
+                    found = {row["idempotence_key"]: order_from_row(row) for row in rows}
                     for key, futures in waiters.items():
                         for f in futures:
                             if not f.done():
@@ -171,7 +143,7 @@ class WriteStore:
             if row["outcome"] == "cap_exceeded":
                 results[row["idx"]] = CapRefused(row["available_btc"])
             else:
-                order = _order(row, id_column="order_id", key_column="key")
+                order = order_from_row(row, id_column="order_id", key_column="key")
                 results[row["idx"]] = Placed(order, created=row["outcome"] == "created")
         assert all(r is not None for r in results), "place_orders answered every order"
         return [r for r in results if r is not None]
@@ -221,15 +193,3 @@ def _as_unavailable(exc: BaseException) -> Exception:
     if isinstance(exc, Exception):
         return unavailable(exc)
     return StoreUnavailableError("shutting down")
-
-
-def _order(row: Any, id_column: str = "id", key_column: str = "idempotence_key") -> BuyOrder:
-    return BuyOrder(
-        id=row[id_column],
-        idempotence_key=row[key_column],
-        created_at=row["created_at"],
-        currency=Currency(row["currency"]),
-        currency_amount=row["currency_amount"],
-        btc_rate=row["btc_rate"],
-        btc_amount=row["btc_amount"],
-    )

@@ -25,7 +25,12 @@ log = structlog.get_logger()
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.read_database_url.get_secret_value(), settings.db_pool_size, "pydist-fetch")
+    engine = make_engine(
+        settings.read_database_url.get_secret_value(),
+        settings.db_pool_size,
+        "pydist-fetch",
+        pre_ping=False,
+    )
     store = ReadStore(engine)
 
     @asynccontextmanager
