@@ -11,15 +11,31 @@ import structlog
 
 
 class FluentForwarder:
-    """A structlog processor that also sends each event to fluentd (forward protocol)."""
+    """A structlog processor that also sends each event to fluentd (forward protocol).
+
+    The async sender queues events for a background thread, so a slow or absent fluentd never
+    blocks a request; its bounded circular queue drops the oldest events rather than grow. Stdout
+    stays the primary stream (12-factor), so nothing is lost to the container log driver."""
 
     def __init__(self, host: str, port: int, tag: str) -> None:
-        from fluent import sender
+        import atexit
 
-        self._sender = sender.FluentSender(tag, host=host, port=port, nanosecond_precision=True)
+        from fluent import asyncsender
+
+        self._sender = asyncsender.FluentSender(
+            tag,
+            host=host,
+            port=port,
+            nanosecond_precision=True,
+            queue_maxsize=10_000,
+            queue_circular=True,
+        )
+        atexit.register(self._sender.close)  # flush what is queued on a clean exit
 
     def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        self._sender.emit(str(event.get("event", "log")), dict(event))
+        # msgpack knows no UUID, Decimal or datetime: send exactly what stdout gets, as JSON types.
+        record = orjson.loads(orjson.dumps(event, default=str))
+        self._sender.emit(str(event.get("event", "log")), record)
         return event
 
 

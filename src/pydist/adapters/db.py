@@ -35,13 +35,14 @@ def make_engine(
     *,
     pool_timeout_s: float = POOL_TIMEOUT_S,
     pre_ping: bool = True,
+    max_overflow: int | None = None,
 ) -> AsyncEngine:
     """`pre_ping=False` saves the checkout round trips on a read-only hot path; a connection found
     dead then fails one call (503) and is thrown away by raw_connection()."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
         # Waiting longer than this for a pooled connection fails the call (503, STORE_ERRORS)

@@ -30,6 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.db_pool_size,
         "pydist-fetch",
         pre_ping=False,
+        # No overflow: at high concurrency requests wait a moment for one of the pool's warm
+        # connections instead of opening (a backend fork) and closing one each (measured).
+        max_overflow=0,
     )
     store = ReadStore(engine)
 
