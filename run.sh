@@ -14,18 +14,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ -f .env ]; then set -a; . ./.env; set +a; fi
-mkdir -p -m 700 .data/run && export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$PWD/.data/run}  # pgserver wants one
+DATA_DIR=${PYDIST_DATA_DIR:-$PWD/.data}   # embedded PostgreSQL lives in $DATA_DIR/pg
+mkdir -p -m 700 "$DATA_DIR/run" && export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$DATA_DIR/run}  # pgserver wants one
 
 if ! command -v uv >/dev/null 2>&1; then
   python3 -m pip install --quiet "uv>=0.4" || { echo "run.sh: cannot install uv" >&2; exit 1; }
 fi
-uv sync --frozen --no-dev --quiet
+uv sync --frozen --no-dev --inexact --quiet  # --inexact: never strip a dev install
 export PATH="$PWD/.venv/bin:$PATH"
 
 embedded=0
 if [ -z "${WRITE_DATABASE_URL:-}" ] && [ -z "${READ_DATABASE_URL:-}" ]; then
-  echo "run.sh: no WRITE_DATABASE_URL/READ_DATABASE_URL: starting the embedded PostgreSQL in ./.data/pg"
-  eval "$(pydist dev postgres-start --data-dir .data/pg)"
+  echo "run.sh: no WRITE_DATABASE_URL/READ_DATABASE_URL: starting the embedded PostgreSQL in $DATA_DIR/pg"
+  eval "$(pydist dev postgres-start --data-dir "$DATA_DIR/pg")"
   embedded=1
 elif [ -z "${WRITE_DATABASE_URL:-}" ] || [ -z "${READ_DATABASE_URL:-}" ]; then
   echo "run.sh: set both WRITE_DATABASE_URL and READ_DATABASE_URL, or neither" >&2; exit 1
@@ -39,7 +40,7 @@ if [ "${PYDIST_DEMO_PRICES:-0}" = "1" ]; then
   processes="stub,$processes"
 fi
 
-stop_embedded() { if [ "$embedded" = 1 ]; then pydist dev postgres-stop --data-dir .data/pg || true; fi; }
+stop_embedded() { if [ "$embedded" = 1 ]; then pydist dev postgres-stop --data-dir "$DATA_DIR/pg" || true; fi; }
 trap stop_embedded EXIT
 
 pydist migrate
