@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import asyncpg
 import httpx
-from tests.support.procs import COMMANDS, PORT_FIELDS, Proc, System, base_env, free_port, wait_ready
+from tests.support.procs import PORT_FIELDS, Proc, System, base_env, free_port, launch, wait_ready
 
 from pydist.adapters.db import READ, WRITE, migrate
 
@@ -717,14 +717,6 @@ def spawn_service(system: System, name: str, label: str, extra_env: dict[str, st
     env = {**system.env, PORT_FIELDS[name]: str(port), **(extra_env or {})}
     if "price" in system.procs:
         env.setdefault("BTC_PRICE_URL", system.procs["price"].url)
-    log_path = system.log_dir / f"{label}-{port}.log"
-    with log_path.open("wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "pydist.entrypoints.cli", *COMMANDS[name]],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    proc = Proc(label, port, popen, log_path)
+    proc = launch(name, port, env, system.log_dir / f"{label}-{port}.log", label)
     wait_ready(proc, timeout=180, path="/readyz")
     return proc

@@ -84,6 +84,18 @@ class Proc:
         self.popen.send_signal(signal.SIGCONT)
 
 
+def launch(name: str, port: int, env: dict[str, str], log_path: Path, label: str | None = None) -> Proc:
+    """Start one pydist process (`COMMANDS[name]`) with stdout and stderr to `log_path`."""
+    with log_path.open("wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "pydist.entrypoints.cli", *COMMANDS[name]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Proc(label or name, port, popen, log_path)
+
+
 @dataclass
 class System:
     """A set of running processes sharing one environment (databases, broker, price stub)."""
@@ -99,15 +111,7 @@ class System:
             env = {**self.env, PORT_FIELDS[name]: str(port)}
             if name == "create" and "price" in self.procs and "BTC_PRICE_URL" not in self.env:
                 env["BTC_PRICE_URL"] = self.procs["price"].url
-            log_path = self.log_dir / f"{name}-{port}.log"
-            with log_path.open("wb") as out:
-                popen = subprocess.Popen(
-                    [sys.executable, "-m", "pydist.entrypoints.cli", *COMMANDS[name]],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            self.procs[name] = Proc(name, port, popen, log_path)
+            self.procs[name] = launch(name, port, env, self.log_dir / f"{name}-{port}.log")
         if wait:
             for name in names:
                 wait_ready(self.procs[name], path=READY_PATHS.get(name, "/readyz"))
