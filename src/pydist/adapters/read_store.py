@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.db import (
@@ -43,20 +42,19 @@ _NEXT_PAGE = f"""
         LIMIT $1
     ) AS b ON true
     """
-_UPSERT = text(
-    """
+# One statement, its own transaction, sent on the raw connection: no BEGIN/COMMIT round trips.
+_UPSERT = """
     INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
                             btc_amount, event_id)
     SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
            r.btc_amount, r.event_id
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+    FROM jsonb_to_recordset($1::jsonb) AS r(
         id uuid, idempotence_key uuid, created_at timestamptz, currency text,
         currency_amount numeric, btc_rate numeric, btc_amount numeric, event_id uuid)
     ORDER BY r.id
     ON CONFLICT (id) DO NOTHING
     RETURNING id, created_at, projected_at
-    """
-)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +109,14 @@ class ReadStore:
             ]
         ).decode()
         try:
-            async with self.engine.begin() as conn:
-                rows = (await conn.execute(_UPSERT, {"rows": payload})).all()
-        except DBAPIError as exc:
-            sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+            async with raw_connection(self.engine) as conn:
+                rows = await conn.fetch(_UPSERT, payload)
+        except asyncpg.PostgresError as exc:
+            sqlstate = str(exc.sqlstate or "")
             if sqlstate[:2] in ("22", "23"):
                 raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
             raise
-        return [Projected(r.id, r.created_at, r.projected_at) for r in rows]
+        return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]
 
     async def all_orders(self) -> dict[uuid.UUID, BuyOrder]:
         async with self.engine.connect() as conn:
