@@ -36,9 +36,20 @@ ensure_rabbitmq() {
   done
   fail "RabbitMQ is not reachable on 127.0.0.1:5672 and could not be started"
 }
+ensure_wrk() {  # the benchmark smoke test drives load with wrk
+  command -v wrk >/dev/null 2>&1 && return 0
+  echo "test.sh: installing wrk"
+  command -v apt-get >/dev/null 2>&1 || fail "wrk is missing and apt-get is not available: install wrk"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y wrk >/dev/null 2>&1 \
+    || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y wrk >/dev/null; } \
+    || fail "could not install wrk (apt-get install wrk)"
+}
 command -v pg_isready >/dev/null 2>&1 || fail "pg_isready not found: install postgresql-client"
+command -v pgbench >/dev/null 2>&1 || fail "pgbench not found: install postgresql-client"
 ensure_postgres
 ensure_rabbitmq
+ensure_wrk
 
 echo "== ruff"
 uv run ruff check .
