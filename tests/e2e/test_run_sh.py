@@ -26,6 +26,7 @@ def data_dir() -> Iterator[Path]:
     # Under the repository, not /tmp: as root, pgserver runs PostgreSQL as its own user, which
     # must be able to reach the directory (pytest's tmp dirs are private to root).
     path = ROOT / ".data" / f"e2e-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(exist_ok=True)  # a fresh clone has no .data yet
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
