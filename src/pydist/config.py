@@ -16,6 +16,11 @@ def async_url(url: str) -> str:
     raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]}")
 
 
+def plain_url(url: str) -> str:
+    """The driver-neutral form of a URL (for asyncpg.connect, which knows no `+asyncpg`)."""
+    return "postgresql://" + async_url(url).removeprefix("postgresql+asyncpg://")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pydist.config import Settings, async_url
+from pydist.config import Settings, async_url, plain_url
 
 
 def test_settings_read_the_contract_names_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,3 +48,10 @@ def test_a_non_postgres_url_is_refused_without_echoing_credentials() -> None:
     with pytest.raises(ValueError, match="not a PostgreSQL URL") as err:
         async_url("mysql://user:secret@h/db")
     assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+asyncpg://u@h/db?host=/s", "postgres://u@h/db?host=/s", "postgresql://u@h/db?host=/s"]
+)
+def test_plain_url_is_what_asyncpg_connect_takes(url: str) -> None:
+    assert plain_url(url) == "postgresql://u@h/db?host=/s"

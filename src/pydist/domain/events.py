@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 
 BUY_ORDER_CREATED = "buy_order.created"
@@ -43,8 +44,6 @@ def _positive_decimal(value: object) -> Decimal:
 
 def order_from_message(message: dict[str, Any]) -> tuple[uuid.UUID, BuyOrder]:
     """Parse a `buy_order.created` message; raises ValueError/KeyError/TypeError on anything else."""
-    from pydist.domain.money import Currency
-
     if not isinstance(message, dict):
         raise TypeError("a message must be a JSON object")
     version = message.get("event_version")

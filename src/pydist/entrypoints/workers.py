@@ -19,7 +19,7 @@ from pydist.adapters.broker import BatchingConsumer, BrokerPublisher
 from pydist.adapters.db import make_engine, ping
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.read_store import ReadStore
-from pydist.config import Settings, get_settings
+from pydist.config import Settings, get_settings, plain_url
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.serve import await_dependency, cancel_tasks
 from pydist.metrics import (
@@ -40,10 +40,6 @@ BROKER_ATTEMPT_S = 70.0
 SHUTDOWN_S = 10.0
 
 
-def _plain_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 class _NotStarted(Exception):
     pass
 
@@ -54,7 +50,7 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     expose(*RELAY_METRICS)
     write_url = settings.write_database_url.get_secret_value()
     engine = make_engine(write_url, 4, "pydist-relay")
-    outbox = Outbox(engine, _plain_dsn(write_url))
+    outbox = Outbox(engine, plain_url(write_url))
     read_engine: AsyncEngine | None = None
     publisher: BrokerPublisher | None = None
     sink: EventSink
