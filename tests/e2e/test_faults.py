@@ -368,7 +368,10 @@ async def test_write_db_unreachable_for_seconds(ready: Topology, profile: Profil
         up_at = load.now()
         load.phase = "after"
         await asyncio.sleep(3)
-    during = [a for a in load.in_phase("outage") if a.started > down_at + 0.2]
+    sent_down = [a for a in load.in_phase("outage") if a.started > down_at + 0.2]
+    # answered while the database was unreachable; one sent just before `up()` may legitimately
+    # reach it on its retry and get a 200, so the 503 claim is about answers given while down
+    during = [a for a in sent_down if a.finished < up_at]
     after = load.in_phase("after")
     first_ok_after = min((a.finished - up_at for a in after if a.status == 200), default=None)
     failed_late = [a for a in after if a.status != 200 and a.started > up_at + 1.5]
@@ -394,8 +397,9 @@ async def test_write_db_unreachable_for_seconds(ready: Topology, profile: Profil
     assert bad_answers(first, STORE_503) == []
     assert _store_problems(first) == []
     assert during
-    assert all(a.status == 503 for a in during)
-    assert max(a.elapsed for a in during) < 5.0, "a request hung on the dead database"
+    assert all(a.status == 503 for a in during), [(a.status, a.started, a.finished) for a in during]
+    assert all(a.status == 503 or a.finished >= up_at for a in sent_down)
+    assert max(a.elapsed for a in sent_down) < 5.0, "a request hung on the dead database"
     assert first_ok_after is not None
     assert failed_late == []
     assert all(k.startswith("200:") for k in retried), retried
