@@ -3,6 +3,7 @@ last references, and the plan shape at depth (an index range scan, no Sort, no O
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -150,3 +151,88 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
         if sql is read_store._NEXT_PAGE:
             assert "created_at" in scan.get("Index Cond", ""), scan  # starts at the reference
             assert "Filter" not in scan, scan
+
+
+class CountingReads:
+    """Wraps ReadStore._read_page (the one real query) to count rounds and, on demand, hold a
+    round after its query ran: what a slow database would look like to the requests behind it."""
+
+    def __init__(self, store: ReadStore) -> None:
+        self.real = store._read_page
+        self.rounds = 0
+        self.hold: asyncio.Event | None = None
+        self.read_done = asyncio.Event()
+        store._read_page = self  # type: ignore[method-assign]
+
+    async def __call__(self, page_size: int, last_reference: uuid.UUID | None) -> read_store.Page:
+        self.rounds += 1
+        page = await self.real(page_size, last_reference)
+        self.read_done.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        return page
+
+
+async def test_identical_concurrent_page_reads_share_a_query(stores: Stores, clean: Databases):
+    """64 concurrent first-page requests: at most two queries (the first and the one for those
+    that arrived while it ran), the same answer for all; other page keys get their own."""
+    keys = await insert_rows(clean.read_url, [T0 + timedelta(seconds=i) for i in range(15)])
+    newest = [k[1] for k in sorted(keys, reverse=True)]
+    reads = CountingReads(stores.read)
+    pages = await asyncio.gather(*(stores.read.page(10, None) for _ in range(64)))
+    assert reads.rounds <= 2
+    assert all([o.id for o in p.rows] == newest[:10] and p.has_more for p in pages)
+    assert pages[0].public_rows == [o.to_public() for o in pages[0].rows]
+
+    reads.rounds = 0
+    mixed = await asyncio.gather(*(stores.read.page(size, None) for size in (3, 5, 3, 5)))
+    assert [len(p.rows) for p in mixed] == [3, 5, 3, 5]
+    assert reads.rounds == 2
+    assert stores.read._open == {}
+    assert stores.read._newest == {}
+
+
+async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores, clean: Databases):
+    """A request that arrives while a query for its page runs does not join it (that query's
+    snapshot may predate the request): it waits for the next round, which sees a row stored
+    between the two."""
+    await insert_rows(clean.read_url, [T0])
+    reads = CountingReads(stores.read)
+    reads.hold = asyncio.Event()
+    early = asyncio.create_task(stores.read.page(10, None))
+    await asyncio.wait_for(reads.read_done.wait(), 10)  # the first round has read its snapshot
+    ((_, newer_id),) = await insert_rows(clean.read_url, [T0 + timedelta(seconds=1)])
+    late = asyncio.create_task(stores.read.page(10, None))
+    await asyncio.sleep(0.05)
+    assert not late.done()  # waiting for the next round, not served the running one's answer
+    reads.hold.set()
+    early_page, late_page = await asyncio.wait_for(asyncio.gather(early, late), 10)
+    assert [o.id for o in early_page.rows] != [o.id for o in late_page.rows]
+    assert late_page.rows[0].id == newer_id
+    assert len(late_page.rows) == 2
+    assert len(early_page.rows) == 1
+    assert reads.rounds == 2
+
+
+async def test_a_client_that_leaves_does_not_cancel_the_shared_read(stores: Stores, clean: Databases):
+    await insert_rows(clean.read_url, [T0, T0 + timedelta(seconds=1)])
+    reads = CountingReads(stores.read)
+    reads.hold = asyncio.Event()
+    leaving = asyncio.create_task(stores.read.page(10, None))
+    staying = asyncio.create_task(stores.read.page(10, None))
+    await asyncio.wait_for(reads.read_done.wait(), 10)
+    leaving.cancel()
+    reads.hold.set()
+    page = await asyncio.wait_for(staying, 10)
+    assert len(page.rows) == 2
+    assert reads.rounds == 1
+    assert leaving.cancelled()
+
+
+async def test_an_unknown_reference_fails_every_request_sharing_it(stores: Stores, clean: Databases):
+    await insert_rows(clean.read_url, [T0])
+    missing = uuid.uuid4()
+    results = await asyncio.gather(*(stores.read.page(10, missing) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, UnknownReferenceError) for r in results)
+    page = await stores.read.page(10, None)  # and the store still serves
+    assert len(page.rows) == 1

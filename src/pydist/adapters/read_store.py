@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import asyncpg
 import orjson
@@ -57,17 +59,56 @@ _UPSERT = """
 """
 
 
-@dataclass(frozen=True, slots=True)
+PageKey = tuple[int, uuid.UUID | None]
+
+
+@dataclass(frozen=True)
 class Page:
     rows: list[BuyOrder]
     has_more: bool
+
+    @cached_property
+    def public_rows(self) -> list[dict[str, str]]:
+        """The rows in their wire form, computed once however many requests share this page."""
+        return [o.to_public() for o in self.rows]
 
 
 class ReadStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Page reads by (page_size, last_reference): the round still open to newcomers, and the
+        # newest round (open or running), which the next round waits for.
+        self._open: dict[PageKey, asyncio.Task[Page]] = {}
+        self._newest: dict[PageKey, asyncio.Task[Page]] = {}
 
     async def page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
+        """Newest first, after `last_reference`. Identical concurrent requests share one query:
+        those that arrive while it runs share the next one, so every answer is still read after
+        its request arrived (never an older snapshot), and a hot page at c=64 costs one query per
+        round instead of 64. A client that goes away does not cancel the others' query."""
+        key = (page_size, last_reference)
+        task = self._open.get(key)
+        if task is None or task.done():  # done while still open only if cancelled at shutdown
+            task = asyncio.create_task(self._round(key, self._newest.get(key)), name="page-read")
+            task.add_done_callback(_retrieve)
+            self._open[key] = self._newest[key] = task
+        return await asyncio.shield(task)
+
+    async def _round(self, key: PageKey, previous: asyncio.Task[Page] | None) -> Page:
+        me = asyncio.current_task()
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome is its waiters'; only the order matters
+        finally:
+            if self._open.get(key) is me:
+                del self._open[key]  # from here on, newcomers start the next round
+        try:
+            return await self._read_page(*key)
+        finally:
+            if self._newest.get(key) is me:
+                del self._newest[key]
+
+    async def _read_page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
         for attempt in (1, 2):
             try:
                 async with raw_connection(self.engine) as conn:
@@ -125,3 +166,9 @@ class ReadStore:
 
     async def ping(self) -> None:
         await ping(self.engine)
+
+
+def _retrieve(task: asyncio.Task[Page]) -> None:
+    """Mark a round's failure as seen even when every waiter has gone (no 'never retrieved')."""
+    if not task.cancelled():
+        task.exception()

@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if page.has_more and last is not None:
             query = urlencode({"page_size": page_size, "last_reference": last})
             headers["Link"] = f'<{request.url.path}?{query}>; rel="next"'
-        body = {"rows": [o.to_public() for o in page.rows], "last_reference": last}
+        body = {"rows": page.public_rows, "last_reference": last}
         return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
     return app
