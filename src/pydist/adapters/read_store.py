@@ -72,6 +72,11 @@ class Page:
         """The rows in their wire form, computed once however many requests share this page."""
         return [o.to_public() for o in self.rows]
 
+    @cached_property
+    def public_json(self) -> bytes:
+        """`public_rows` as a JSON array, serialised once for all the requests sharing the page."""
+        return orjson.dumps(self.public_rows)
+
 
 class ReadStore:
     def __init__(self, engine: AsyncEngine) -> None:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlencode
 
-import orjson
 import structlog
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from pydist.adapters.db import make_engine
 from pydist.adapters.read_store import ReadStore
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import build_app
-from pydist.entrypoints.schemas import BuyOrderPage, problem_responses
+from pydist.entrypoints.schemas import BuyOrderPage, PageQuery, problem_responses
 from pydist.entrypoints.serve import await_dependency, cancel_tasks
 
 log = structlog.get_logger()
@@ -66,21 +63,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             200: {"description": "A page; a Link rel=next header is present while more rows exist"},
             **problem_responses(401, 404, 422, 503),
         },
+        openapi_extra={"parameters": PageQuery.openapi_parameters()},
     )
-    async def get_buy_orders(
-        request: Request,
-        page_size: int = Query(default=10, ge=1, le=100, description="Rows per page, 1..100"),
-        last_reference: uuid.UUID | None = Query(
-            default=None, description="id of the last row of the previous page"
-        ),
-    ) -> Response:
-        page = await store.page(page_size, last_reference)
-        last = str(page.rows[-1].id) if page.rows else None
-        headers = {}
-        if page.has_more and last is not None:
-            query = urlencode({"page_size": page_size, "last_reference": last})
-            headers["Link"] = f'<{request.url.path}?{query}>; rel="next"'
-        body = {"rows": page.public_rows, "last_reference": last}
-        return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+    async def get_buy_orders(request: Request) -> Response:
+        query = PageQuery.model_validate(request.query_params)  # ValidationError: a 422 problem
+        page = await store.page(query.page_size, query.last_reference)
+        last = page.rows[-1].id if page.rows else None
+        headers = None
+        if page.has_more:  # a uuid and an int: nothing to escape in the next page's URL
+            next_page = f"{request.scope['path']}?page_size={query.page_size}&last_reference={last}"
+            headers = {"Link": f'<{next_page}>; rel="next"'}
+        last_json = b'"%s"' % str(last).encode() if last else b"null"
+        body = b'{"rows":%b,"last_reference":%b}' % (page.public_json, last_json)
+        return Response(body, media_type="application/json", headers=headers)
 
     return app
