@@ -9,12 +9,15 @@ from decimal import Decimal
 
 import orjson
 import pytest
+import structlog
+from sqlalchemy import event
 
 from pydist.adapters.broker import QUEUE, BatchingConsumer, BrokerPublisher
 from pydist.adapters.db import make_engine
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.read_store import ReadStore
 from pydist.domain.events import BuyOrderCreated
+from pydist.entrypoints.workers import build_sync
 from pydist.service import read_model_admin
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
@@ -298,6 +301,129 @@ async def test_projector_skips_duplicates_within_and_across_batches(stores: Stor
     assert [p.order_id for p in again] == [events[2].order.id]
     assert await count(clean.read_url) == 3
     assert Decimal(0) < min(e.order.btc_amount for e in events)
+
+
+async def _backends(url: str, app: str) -> list[tuple[int, str]]:
+    rows = await testdb.fetch(
+        url, "SELECT pid, state FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid", app
+    )
+    return [(r["pid"], r["state"]) for r in rows]
+
+
+async def _terminate(url: str, app: str) -> int:
+    rows = await testdb.fetch(
+        url,
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = $1",
+        app,
+    )
+    return int(rows[0]["n"])
+
+
+async def test_relay_keeps_one_connection_while_batches_keep_coming(stores: Stores, clean: Databases):
+    """Relay.run claims on one kept connection: a handful of pool checkouts (each with its
+    pre-ping) for dozens of claims, not one per claim."""
+    await create_orders(stores, 300)
+    engine = make_engine(clean.write_url, 4, "relay-kept")
+    checkouts = 0
+
+    def on_checkout(*_: object) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    event.listen(engine.sync_engine.pool, "checkout", on_checkout)
+    sink = RecordingSink(Projector(stores.read))
+    relay = Relay(Outbox(engine, clean.write_url), sink, batch=10, idle_poll_s=0.1)
+    try:
+        async with background() as bg:
+            bg.start(relay.run, "relay")
+            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=30, what="backlog", bg=bg)
+    finally:
+        await engine.dispose()
+    assert len(sink.calls) >= 30
+    assert checkouts <= 5, checkouts
+    await assert_models_agree(stores, 300)
+
+
+async def test_a_failed_publish_rolls_back_and_keeps_the_connection(stores: Stores, clean: Databases):
+    """The claim's transaction is rolled back when the publish fails (nothing marked, no session
+    left idle in transaction) and the kept connection serves the next claim."""
+    await create_orders(stores, 5)
+    engine = make_engine(clean.write_url, 2, "relay-rollback")
+    outbox = Outbox(engine, clean.write_url)
+    claimed: list[BuyOrderCreated] = []
+
+    async def failed_publish() -> None:
+        async with outbox.claim(10) as events:
+            claimed.extend(events)
+            raise ConnectionError("broker down")
+
+    try:
+        async with outbox.keeping_connection():
+            with pytest.raises(ConnectionError):
+                await failed_publish()
+            assert len(claimed) == 5
+            before = await _backends(clean.write_url, "relay-rollback")
+            assert [state for _, state in before] == ["idle"]
+            assert await backlog(clean.write_url) == 5
+            async with outbox.claim(10) as events:
+                assert len(events) == 5  # the same rows again: they were not marked
+            assert await _backends(clean.write_url, "relay-rollback") == before  # same backend
+        assert await backlog(clean.write_url) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_relay_replaces_a_kept_connection_killed_while_idle(stores: Stores, clean: Databases):
+    """The relay's kept connection is terminated between two claims: the next claim fails on it,
+    the relay retries on a fresh connection and nothing is lost."""
+    await create_orders(stores, 20)
+    engine = make_engine(clean.write_url, 4, "relay-idle-victim")
+    outbox = Outbox(engine, clean.write_url)
+    relay = Relay(outbox, Projector(stores.read), batch=50, idle_poll_s=0.05, max_backoff_s=0.2)
+    try:
+        async with background() as bg:
+            bg.start(relay.run, "relay")
+            bg.start(lambda stop: outbox.listen(relay.wake.set, stop), "listen")
+            await wait_until(lambda: _has(clean.read_url, 20), timeout=30, what="20 rows", bg=bg)
+            assert await _terminate(clean.write_url, "relay-idle-victim") >= 1
+            await create_orders(stores, 20, start=20)
+            await wait_until(lambda: _has(clean.read_url, 40), timeout=30, what="40 rows", bg=bg)
+            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="backlog", bg=bg)
+    finally:
+        await engine.dispose()
+    await assert_models_agree(stores, 40)
+
+
+async def test_sync_without_pre_ping_renews_its_pool_when_connections_die(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    """read_model_sync as the process builds it (no pool pre-ping): its read-model connections are
+    terminated between two batches; the next batch is applied on a renewed pool at the first
+    redelivery-free attempt (no projection_failed, nothing requeued), and every row arrives."""
+    await create_orders(stores, 20)
+    events = await outbox_events(clean.write_url)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url)
+        engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=50)
+        await consumer.start()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                async with background() as bg:
+                    bg.start(consume_loop(consumer), "consumer")
+                    await publisher.publish(events[:10])
+                    await wait_until(lambda: _has(clean.read_url, 10), timeout=20, what="10 rows", bg=bg)
+                    assert await _terminate(clean.read_url, "pydist-sync") >= 1
+                    await publisher.publish(events[10:])
+                    await wait_until(lambda: _has(clean.read_url, 20), timeout=20, what="20 rows", bg=bg)
+                    await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="queue drained")
+        finally:
+            await consumer.close()
+            await publisher.close()
+            await engine.dispose()
+    names = [e["event"] for e in logs]
+    assert "read_model_connection_lost" in names
+    assert "projection_failed" not in names
+    await assert_models_agree(stores, 20)
 
 
 async def _has(read_url: str, n: int) -> bool:

@@ -130,9 +130,10 @@ Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
 
 
 class BatchingConsumer:
-    """Consumes with a prefetch window, applies what has arrived as one batch, and acks each
-    message only after the batch is committed. Poison goes to the dead-letter queue with a log
-    event: a message that is not a valid event, or one the read model refuses to store."""
+    """Consumes with a prefetch window, applies what has arrived as one batch, and acks the
+    messages only after the batch is committed: one `ack(multiple=True)` per channel where that is
+    safe (see `_Settled`), one ack per message otherwise. Poison goes to the dead-letter queue with
+    a log event: a message that is not a valid event, or one the read model refuses to store."""
 
     def __init__(self, url: str, handler: Handler, *, prefetch: int, max_batch: int = 500) -> None:
         self._url = url
@@ -143,6 +144,10 @@ class BatchingConsumer:
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        # Settled tags per underlying (aiormq) channel: after a reconnect the robust connection
+        # opens a new one whose tags start again at 1 (maybe with the old channel number), so it
+        # is keyed by identity, id(), and holds the channel so that id cannot be reused meanwhile.
+        self._settled: dict[int, tuple[object, _Settled]] = {}
 
     async def start(self) -> None:
         """Connect (robustly: after a broker restart the connection re-opens the channel, its
@@ -173,10 +178,13 @@ class BatchingConsumer:
 
     async def run_once(self, timeout: float = 1.0) -> int:
         """Handle one batch of whatever has arrived; returns how many messages were settled."""
-        try:
-            first = await asyncio.wait_for(self._inbox.get(), timeout=timeout)
-        except TimeoutError:
-            return 0
+        if not self._inbox.empty():  # under load: no wait_for (a task and a timer per batch)
+            first = self._inbox.get_nowait()
+        else:
+            try:
+                first = await asyncio.wait_for(self._inbox.get(), timeout=timeout)
+            except TimeoutError:
+                return 0
         messages = [first]
         while len(messages) < self._max_batch and not self._inbox.empty():
             messages.append(self._inbox.get_nowait())
@@ -185,7 +193,7 @@ class BatchingConsumer:
         for message in messages:
             parsed = _parse(message)
             if isinstance(parsed, str):
-                await _dead_letter(message, parsed)
+                await self._dead_letter(message, parsed)
             else:
                 events.append(parsed)
                 good.append(message)
@@ -196,47 +204,148 @@ class BatchingConsumer:
     async def _apply(self, events: list[BuyOrderCreated], messages: list[AbstractIncomingMessage]) -> None:
         """Apply, then ack. A batch the read model refuses is applied one message at a time, so
         only the offending messages are dead-lettered; any other failure (the database is down,
-        say) requeues them all for redelivery, after a pause."""
+        say) requeues them all for redelivery, after a pause. Nothing is acked before the handler
+        has returned for it."""
         try:
             await self._handler(events)
         except EventRejectedError:
             if len(events) == 1:
-                await _dead_letter(messages[0], "refused by the read model")
+                await self._dead_letter(messages[0], "refused by the read model")
                 return
+            applied: list[AbstractIncomingMessage] = []
             for i, (event, message) in enumerate(zip(events, messages, strict=True)):
                 try:
                     await self._handler([event])
                 except EventRejectedError:
-                    await _dead_letter(message, "refused by the read model")
+                    await self._dead_letter(message, "refused by the read model")
                     continue
                 except Exception as exc:
+                    await self._ack(applied)
                     await self._requeue(messages[i:], exc)
                     return
-                await _settle(message.ack())
+                applied.append(message)
+            await self._ack(applied)
             return
         except Exception as exc:
             await self._requeue(messages, exc)
             return
+        await self._ack(messages)
+
+    async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Ack applied messages, per channel one ack(multiple=True) up to the highest delivery tag
+        below which every delivery of that channel is settled (in `messages` or before); any
+        message above a gap (one not yet settled) is acked on its own."""
+        groups: dict[int, tuple[object, list[AbstractIncomingMessage]]] = {}
+        gone = 0
         for message in messages:
-            await _settle(message.ack())
+            channel = _channel_of(message)
+            if channel is None:
+                gone += 1
+            else:
+                groups.setdefault(id(channel), (channel, []))[1].append(message)
+        if gone:  # their channel closed: the broker redelivers them (applying again is harmless)
+            log.warning("settle_skipped_closed_channel", count=gone)
+        for channel, group in groups.values():
+            settled = self._settled_on(channel)
+            upto = settled.reach({m.delivery_tag for m in group if m.delivery_tag is not None})
+            covered = [m for m in group if m.delivery_tag is not None and m.delivery_tag <= upto]
+            alone = [m for m in group if m.delivery_tag is None or m.delivery_tag > upto]
+            if len(covered) > 1:
+                if await _settle(max(covered, key=_tag).ack(multiple=True)):
+                    for m in covered:
+                        settled.add(_tag(m))
+            else:
+                alone = group
+            for m in alone:
+                await self._settle_one(m, m.ack())
+
+    async def _settle_one(self, message: AbstractIncomingMessage, action: Awaitable[Any]) -> None:
+        """Send one ack/nack/reject and record its tag as settled if it went out."""
+        channel = _channel_of(message)
+        if await _settle(action) and channel is not None and message.delivery_tag is not None:
+            self._settled_on(channel).add(message.delivery_tag)
+
+    def _settled_on(self, channel: object) -> _Settled:
+        entry = self._settled.get(id(channel))
+        if entry is None or entry[0] is not channel:
+            for key in [k for k, (c, _) in self._settled.items() if getattr(c, "is_closed", False)]:
+                del self._settled[key]  # a closed channel's tags are never acked again
+            entry = self._settled[id(channel)] = (channel, _Settled())
+        return entry[1]
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """reject(requeue=False): the queue's dead-letter exchange routes it to the DLQ."""
+        EVENTS_DEAD_LETTERED.inc()
+        log.error(
+            "message_dead_lettered",
+            message_id=message.message_id,
+            reason=reason,
+            body_prefix=message.body[:200].decode("utf-8", "replace"),
+        )
+        await self._settle_one(message, message.reject(requeue=False))
 
     async def _requeue(self, messages: Sequence[AbstractIncomingMessage], exc: Exception) -> None:
         log.warning("projection_failed", error=type(exc).__name__, count=len(messages))
         for message in messages:
-            await _settle(message.nack(requeue=True))
+            await self._settle_one(message, message.nack(requeue=True))
         await asyncio.sleep(0.5)
 
 
-async def _dead_letter(message: AbstractIncomingMessage, reason: str) -> None:
-    """reject(requeue=False): the queue's dead-letter exchange routes it to the DLQ."""
-    EVENTS_DEAD_LETTERED.inc()
-    log.error(
-        "message_dead_lettered",
-        message_id=message.message_id,
-        reason=reason,
-        body_prefix=message.body[:200].decode("utf-8", "replace"),
-    )
-    await _settle(message.reject(requeue=False))
+class _Settled:
+    """The delivery tags settled on one channel: every tag up to `floor`, and those above it
+    settled out of order. The broker numbers a channel's deliveries 1, 2, 3, ... and a multiple
+    ack up to tag T settles every unacked delivery <= T of the channel, so T must never pass a
+    delivery that is neither in the batch being acked nor settled already: a poison message
+    rejected earlier is passed over, one whose batch failed or was cancelled stops it.
+
+    Such a gap stays until the channel closes (nothing settles that delivery later), so past
+    _MAX_ABOVE out-of-order tags the channel is marked `stuck` and acked one message at a time,
+    as before, instead of remembering every tag above the gap."""
+
+    __slots__ = ("above", "floor", "stuck")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.above: set[int] = set()
+        self.stuck = False
+
+    def add(self, tag: int) -> None:
+        if tag == self.floor + 1:
+            self.floor = tag
+            while self.floor + 1 in self.above:
+                self.floor += 1
+                self.above.discard(self.floor)
+        elif tag > self.floor and not self.stuck:
+            self.above.add(tag)
+            if len(self.above) > _MAX_ABOVE:
+                self.stuck = True
+                self.above.clear()
+                log.warning("multiple_ack_disabled", unsettled_tag=self.floor + 1)
+
+    def reach(self, tags: set[int]) -> int:
+        """The highest tag T such that every tag <= T is settled or in `tags`."""
+        upto = self.floor
+        if self.stuck:
+            return upto
+        while upto + 1 in tags or upto + 1 in self.above:
+            upto += 1
+        return upto
+
+
+_MAX_ABOVE = 10_000
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The (aiormq) channel the message was delivered on, None once that channel is closed."""
+    try:
+        return message.channel
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return None
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    assert message.delivery_tag is not None
+    return message.delivery_tag
 
 
 # What the read model's columns hold exactly (NUMERIC(12,2) and NUMERIC(18,8)): a value that would
@@ -271,9 +380,12 @@ def _fits(value: Decimal, places: int, limit: Decimal) -> bool:
     return exponent >= -places or value == round(value, places)
 
 
-async def _settle(awaitable: Awaitable[Any]) -> None:
-    """Ack/nack on a channel that died is harmless: the broker redelivers, and applying is idempotent."""
+async def _settle(awaitable: Awaitable[Any]) -> bool:
+    """Ack/nack on a channel that died is harmless: the broker redelivers, and applying is idempotent.
+    False if it could not be sent."""
     try:
         await awaitable
     except Exception as exc:
         log.warning("settle_failed", error=type(exc).__name__)
+        return False
+    return True

@@ -10,6 +10,7 @@ from functools import cached_property
 
 import asyncpg
 import orjson
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,6 +26,7 @@ from pydist.domain.events import BuyOrderCreated
 from pydist.domain.order import BuyOrder
 from pydist.service.ports import Projected
 
+log = structlog.get_logger()
 _DISCONNECTS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
 
 _COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
@@ -114,21 +116,13 @@ class ReadStore:
                 del self._newest[key]
 
     async def _read_page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
-        for attempt in (1, 2):
-            try:
-                async with raw_connection(self.engine) as conn:
-                    if last_reference is None:
-                        rows = await conn.fetch(_FIRST_PAGE, page_size + 1)
-                    else:
-                        rows = await conn.fetch(_NEXT_PAGE, page_size + 1, last_reference)
-                break
-            except RAW_ERRORS as exc:
-                if attempt == 2 or not isinstance(exc, _DISCONNECTS):
-                    raise unavailable(exc) from exc
-                # No pre-ping on this path: a dead connection shows here. Its idle siblings are
-                # likely dead too (database restart, backends terminated), so start a fresh pool
-                # and retry once; a read is always safe to repeat.
-                await self.engine.dispose(close=False)
+        try:
+            if last_reference is None:
+                rows = await self._fetch(_FIRST_PAGE, page_size + 1)
+            else:
+                rows = await self._fetch(_NEXT_PAGE, page_size + 1, last_reference)
+        except RAW_ERRORS as exc:
+            raise unavailable(exc) from exc
         if last_reference is not None and not rows:
             raise UnknownReferenceError(f"no buy order with id {last_reference}")
         orders = [order_from_row(r) for r in rows if r["id"] is not None]
@@ -155,14 +149,29 @@ class ReadStore:
             ]
         ).decode()
         try:
-            async with raw_connection(self.engine) as conn:
-                rows = await conn.fetch(_UPSERT, payload)
+            rows = await self._fetch(_UPSERT, payload)
         except asyncpg.PostgresError as exc:
             sqlstate = str(exc.sqlstate or "")
             if sqlstate[:2] in ("22", "23"):
                 raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
             raise
         return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        """One statement on a pooled connection, without the pool's pre-ping (three round trips
+        per use). A dead connection shows here instead: its idle siblings are likely dead too
+        (database restart, backends terminated), so the pool is renewed and the statement sent
+        once more, which is safe for both callers (a read; an idempotent upsert)."""
+        for attempt in (1, 2):
+            try:
+                async with raw_connection(self.engine) as conn:
+                    return await conn.fetch(sql, *args)
+            except _DISCONNECTS as exc:
+                if attempt == 2:
+                    raise
+                log.warning("read_model_connection_lost", error=type(exc).__name__)
+                await self.engine.dispose(close=False)
+        raise AssertionError("unreachable")
 
     async def all_orders(self) -> dict[uuid.UUID, BuyOrder]:
         async with self.engine.connect() as conn:

@@ -44,12 +44,29 @@ class _NotStarted(Exception):
     pass
 
 
+def relay_engine(write_url: str) -> AsyncEngine:
+    """The relay's write-model engine (bench/pipeline_cpu.py builds the relay with it too)."""
+    return make_engine(write_url, 4, "pydist-relay")
+
+
+def build_sync(
+    read_url: str, broker_url: str, *, prefetch: int, max_batch: int = 500
+) -> tuple[AsyncEngine, BatchingConsumer]:
+    """read_model_sync's engine and consumer, as the process runs them (and bench/pipeline_cpu.py).
+
+    No pool pre-ping: it cost three round trips per batch (~10% of the process's CPU); a dead
+    connection is renewed and retried by ReadStore itself."""
+    engine = make_engine(read_url, 4, "pydist-sync", pre_ping=False)
+    projector = Projector(ReadStore(engine))
+    return engine, BatchingConsumer(broker_url, projector.publish, prefetch=prefetch, max_batch=max_batch)
+
+
 def create_relay_app(settings: Settings | None = None) -> FastAPI:
     """Outbox → broker; with no BROKER_URL, outbox → projector → read model (embedded mode)."""
     settings = settings or get_settings()
     expose(*RELAY_METRICS)
     write_url = settings.write_database_url.get_secret_value()
-    engine = make_engine(write_url, 4, "pydist-relay")
+    engine = relay_engine(write_url)
     outbox = Outbox(engine, plain_url(write_url))
     read_engine: AsyncEngine | None = None
     publisher: BrokerPublisher | None = None
@@ -129,11 +146,9 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
     if settings.broker_url is None:
         raise SystemExit("read_model_sync needs BROKER_URL (without it the relay projects directly)")
     expose(*SYNC_METRICS)
-    engine = make_engine(settings.read_database_url.get_secret_value(), 4, "pydist-sync")
-    projector = Projector(ReadStore(engine))
-    consumer = BatchingConsumer(
+    engine, consumer = build_sync(
+        settings.read_database_url.get_secret_value(),
         settings.broker_url.get_secret_value(),
-        projector.publish,
         prefetch=settings.sync_prefetch,
     )
     consuming = asyncio.Event()

@@ -19,6 +19,10 @@ log = structlog.get_logger()
 class ClaimsEvents(Protocol):
     def claim(self, limit: int) -> AbstractAsyncContextManager[list[BuyOrderCreated]]: ...
 
+    def keeping_connection(self) -> AbstractAsyncContextManager[None]:
+        """Claims inside may share one database connection (held while batches keep coming)."""
+        ...
+
 
 class Relay:
     def __init__(
@@ -48,6 +52,10 @@ class Relay:
         return len(events)
 
     async def run(self, stop: asyncio.Event) -> None:
+        async with self._outbox.keeping_connection():
+            await self._loop(stop)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         backoff = 0.05
         while not stop.is_set():
             self.wake.clear()
