@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     fluentd_host: str | None = None
     fluentd_port: int = 24224
     service_name: str = "pydist"
+    otel_telemetry: bool = Field(
+        default=False,
+        description="FastAPI's native OpenTelemetry instrumentation: on only where an OTel provider "
+        "is configured (pydist's own telemetry is Prometheus + structlog); off, it costs nothing per "
+        "request, on, it looks the providers up on every request",
+    )
 
     @model_validator(mode="after")
     def _price_timing_is_coherent(self) -> Settings:

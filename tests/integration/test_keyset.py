@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from pydist.adapters import read_store
 from pydist.adapters.read_store import ReadStore
 from pydist.domain.errors import UnknownReferenceError
+from pydist.domain.events import BuyOrderCreated
+from pydist.domain.money import Currency
+from pydist.domain.order import BuyOrder
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.services import Databases
@@ -46,12 +52,12 @@ async def walk(store: ReadStore, size: int) -> tuple[list[uuid.UUID], list[int]]
     ref: uuid.UUID | None = None
     for _ in range(1000):  # bounded
         page = await store.page(size, ref)
-        ids.extend(o.id for o in page.rows)
-        sizes.append(len(page.rows))
+        ids.extend(page.ids)
+        sizes.append(len(page.public_rows))
         if not page.has_more:
             return ids, sizes
-        assert len(page.rows) == size
-        ref = page.rows[-1].id
+        assert len(page.public_rows) == size
+        ref = page.ids[-1]
     raise AssertionError("the walk did not end")
 
 
@@ -81,7 +87,7 @@ async def test_reference_to_the_last_row_gives_an_empty_final_page(stores: Store
     keys = await insert_rows(clean.read_url, [T0, T0, T0 - timedelta(seconds=1)])
     oldest = min(keys)[1]
     page = await stores.read.page(10, oldest)
-    assert page.rows == []
+    assert page.public_rows == []
     assert page.has_more is False
 
 
@@ -93,7 +99,7 @@ async def test_unknown_reference_is_refused(stores: Stores, clean: Databases):
 
 async def test_empty_read_model_first_page(stores: Stores, clean: Databases):
     page = await stores.read.page(10, None)
-    assert (page.rows, page.has_more) == ([], False)
+    assert (page.public_rows, page.has_more) == ([], False)
 
 
 async def execute(url: str, sql: str) -> None:
@@ -130,7 +136,7 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
     ref, expected = oracle[0]["id"], [r["id"] for r in oracle[1:]]
 
     page = await stores.read.page(20, ref)
-    assert [o.id for o in page.rows] == expected
+    assert page.ids == expected
     assert page.has_more
 
     for sql, params in ((read_store._NEXT_PAGE, (21, ref)), (read_store._FIRST_PAGE, (21,))):
@@ -181,12 +187,11 @@ async def test_identical_concurrent_page_reads_share_a_query(stores: Stores, cle
     reads = CountingReads(stores.read)
     pages = await asyncio.gather(*(stores.read.page(10, None) for _ in range(64)))
     assert reads.rounds <= 2
-    assert all([o.id for o in p.rows] == newest[:10] and p.has_more for p in pages)
-    assert pages[0].public_rows == [o.to_public() for o in pages[0].rows]
+    assert all(p.ids == newest[:10] and p.has_more for p in pages)
 
     reads.rounds = 0
     mixed = await asyncio.gather(*(stores.read.page(size, None) for size in (3, 5, 3, 5)))
-    assert [len(p.rows) for p in mixed] == [3, 5, 3, 5]
+    assert [len(p.public_rows) for p in mixed] == [3, 5, 3, 5]
     assert reads.rounds == 2
     assert stores.read._open == {}
     assert stores.read._newest == {}
@@ -207,10 +212,10 @@ async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores,
     assert not late.done()  # waiting for the next round, not served the running one's answer
     reads.hold.set()
     early_page, late_page = await asyncio.wait_for(asyncio.gather(early, late), 10)
-    assert [o.id for o in early_page.rows] != [o.id for o in late_page.rows]
-    assert late_page.rows[0].id == newer_id
-    assert len(late_page.rows) == 2
-    assert len(early_page.rows) == 1
+    assert early_page.ids != late_page.ids
+    assert late_page.ids[0] == newer_id
+    assert len(late_page.public_rows) == 2
+    assert len(early_page.public_rows) == 1
     assert reads.rounds == 2
 
 
@@ -224,7 +229,7 @@ async def test_a_client_that_leaves_does_not_cancel_the_shared_read(stores: Stor
     leaving.cancel()
     reads.hold.set()
     page = await asyncio.wait_for(staying, 10)
-    assert len(page.rows) == 2
+    assert len(page.public_rows) == 2
     assert reads.rounds == 1
     assert leaving.cancelled()
 
@@ -235,4 +240,60 @@ async def test_an_unknown_reference_fails_every_request_sharing_it(stores: Store
     results = await asyncio.gather(*(stores.read.page(10, missing) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, UnknownReferenceError) for r in results)
     page = await stores.read.page(10, None)  # and the store still serves
-    assert len(page.rows) == 1
+    assert len(page.public_rows) == 1
+
+
+def _edge_orders(n_random: int) -> list[BuyOrder]:
+    """Orders whose wire form is easy to get wrong: whole seconds (no fraction in isoformat),
+    fractions with trailing zeros, offsets other than UTC, leap days, year boundaries, the
+    smallest and largest amounts, rates of every scale from 1e-12 to 1e15."""
+    rng = random.Random(20261130)
+    instants = [
+        datetime(2024, 5, 1, 12, 0, 0, 0, tzinfo=UTC),
+        datetime(2024, 5, 1, 12, 0, 0, 1, tzinfo=UTC),
+        datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=UTC),
+        datetime(2024, 5, 1, 12, 0, 0, 999999, tzinfo=UTC),
+        datetime(2024, 2, 29, 23, 59, 59, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-11))),
+        datetime(2038, 1, 19, 3, 14, 8, 0, tzinfo=UTC),
+    ]
+    instants += [
+        datetime(2000, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randrange(10**15))
+        for _ in range(n_random)
+    ]
+    amounts = ["0.01", "999999999.99", "10.00", "10.50", "123.45"]
+    rates = ["97000", "97000.00", "0.000000000001", "123456789012345.123456789", "1.5", "60000.1"]
+    btcs = ["0.00000001", "100.00000000", "0.00127269", "1.00000000"]
+    return [
+        BuyOrder(
+            id=uuid.uuid4(),
+            idempotence_key=uuid.uuid4(),
+            created_at=at,
+            currency=Currency(("EUR", "GBP", "USD")[i % 3]),
+            currency_amount=Decimal(amounts[i % len(amounts)]),
+            btc_rate=Decimal(rates[i % len(rates)]),
+            btc_amount=Decimal(btcs[i % len(btcs)]),
+        )
+        for i, at in enumerate(instants)
+    ]
+
+
+async def test_pages_render_each_row_exactly_as_to_public(stores: Stores, clean: Databases):
+    """The page query writes the wire form itself (ReadStore._PUBLIC): over edge values projected
+    by the real projector path, every row equals BuyOrder.to_public() character for character, and
+    the page's JSON equals orjson's rendering of those dicts."""
+    orders = _edge_orders(300)
+    await stores.read.apply([BuyOrderCreated(uuid.uuid4(), o) for o in orders])
+    by_id = {str(o.id): o.to_public() for o in orders}
+    seen = 0
+    ref: uuid.UUID | None = None
+    while True:
+        page = await stores.read.page(37, ref)
+        for row in page.public_rows:
+            assert row == by_id[row["id"]], row
+        assert page.public_json == orjson.dumps([by_id[r["id"]] for r in page.public_rows])
+        seen += len(page.public_rows)
+        if not page.has_more:
+            break
+        ref = page.ids[-1]
+    assert seen == len(orders)

@@ -114,9 +114,9 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     reader = ReadStore(engines["fetch"])
     first = await reader.page(1, None)
     assert first.has_more
-    assert len(first.rows) == 1
-    second = await reader.page(1, first.rows[0].id)
-    assert {first.rows[0].id, second.rows[0].id} == {p.order.id for p in placed}
+    assert len(first.public_rows) == 1
+    second = await reader.page(1, first.ids[0])
+    assert {first.ids[0], second.ids[0]} == {p.order.id for p in placed}
 
 
 # ------------------------------------------------------------------------------ and nothing else

@@ -653,7 +653,9 @@ class FakeReadStore:
 
 async def test_fetch_pages_link_to_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
     older = stored_order(OTHER_KEY)
-    store = FakeReadStore([Page([stored_order()], has_more=True), Page([older], has_more=False)])
+    store = FakeReadStore(
+        [Page([stored_order().to_public()], has_more=True), Page([older.to_public()], has_more=False)]
+    )
     monkeypatch.setattr(fetch_api, "ReadStore", lambda _engine: store)
     async with client_for(fetch_api.create_app(make_settings())) as client:
         first = await client.get("/buy_orders?page_size=1")

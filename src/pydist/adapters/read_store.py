@@ -31,16 +31,29 @@ _DISCONNECTS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError
 
 _COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
 
+# Each row in its wire form, exactly as BuyOrder.to_public() writes it (tests/integration/
+# test_keyset.py compares the two over edge values): uuid and numerics as Postgres prints them (no
+# exponent, the stored scale), the instant in UTC with microseconds only when there are any, and Z.
+# Rendering in the query spares the fetch process the decoding into uuid/datetime/Decimal and the
+# formatting back to text: two thirds of its CPU per page (docs/benchmarks.md).
+_PUBLIC = """
+    o.id::text AS id,
+    to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+        || CASE WHEN date_part('microseconds', o.created_at)::int % 1000000 = 0 THEN ''
+                ELSE to_char(o.created_at AT TIME ZONE 'UTC', '.US') END
+        || 'Z' AS created_at,
+    o.currency, o.currency_amount::text AS currency_amount, o.btc_rate::text AS btc_rate,
+    o.btc_amount::text AS btc_amount
+"""
 # One round trip for any page. With a reference: the LEFT JOIN yields no row at all when the
 # reference is unknown, and one all-NULL row when it is known but nothing is older.
 # Sent with asyncpg directly (one round trip, a prepared statement per connection).
-_FIRST_PAGE = f"SELECT {_COLUMNS} FROM buy_orders ORDER BY created_at DESC, id DESC LIMIT $1"
+_FIRST_PAGE = f"SELECT {_PUBLIC} FROM buy_orders o ORDER BY o.created_at DESC, o.id DESC LIMIT $1"
 _NEXT_PAGE = f"""
-    SELECT b.id, b.idempotence_key, b.created_at, b.currency, b.currency_amount, b.btc_rate,
-           b.btc_amount
+    SELECT b.*
     FROM (SELECT created_at, id FROM buy_orders WHERE id = $2) AS ref
     LEFT JOIN LATERAL (
-        SELECT {_COLUMNS} FROM buy_orders o
+        SELECT {_PUBLIC} FROM buy_orders o
         WHERE (o.created_at, o.id) < (ref.created_at, ref.id)
         ORDER BY o.created_at DESC, o.id DESC
         LIMIT $1
@@ -66,13 +79,13 @@ PageKey = tuple[int, uuid.UUID | None]
 
 @dataclass(frozen=True)
 class Page:
-    rows: list[BuyOrder]
+    public_rows: list[dict[str, str]]
+    """The rows in their wire form (BuyOrder.to_public()), newest first."""
     has_more: bool
 
-    @cached_property
-    def public_rows(self) -> list[dict[str, str]]:
-        """The rows in their wire form, computed once however many requests share this page."""
-        return [o.to_public() for o in self.rows]
+    @property
+    def ids(self) -> list[uuid.UUID]:
+        return [uuid.UUID(r["id"]) for r in self.public_rows]
 
     @cached_property
     def public_json(self) -> bytes:
@@ -125,8 +138,8 @@ class ReadStore:
             raise unavailable(exc) from exc
         if last_reference is not None and not rows:
             raise UnknownReferenceError(f"no buy order with id {last_reference}")
-        orders = [order_from_row(r) for r in rows if r["id"] is not None]
-        return Page(orders[:page_size], has_more=len(orders) > page_size)
+        public = [dict(r) for r in rows if r["id"] is not None]
+        return Page(public[:page_size], has_more=len(public) > page_size)
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
         """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and

@@ -139,6 +139,14 @@ class EdgeMiddleware:
             )
 
 
+def _api_routes_first(app: FastAPI) -> None:
+    """The router tries routes in order and FastAPI registers its docs routes first: put the
+    service's own API before the docs and ops routes, so a request to it matches on the first
+    try instead of the eighth (the paths never overlap, so nothing else changes)."""
+    rest = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url, *OPEN_PATHS}
+    app.router.routes.sort(key=lambda route: getattr(route, "path", None) in rest)
+
+
 def build_app(
     *,
     service: str,
@@ -157,6 +165,7 @@ def build_app(
 
     @asynccontextmanager
     async def frozen_after_startup(app: FastAPI) -> AsyncIterator[Any]:
+        _api_routes_first(app)
         async with lifespan(app) as state:
             # What start-up built lives as long as the process: move it out of the collector's
             # way, so full collections stop walking it (measured: p99 137 → 89 ms on create).
@@ -164,7 +173,14 @@ def build_app(
             gc.freeze()
             yield state
 
-    app = FastAPI(title=title, description=description, version="1.0.0", lifespan=frozen_after_startup)
+    otel = settings.otel_telemetry
+    app = FastAPI(
+        title=title,
+        description=description,
+        version="1.0.0",
+        lifespan=frozen_after_startup,
+        telemetry={"tracing": otel, "metrics": otel, "logs": otel},
+    )
     install_problem_handlers(app)
     api_keys = settings.api_key_set if service in KEYED_SERVICES else frozenset()
     app.add_middleware(EdgeMiddleware, service=service, api_keys=api_keys)
