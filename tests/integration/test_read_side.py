@@ -11,6 +11,7 @@ import orjson
 import pytest
 import structlog
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.broker import QUEUE, BatchingConsumer, BrokerPublisher
 from pydist.adapters.db import make_engine
@@ -281,12 +282,7 @@ async def test_relay_survives_losing_its_database_connection_after_publishing(
 
     sink = KillAfterPublish()
     relay = Relay(Outbox(engine, clean.write_url), sink, batch=50, idle_poll_s=0.1, max_backoff_s=0.2)
-    try:
-        async with background() as bg:
-            bg.start(relay.run, "relay")
-            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=30, what="backlog", bg=bg)
-    finally:
-        await engine.dispose()
+    await _relay_until_drained(relay, engine, clean.write_url)
     assert sink.kills == 1
     assert sink.published == 60  # everything went out twice …
     await assert_models_agree(stores, 30)  # … and is in the read model once
@@ -333,12 +329,7 @@ async def test_relay_keeps_one_connection_while_batches_keep_coming(stores: Stor
     event.listen(engine.sync_engine.pool, "checkout", on_checkout)
     sink = RecordingSink(Projector(stores.read))
     relay = Relay(Outbox(engine, clean.write_url), sink, batch=10, idle_poll_s=0.1)
-    try:
-        async with background() as bg:
-            bg.start(relay.run, "relay")
-            await wait_until(lambda: _backlog_zero(clean.write_url), timeout=30, what="backlog", bg=bg)
-    finally:
-        await engine.dispose()
+    await _relay_until_drained(relay, engine, clean.write_url)
     assert len(sink.calls) >= 30
     assert checkouts <= 5, checkouts
     await assert_models_agree(stores, 300)
@@ -436,6 +427,16 @@ async def _handled(handler: CountingHandler, n: int) -> bool:
 
 async def _depth_zero(probe, name: str) -> bool:  # type: ignore[no-untyped-def]
     return await probe.depth(name) == 0
+
+
+async def _relay_until_drained(relay: Relay, engine: AsyncEngine, write_url: str) -> None:
+    """Run `relay` until the outbox backlog is empty, then dispose of its engine."""
+    try:
+        async with background() as bg:
+            bg.start(relay.run, "relay")
+            await wait_until(lambda: _backlog_zero(write_url), timeout=30, what="backlog", bg=bg)
+    finally:
+        await engine.dispose()
 
 
 async def _backlog_zero(write_url: str) -> bool:
