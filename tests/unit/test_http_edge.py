@@ -40,6 +40,7 @@ from pydist.domain.errors import (
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
 from pydist.entrypoints import create_api, fetch_api
+from pydist.entrypoints.http_app import _api_routes_first
 from pydist.service.create_order import Outcome
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
@@ -668,3 +669,32 @@ async def test_fetch_pages_link_to_the_next_one(monkeypatch: pytest.MonkeyPatch)
         assert store.calls == [(1, None), (1, ORDER_ID)]
         unknown = await client.get(f"/buy_orders?last_reference={OTHER_KEY}")
         assert_problem(unknown, 404)
+
+
+@pytest.mark.parametrize(
+    ("factory", "api_path"), [(create_api.create_app, "/buy_order"), (fetch_api.create_app, "/buy_orders")]
+)
+async def test_the_api_route_is_tried_first_and_every_other_route_still_answers(
+    factory: Any, api_path: str
+) -> None:
+    """build_app reorders the routes at start-up (the router tries them in order): the service's
+    API first, then FastAPI's docs and the ops routes, all still reachable."""
+    app = factory(make_settings())
+    before = {getattr(r, "path", None) for r in app.router.routes}
+    _api_routes_first(app)
+    paths = [getattr(r, "path", None) for r in app.router.routes]
+    assert paths[0] == api_path
+    assert set(paths) == before
+    async with client_for(app) as client:
+        for path in ("/openapi.json", "/docs", "/redoc", "/healthcheck", "/metrics"):
+            assert (await client.get(path)).status_code == 200, path
+
+
+def test_fastapi_native_telemetry_is_off_unless_asked_for() -> None:
+    """OTel lookups cost three environment reads per request; pydist configures no OTel provider."""
+    assert Settings().otel_telemetry is False
+    off = fetch_api.create_app(make_settings())
+    on = fetch_api.create_app(make_settings(otel_telemetry=True))
+    flags = ("tracing", "metrics", "logs")
+    assert [off._telemetry[f] for f in flags] == [False, False, False]
+    assert [on._telemetry[f] for f in flags] == [True, True, True]
