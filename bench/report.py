@@ -146,6 +146,20 @@ def render(r: dict[str, Any]) -> str:
             "**met**" if not missed else "missed: " + ", ".join(missed),
         ]
     )
+    easy = last.get("sustained_headroom")
+    if easy:  # the same, below saturation: what the pipeline does with CPU to spare
+        rows.append(
+            [
+                f"read-model lag p50 / p99 below saturation (c={easy['connections']}: "
+                f"{_n(easy['rps']['median'])} orders/s for {easy['duration_s']:.0f} s)",
+                f"{_n(easy['lag_p50_ms'])} / {_n(easy['lag_p99_ms'])} ms; backlog max {easy['backlog_max']}, "
+                f"trend {_n(easy['backlog_slope_per_s'], 1)}/s",
+                "-",
+                "-",
+                "(for information)",
+                "-",
+            ]
+        )
     ratio = _ratio(relay["relay_eps"]["median"], relay["raw_mps"]["median"])
     rows.append(
         [

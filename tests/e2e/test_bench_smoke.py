@@ -49,6 +49,9 @@ def test_bench_smoke_writes_the_table(tmp_path: Path) -> None:
     assert stage["fetch"]["rps"]["median"] > 0
     assert stage["page_deep"]["depth"] > 0
     assert stage["sustained"]["projected"] == stage["sustained"]["written"] > 0
+    easy = stage["sustained_headroom"]
+    assert easy["projected"] == easy["written"] > 0
+    assert "read-model lag p50 / p99 below saturation" in table
     assert results["relay"]["relay_eps"]["median"] > 0
     assert results["scaling"]["create_2w"]["rps"]["median"] > 0
     assert all(mb > 0 for mb in results["rss_mb"].values())
