@@ -335,9 +335,13 @@ class Bench:
         ref, depth = asyncio.run(self.loader.reference_at_depth(plan.deep_depth))
         deep_url = f"{fetch_url}?page_size=10&last_reference={ref}"
         first_url = f"{fetch_url}?page_size=10"
-        run_wrk(deep_url, "get.lua", connections=1, duration_s=1)  # warm-up
-        first = self.wrk_runs(first_url, "get.lua", 1, plan.latency_s)
-        deep = self.wrk_runs(deep_url, "get.lua", 1, plan.latency_s)
+        for url in (first_url, deep_url):  # warm-up: each pooled connection prepares its statements
+            run_wrk(url, "get.lua", connections=1, duration_s=1)
+        first: list[WrkResult] = []
+        deep: list[WrkResult] = []
+        for _ in range(plan.runs):  # interleaved, so drift (autovacuum, neighbours) hits both alike
+            first += self.wrk_runs(first_url, "get.lua", 1, plan.latency_s, runs=1)
+            deep += self.wrk_runs(deep_url, "get.lua", 1, plan.latency_s, runs=1)
         stage["page_first"] = wrk_json(first, "fetch")
         stage["page_deep"] = wrk_json(deep, "fetch")
         stage["page_deep"]["depth"] = depth
