@@ -16,11 +16,13 @@ import orjson
 import pytest
 
 from pydist.adapters import read_store
+from pydist.adapters.db import raw_connection
 from pydist.adapters.read_store import ReadStore
 from pydist.domain.errors import UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
+from pydist.entrypoints import fetch_api
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.services import Databases
@@ -139,12 +141,14 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
     assert page.ids == expected
     assert page.has_more
 
-    for sql, params in ((read_store._NEXT_PAGE, (21, ref)), (read_store._FIRST_PAGE, (21,))):
+    cases = [
+        (sql, params, mode)
+        for sql, params in ((read_store._NEXT_PAGE, (21, ref)), (read_store._FIRST_PAGE, (21,)))
+        for mode in ("force_custom_plan", "force_generic_plan")  # the fetch pool uses generic plans
+    ]
+    for sql, params, mode in cases:
         assert "OFFSET" not in sql.upper()
-        rows = await testdb.fetch(clean.read_url, "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *params)
-        doc = rows[0][0]
-        plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
-        nodes = plan_nodes(plan)
+        nodes = plan_nodes(await explain_prepared(clean.read_url, sql, params, mode))
         kinds = [n["Node Type"] for n in nodes]
         assert "Sort" not in kinds, kinds
         assert "Incremental Sort" not in kinds, kinds
@@ -157,6 +161,45 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
         if sql is read_store._NEXT_PAGE:
             assert "created_at" in scan.get("Index Cond", ""), scan  # starts at the reference
             assert "Filter" not in scan, scan
+
+
+async def explain_prepared(
+    url: str, sql: str, params: tuple[Any, ...], plan_cache_mode: str
+) -> dict[str, Any]:
+    """EXPLAIN ANALYZE of `sql` run as a prepared statement under `plan_cache_mode`."""
+    conn = await asyncpg.connect(url, timeout=5, server_settings={"plan_cache_mode": plan_cache_mode})
+    try:
+        types = "int" if len(params) == 1 else "int, uuid"
+        await conn.execute(f"PREPARE page_q({types}) AS {sql}")
+        literal = ", ".join(f"'{p}'" for p in params)
+        doc = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE page_q({literal})")
+    finally:
+        await conn.close()
+    plan: dict[str, Any] = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+    return plan
+
+
+async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
+    """The fetch process's connections plan each page statement once (generic plans), where
+    Postgres' default kept re-planning them on every call."""
+    await insert_rows(clean.read_url, [T0 + timedelta(seconds=i) for i in range(30)])
+    engine = fetch_api.fetch_engine(clean.read_url, 1)  # one connection: the statements stay on it
+    try:
+        store = ReadStore(engine)
+        first = await store.page(10, None)
+        for _ in range(12):
+            await store.page(10, None)
+            await store.page(10, first.ids[-1])
+        async with raw_connection(engine) as conn:
+            assert await conn.fetch("SHOW plan_cache_mode") == [("force_generic_plan",)]
+            plans = await conn.fetch(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = ANY($1)",
+                [read_store._FIRST_PAGE, read_store._NEXT_PAGE],
+            )
+    finally:
+        await engine.dispose()
+    assert len(plans) == 2
+    assert all(r["custom_plans"] == 0 and r["generic_plans"] >= 12 for r in plans), plans
 
 
 class CountingReads:

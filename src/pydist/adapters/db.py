@@ -36,9 +36,11 @@ def make_engine(
     pool_timeout_s: float = POOL_TIMEOUT_S,
     pre_ping: bool = True,
     max_overflow: int | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> AsyncEngine:
     """`pre_ping=False` saves the checkout round trips on a read-only hot path; a connection found
-    dead then fails one call (503) and is thrown away by raw_connection()."""
+    dead then fails one call (503) and is thrown away by raw_connection(). `server_settings` are
+    Postgres settings for every connection of the pool."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
@@ -49,7 +51,7 @@ def make_engine(
         # instead of holding the client for SQLAlchemy's default 30 s.
         pool_timeout=pool_timeout_s,
         connect_args={
-            "server_settings": {"application_name": application_name},
+            "server_settings": {"application_name": application_name, **(server_settings or {})},
             "command_timeout": 10,
             "timeout": 5,
         },
