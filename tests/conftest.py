@@ -61,7 +61,5 @@ def coinbase() -> Iterator[CoinbaseStub]:
 @pytest.fixture
 def stub(coinbase: CoinbaseStub) -> CoinbaseStub:
     """The session's stub, back to healthy default prices."""
-    from pydist.devtools.coinbase_stub import DEFAULT_PRICES
-
-    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+    coinbase.reset()
     return coinbase

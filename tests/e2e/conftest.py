@@ -268,7 +268,7 @@ def feed_stub() -> Iterator[CoinbaseStub]:
 @pytest.fixture
 def feed(feed_stub: CoinbaseStub) -> CoinbaseStub:
     """The stacks' stub, healthy, default prices, hit counts reset."""
-    feed_stub.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+    feed_stub.reset()
     return feed_stub
 
 
@@ -413,7 +413,7 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.
 @pytest.fixture(scope="module")
 def api_system(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
     """price, create and fetch on the session's databases and healthy stub, for one module."""
-    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+    coinbase.reset()
     asyncio.run(testdb.reset(databases.write_url, databases.read_url))
     env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
     with running(env, "price", "create", "fetch") as started:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from pydist.devtools.coinbase_stub import DEFAULT_PRICES, CoinbaseStub
+from pydist.devtools.coinbase_stub import CoinbaseStub
 from tests.support.procs import System, base_env, running
 from tests.support.services import Databases
 
@@ -429,7 +429,7 @@ def with_password(url: str) -> str:
 
 @pytest.fixture(scope="class")
 def keyed(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
-    coinbase.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+    coinbase.reset()
     env = base_env(with_password(databases.write_url), with_password(databases.read_url), coinbase.url, None)
     env.update(API_KEYS=f" {KEYS[0]} ,{KEYS[1]}", LOG_LEVEL="DEBUG")
     with running(env, "price", "create", "fetch", "relay") as started:

@@ -110,6 +110,10 @@ class CoinbaseStub:
             if reset_hits:
                 self.hits.clear()
 
+    def reset(self) -> None:
+        """Back to how it started: healthy, the default prices, no hits counted."""
+        self.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
+
     def start(self) -> CoinbaseStub:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
