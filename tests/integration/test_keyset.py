@@ -25,6 +25,7 @@ from pydist.domain.order import BuyOrder
 from pydist.entrypoints import fetch_api
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
+from tests.support.read_side import page_ids
 from tests.support.services import Databases
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -54,12 +55,12 @@ async def walk(store: ReadStore, size: int) -> tuple[list[uuid.UUID], list[int]]
     ref: uuid.UUID | None = None
     for _ in range(1000):  # bounded
         page = await store.page(size, ref)
-        ids.extend(page.ids)
+        ids.extend(page_ids(page))
         sizes.append(len(page.public_rows))
         if not page.has_more:
             return ids, sizes
         assert len(page.public_rows) == size
-        ref = page.ids[-1]
+        ref = page_ids(page)[-1]
     raise AssertionError("the walk did not end")
 
 
@@ -138,7 +139,7 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
     ref, expected = oracle[0]["id"], [r["id"] for r in oracle[1:]]
 
     page = await stores.read.page(20, ref)
-    assert page.ids == expected
+    assert page_ids(page) == expected
     assert page.has_more
 
     cases = [
@@ -189,7 +190,7 @@ async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
         first = await store.page(10, None)
         for _ in range(12):
             await store.page(10, None)
-            await store.page(10, first.ids[-1])
+            await store.page(10, page_ids(first)[-1])
         async with raw_connection(engine) as conn:
             assert await conn.fetch("SHOW plan_cache_mode") == [("force_generic_plan",)]
             plans = await conn.fetch(
@@ -230,7 +231,7 @@ async def test_identical_concurrent_page_reads_share_a_query(stores: Stores, cle
     reads = CountingReads(stores.read)
     pages = await asyncio.gather(*(stores.read.page(10, None) for _ in range(64)))
     assert reads.rounds <= 2
-    assert all(p.ids == newest[:10] and p.has_more for p in pages)
+    assert all(page_ids(p) == newest[:10] and p.has_more for p in pages)
 
     reads.rounds = 0
     mixed = await asyncio.gather(*(stores.read.page(size, None) for size in (3, 5, 3, 5)))
@@ -255,8 +256,8 @@ async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores,
     assert not late.done()  # waiting for the next round, not served the running one's answer
     reads.hold.set()
     early_page, late_page = await asyncio.wait_for(asyncio.gather(early, late), 10)
-    assert early_page.ids != late_page.ids
-    assert late_page.ids[0] == newer_id
+    assert page_ids(early_page) != page_ids(late_page)
+    assert page_ids(late_page)[0] == newer_id
     assert len(late_page.public_rows) == 2
     assert len(early_page.public_rows) == 1
     assert reads.rounds == 2
@@ -338,5 +339,5 @@ async def test_pages_render_each_row_exactly_as_to_public(stores: Stores, clean:
         seen += len(page.public_rows)
         if not page.has_more:
             break
-        ref = page.ids[-1]
+        ref = page_ids(page)[-1]
     assert seen == len(orders)

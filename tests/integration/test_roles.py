@@ -30,6 +30,7 @@ from pydist.migrations.roles import ensure_roles
 from pydist.service.create_order import CreateBuyOrder
 from pydist.service.projector import Projector
 from tests.support import db as testdb
+from tests.support.read_side import page_ids
 from tests.support.services import PG_ADMIN_URL, Databases
 
 WRITE_ROLES = ("pydist_create", "pydist_relay")
@@ -115,8 +116,8 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     first = await reader.page(1, None)
     assert first.has_more
     assert len(first.public_rows) == 1
-    second = await reader.page(1, first.ids[0])
-    assert {first.ids[0], second.ids[0]} == {p.order.id for p in placed}
+    second = await reader.page(1, page_ids(first)[0])
+    assert {page_ids(first)[0], page_ids(second)[0]} == {p.order.id for p in placed}
 
 
 # ------------------------------------------------------------------------------ and nothing else

@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from pydist.adapters.broker import DEAD_LETTER_QUEUE, QUEUE, BatchingConsumer, declare_topology
 from pydist.adapters.db import order_from_row
+from pydist.adapters.read_store import Page
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
@@ -53,6 +54,11 @@ async def create_orders(stores: Stores, n: int, *, concurrency: int = 50, start:
             return outcome.order
 
     return list(await asyncio.gather(*(one(start + i) for i in range(n))))
+
+
+def page_ids(page: Page) -> list[uuid.UUID]:
+    """The ids of a listing page's rows, in order."""
+    return [uuid.UUID(r["id"]) for r in page.public_rows]
 
 
 async def count(url: str, sql: str = "SELECT count(*) AS n FROM buy_orders") -> int:

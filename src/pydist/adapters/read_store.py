@@ -83,10 +83,6 @@ class Page:
     """The rows in their wire form (BuyOrder.to_public()), newest first."""
     has_more: bool
 
-    @property
-    def ids(self) -> list[uuid.UUID]:
-        return [uuid.UUID(r["id"]) for r in self.public_rows]
-
     @cached_property
     def public_json(self) -> bytes:
         """`public_rows` as a JSON array, serialised once for all the requests sharing the page."""
@@ -175,16 +171,16 @@ class ReadStore:
         per use). A dead connection shows here instead: its idle siblings are likely dead too
         (database restart, backends terminated), so the pool is renewed and the statement sent
         once more, which is safe for both callers (a read; an idempotent upsert)."""
-        for attempt in (1, 2):
-            try:
-                async with raw_connection(self.engine) as conn:
-                    return await conn.fetch(sql, *args)
-            except _DISCONNECTS as exc:
-                if attempt == 2:
-                    raise
-                log.warning("read_model_connection_lost", error=type(exc).__name__)
-                await self.engine.dispose(close=False)
-        raise AssertionError("unreachable")
+        try:
+            return await self._fetch_once(sql, *args)
+        except _DISCONNECTS as exc:
+            log.warning("read_model_connection_lost", error=type(exc).__name__)
+            await self.engine.dispose(close=False)
+        return await self._fetch_once(sql, *args)
+
+    async def _fetch_once(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        async with raw_connection(self.engine) as conn:
+            return await conn.fetch(sql, *args)
 
     async def all_orders(self) -> dict[uuid.UUID, BuyOrder]:
         async with self.engine.connect() as conn:
