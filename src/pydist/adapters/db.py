@@ -132,8 +132,11 @@ def order_from_row(row: Any, id_column: str = "id", key_column: str = "idempoten
     )
 
 
-RAW_ERRORS = (*STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
-"""Driver-level failures on a raw connection: it is then thrown away, and the caller gets a 503."""
+RAW_ERRORS = (*STORE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""Driver-level failures on a raw connection: it is then thrown away, and the caller gets a 503.
+InternalClientError is how asyncpg sometimes reports a connection whose backend was terminated
+while it sat idle in the pool ("cannot switch to state 12; another operation (2) is in progress",
+seen in the read-model fault test): the connection is unusable, not the request wrong."""
 
 
 class RawConnection:

@@ -27,7 +27,13 @@ from pydist.domain.order import BuyOrder
 from pydist.service.ports import Projected
 
 log = structlog.get_logger()
-_DISCONNECTS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+_DISCONNECTS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a terminated idle connection, see db.RAW_ERRORS
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+)
 
 _COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
 
