@@ -45,11 +45,26 @@ ensure_wrk() {  # the benchmark smoke test drives load with wrk
     || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y wrk >/dev/null; } \
     || fail "could not install wrk (apt-get install wrk)"
 }
+ensure_prometheus() {  # tests/unit/test_alerts.py checks deploy/prometheus with promtool
+  command -v promtool >/dev/null 2>&1 && return 0
+  echo "test.sh: installing prometheus (for promtool)"
+  command -v apt-get >/dev/null 2>&1 || fail "promtool is missing and apt-get is not available: install prometheus"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  PROM_APT="$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus"
+  $PROM_APT >/dev/null 2>&1 || { $SUDO apt-get update >/dev/null && $PROM_APT >/dev/null; } \
+    || fail "could not install prometheus (apt-get install prometheus)"
+  # Only promtool is wanted: if the package started its own daemon (:9090), stop that one.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  command -v promtool >/dev/null 2>&1 || fail "prometheus installed but promtool is not on PATH"
+}
 command -v pg_isready >/dev/null 2>&1 || fail "pg_isready not found: install postgresql-client"
 command -v pgbench >/dev/null 2>&1 || fail "pgbench not found: install postgresql-client"
 ensure_postgres
 ensure_rabbitmq
 ensure_wrk
+ensure_prometheus
 
 echo "== ruff"
 uv run ruff check .

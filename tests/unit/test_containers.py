@@ -40,7 +40,9 @@ APP_COMMANDS = {
 }
 CLI_COMMANDS = set(APP_COMMANDS.values())
 ONE_SHOT = {"migration"}
-ALL_SERVICES = BACKING | set(APP_COMMANDS)
+# Monitoring (not pydist app services): Prometheus scrapes the apps, Grafana shows it.
+MONITORING = {"prometheus", "grafana"}
+ALL_SERVICES = BACKING | set(APP_COMMANDS) | MONITORING
 LONG_RUNNING = ALL_SERVICES - ONE_SHOT
 # Apps that use a database: they must not start before the schema exists.
 # btc_price has no database, so it does not wait for migration.
@@ -63,6 +65,8 @@ HEALTH_PORT_VAR = {
     "read_model_sync": "SYNC_METRICS_PORT",
 }
 PUBLIC_PORTS = {8777, 8778}
+# Published on the host loopback only: (service, port).
+LOOPBACK_PORTS = {("log", 24224), ("grafana", 3000)}
 SETTINGS_VARS = {name.upper() for name in Settings.model_fields}
 
 _ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -157,6 +161,17 @@ def _published_ports(service: dict[str, Any]) -> list[tuple[str, int]]:
         else:
             published.append((":".join(parts[:-2]), int(parts[-2])))
     return published
+
+
+def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of every bind mount (short syntax; named volumes left out)."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        assert isinstance(volume, str), f"long-syntax volume not handled: {volume!r}"
+        host, container, *_ = volume.split(":")
+        if host.startswith(("./", "/")):
+            mounts.append((host, container))
+    return mounts
 
 
 def _depends_on(service: dict[str, Any]) -> dict[str, str]:
@@ -279,15 +294,42 @@ def test_only_public_api_ports_are_published() -> None:
     published: dict[int, tuple[str, str]] = {}
     for name, service in _services().items():
         for host_ip, port in _published_ports(service):
-            if name == "log" and port == 24224:
+            if (name, port) in LOOPBACK_PORTS:
                 # The fluentd logging driver runs in dockerd on the host, so fluentd must
-                # be reachable on the host loopback, and only there.
-                assert host_ip == "127.0.0.1", "fluentd must be published on loopback only"
+                # be reachable on the host loopback, and only there; Grafana is for the
+                # operator on the host, never for the network.
+                assert host_ip == "127.0.0.1", f"{name}:{port} must be published on loopback only"
                 continue
             published[port] = (name, host_ip)
     assert set(published) == PUBLIC_PORTS
     assert published[8777][0] == "create_buy_order"
     assert published[8778][0] == "fetch_buy_orders"
+
+
+def test_bind_mounts_point_at_files_that_exist() -> None:
+    for name, service in _services().items():
+        for host, container in _bind_mounts(service):
+            assert host.startswith("./"), f"{name}: mount {host} must be relative to the repository"
+            assert (ROOT / host).exists(), f"{name}: {host} (mounted at {container}) does not exist"
+
+
+def test_monitoring_services_mount_the_deploy_config() -> None:
+    services = _services()
+    prometheus = services["prometheus"]
+    assert re.fullmatch(r"prom/prometheus:v2\.\d+\.\d+", prometheus["image"]), "pin a v2 release"
+    assert ("./deploy/prometheus", "/etc/prometheus") in _bind_mounts(prometheus)
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert (ROOT / "deploy" / "prometheus" / "prometheus.yml").is_file()
+    assert "depends_on" not in prometheus, "Prometheus must run while the apps are down"
+    grafana = services["grafana"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"]), "pin a release"
+    mounts = _bind_mounts(grafana)
+    assert ("./deploy/grafana/provisioning", "/etc/grafana/provisioning") in mounts
+    assert ("./deploy/grafana/dashboards", "/etc/grafana/dashboards") in mounts
+    for provisioned in ("datasources/prometheus.yml", "dashboards/pydist.yml"):
+        assert (ROOT / "deploy" / "grafana" / "provisioning" / provisioned).is_file(), provisioned
+    assert (ROOT / "deploy" / "grafana" / "dashboards" / "pydist.json").is_file()
+    assert _depends_on(grafana) == {"prometheus": "service_healthy"}
 
 
 def test_every_service_but_log_uses_fluentd_logging() -> None:
