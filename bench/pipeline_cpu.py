@@ -1,16 +1,16 @@
 """CPU per event of the two pipeline workers, measured in-process (time.process_time):
 
 - relay: outbox → RabbitMQ (claim, publish with confirms, mark), through `Relay.run`;
-- sync: RabbitMQ → read model (consume, parse, apply, ack), through `BatchingConsumer.run_once`,
+- sync: RabbitMQ → read model (consume, decode, apply, ack), through `EnvelopeConsumer.run`,
 
 each built exactly as `entrypoints/workers.py` builds it, on throw-away databases and a private
 vhost (dropped at the end), with the processes' JSON logging (to /dev/null) and gc.freeze().
 The phases run one after the other (all events are published before the consumer starts), so
-each figure is one side's own CPU. Batches are capped to stay near the sizes seen at the
-benchmark's create rate (claims of a few dozen events, a few messages per consumer batch) rather
-than the large batches of a drain, since per-batch costs (round trips, pre-ping) are what differ.
+each figure is one side's own CPU. Claims are capped to stay near the sizes seen at the
+benchmark's create rate (a few dozen events, so envelopes of that size) rather than the large
+batches of a drain, since per-message costs are what the envelope changes.
 
-    uv run python -m bench.pipeline_cpu [--n 20000] [--relay-batch 32] [--sync-batch 8] [--rounds 1]
+    uv run python -m bench.pipeline_cpu [--n 20000] [--relay-batch 32] [--rounds 1]
 
 To compare with another source tree (same bench): PYTHONPATH=OTHER/src uv run python -m bench.pipeline_cpu
 """
@@ -32,8 +32,9 @@ from tests.support.read_side import broker_probe
 from tests.support.services import create_databases, create_vhost, delete_vhost, drop_databases
 
 import pydist
-from pydist.adapters.broker import BrokerPublisher
 from pydist.adapters.outbox import Outbox
+from pydist.adapters.publisher import BrokerPublisher
+from pydist.adapters.rabbit import QUEUE
 from pydist.config import plain_url
 from pydist.domain.events import BuyOrderCreated
 from pydist.entrypoints.workers import build_sync, relay_engine
@@ -107,26 +108,30 @@ async def relay_phase(write_url: str, amqp_url: str, n: int, batch: int) -> tupl
     return cpu / n * 1e6, wall
 
 
-async def sync_phase(read_url: str, amqp_url: str, n: int, batch: int) -> tuple[float, float]:
+async def sync_phase(read_url: str, amqp_url: str, n: int) -> tuple[float, float]:
     """CPU µs per event and wall seconds for read_model_sync to apply and ack n queued events."""
-    engine, consumer = build_sync(read_url, amqp_url, prefetch=256, max_batch=batch)
+    done = asyncio.Event()
     handled = 0
+    engine, consumer = build_sync(read_url, amqp_url, prefetch=8)
     real = consumer._handler
 
     async def counting(events: Sequence[BuyOrderCreated]) -> None:
         nonlocal handled
         await real(events)
         handled += len(events)
+        if handled >= n:
+            done.set()
 
     consumer._handler = counting
     await consumer.start()
     gc.collect()
+    stop = asyncio.Event()
     cpu, wall = time.process_time(), time.perf_counter()
-    deadline = time.monotonic() + 120
-    while handled < n and time.monotonic() < deadline:
-        await consumer.run_once(timeout=2)
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.wait_for(done.wait(), 120)
+    stop.set()
+    await task
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    await consumer.stop_consuming()
     await consumer.close()
     await engine.dispose()
     rows = await _count(read_url, "SELECT count(*) FROM buy_orders")
@@ -136,7 +141,7 @@ async def sync_phase(read_url: str, amqp_url: str, n: int, batch: int) -> tuple[
 
 
 async def rounds_of(
-    write_url: str, read_url: str, amqp_url: str, n: int, relay_batch: int, sync_batch: int, rounds: int
+    write_url: str, read_url: str, amqp_url: str, n: int, relay_batch: int, rounds: int
 ) -> None:
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the processes' JSON log lines; restored below)
@@ -153,8 +158,8 @@ async def rounds_of(
                 await conn.execute("TRUNCATE buy_orders")
                 await conn.close()
                 relay_us, relay_s = await relay_phase(write_url, amqp_url, n, relay_batch)
-                assert await probe.depth("pydist.read_model_sync") == n
-                sync_us, sync_s = await sync_phase(read_url, amqp_url, n, sync_batch)
+                assert await probe.depth(QUEUE) == -(-n // relay_batch)  # one envelope per claim
+                sync_us, sync_s = await sync_phase(read_url, amqp_url, n)
             results.append((relay_us, relay_s, sync_us, sync_s))
             print(
                 f"round {r + 1}: relay {relay_us:6.1f} µs/event ({n / relay_s:,.0f} events/s), "
@@ -166,7 +171,7 @@ async def rounds_of(
         sync_med = statistics.median(x[2] for x in results)
         print(
             f"median of {rounds}: relay {relay_med:.1f} µs/event, sync {sync_med:.1f} µs/event "
-            f"(n={n:,}, relay batch {relay_batch}, sync batch {sync_batch})",
+            f"(n={n:,}, relay batch {relay_batch})",
             file=out,
         )
     finally:
@@ -178,17 +183,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000, help="events per round")
     parser.add_argument("--relay-batch", type=int, default=32, help="events per outbox claim")
-    parser.add_argument("--sync-batch", type=int, default=8, help="largest consumer batch")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     dbs = create_databases("cpu")  # migrated; Alembic runs its own event loop, so not inside ours
     vhost, amqp_url = create_vhost("cpu")
     try:
-        uvloop.run(
-            rounds_of(
-                dbs.write_url, dbs.read_url, amqp_url, args.n, args.relay_batch, args.sync_batch, args.rounds
-            )
-        )
+        uvloop.run(rounds_of(dbs.write_url, dbs.read_url, amqp_url, args.n, args.relay_batch, args.rounds))
     finally:
         drop_databases(dbs)
         delete_vhost(vhost)

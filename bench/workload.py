@@ -18,7 +18,8 @@ import asyncpg
 import orjson
 
 from bench.harness import pg_exec, pg_fetch
-from pydist.adapters.broker import QUEUE, to_amqp
+from pydist.adapters.messages import single_event
+from pydist.adapters.rabbit import QUEUE
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
@@ -286,13 +287,14 @@ def _sample_event() -> BuyOrderCreated:
 
 
 async def raw_publish(amqp_url: str, n: int, in_flight: int = 500) -> float:
-    """The baseline: aio-pika alone, publisher confirms, persistent messages of the relay's exact
-    shape into a durable queue, at most `in_flight` unconfirmed at any time. Returns msgs/s."""
+    """The baseline: aio-pika alone, one event per message (the v1 message), publisher confirms,
+    persistent, into a quorum queue like the relay's, at most `in_flight` unconfirmed at any
+    time. Returns msgs/s (= events/s)."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange("bench.raw", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue("bench.raw", durable=True)
+        queue = await channel.declare_queue("bench.raw", durable=True, arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, routing_key="#")
         template = _sample_event()
         window = asyncio.Semaphore(in_flight)
@@ -300,7 +302,7 @@ async def raw_publish(amqp_url: str, n: int, in_flight: int = 500) -> float:
         async def one() -> None:
             async with window:
                 event = BuyOrderCreated(uuid.uuid4(), template.order, template.request_id)
-                await exchange.publish(to_amqp(event), routing_key=BUY_ORDER_CREATED, mandatory=True)
+                await exchange.publish(single_event(event), routing_key=BUY_ORDER_CREATED, mandatory=True)
 
         started = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), timeout=120)

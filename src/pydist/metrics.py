@@ -41,10 +41,26 @@ PRICE_UPSTREAM_CALLS = Counter(
 )
 # relay
 OUTBOX_BACKLOG = Gauge("pydist_outbox_backlog", "Outbox rows not yet published", registry=None)
+OUTBOX_OLDEST_AGE = Gauge(
+    "pydist_outbox_oldest_unpublished_age_seconds",
+    "Age of the oldest outbox event not yet published (0 when none)",
+    registry=None,
+)
 EVENTS_PUBLISHED = Counter("pydist_events_published_total", "Events confirmed by the sink", registry=None)
+EVENTS_PER_MESSAGE = Histogram(
+    "pydist_events_per_message",
+    "Events per broker message (batch envelope)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=None,
+)
 # read_model_sync, and the relay in embedded mode
 EVENTS_PROJECTED = Counter("pydist_events_projected_total", "Events applied to the read model", registry=None)
-EVENTS_DEAD_LETTERED = Counter("pydist_events_dead_lettered_total", "Messages sent to the DLQ", registry=None)
+EVENTS_DEAD_LETTERED = Counter(
+    "pydist_events_dead_lettered_total",
+    "Events (or unreadable messages) read_model_sync sent to the DLQ",
+    registry=None,
+)
+DLQ_MESSAGES = Gauge("pydist_dlq_messages", "Messages waiting in the dead-letter queue", registry=None)
 READ_MODEL_LAG = Histogram(
     "pydist_read_model_lag_seconds",
     "Order commit to visible in the read model",
@@ -62,8 +78,9 @@ CREATE_METRICS: tuple[Collector, ...] = (
 )
 PRICE_METRICS: tuple[Collector, ...] = (PRICE_AGE, PRICE_UPSTREAM_CALLS)
 PROJECTION_METRICS: tuple[Collector, ...] = (EVENTS_PROJECTED, READ_MODEL_LAG)
-RELAY_METRICS: tuple[Collector, ...] = (OUTBOX_BACKLOG, EVENTS_PUBLISHED)
-SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED)
+RELAY_METRICS: tuple[Collector, ...] = (OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE, EVENTS_PUBLISHED)
+BROKER_RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PER_MESSAGE,)
+SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
 
 
 def expose(*collectors: Collector) -> None:

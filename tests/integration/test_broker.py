@@ -1,14 +1,14 @@
-"""The broker path under faults, on the real RabbitMQ (private vhost): the link to the broker cut
-through a TCP proxy mid-stream, poison messages, an unroutable publish; and the consumer's acks
-(one ack(multiple=True) per batch where safe), checked against a model of the broker's per-channel
-delivery tags and on the real broker."""
+"""The broker path on the real RabbitMQ (private vhost): the link cut through a TCP proxy
+mid-stream, poison whole and inside envelopes, a batch the read model refuses, the quorum queue's
+delivery limit, v1 and envelope messages mixed (rolling upgrade), `dlq replay`, an unroutable
+publish, and the move from classic to quorum queues."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -16,14 +16,26 @@ import orjson
 import pytest
 import structlog
 
-from pydist.adapters.broker import DEAD_LETTER_QUEUE, QUEUE, BatchingConsumer, BrokerPublisher
+from pydist.adapters import dlq
+from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE, EnvelopeConsumer
+from pydist.adapters.messages import ENVELOPE_TYPE, single_event
 from pydist.adapters.outbox import Outbox
-from pydist.domain.errors import EventRejectedError
+from pydist.adapters.publisher import BrokerPublisher
+from pydist.adapters.queue_migration import migrate_queues
+from pydist.adapters.rabbit import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    EXCHANGE,
+    QUEUE,
+)
 from pydist.domain.events import BuyOrderCreated
+from pydist.entrypoints.workers import build_sync
 from pydist.service import read_model_admin
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
+from tests.support import db as testdb
 from tests.support.read_side import (
     CountingHandler,
     background,
@@ -58,7 +70,7 @@ async def test_broker_link_cut_mid_stream_loses_and_duplicates_nothing(
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(url)
         handler = CountingHandler(Projector(stores.read).publish)
-        consumer = BatchingConsumer(url, handler, prefetch=100)
+        consumer = EnvelopeConsumer(url, handler, prefetch=100)
         relay = Relay(
             Outbox(stores.write.engine, clean.write_url),
             publisher,
@@ -130,7 +142,7 @@ async def test_consumer_reconnects_after_its_connection_is_reset(
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
         handler = CountingHandler(Projector(stores.read).publish)
-        consumer = BatchingConsumer(rabbit_proxy.url_for(amqp_url), handler, prefetch=10)
+        consumer = EnvelopeConsumer(rabbit_proxy.url_for(amqp_url), handler, prefetch=10)
         await consumer.start()
         try:
             async with background() as bg:
@@ -192,22 +204,21 @@ POISON: dict[str, bytes] = {
 }
 
 
-async def test_poison_messages_go_to_the_dlq_and_consumption_continues(
+async def test_poison_messages_go_to_the_dlq_whole_and_consumption_continues(
     stores: Stores, clean: Databases, amqp_url: str
 ):
-    """Each kind of bad message is dead-lettered with a log event; good messages published
-    before, among and after them are all projected, and the consumer keeps running."""
+    """Each kind of unreadable message goes to the DLQ whole, with its reason in a header and a
+    log event; good envelopes published before, among and after them are all projected."""
     await create_orders(stores, 6)
     events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
         handler = CountingHandler(Projector(stores.read).publish)
-        consumer = BatchingConsumer(amqp_url, handler, prefetch=50)
-        await consumer.start()
+        consumer = EnvelopeConsumer(amqp_url, handler, prefetch=50)
         try:
             with structlog.testing.capture_logs() as logs:
                 async with background() as bg:
-                    bg.start(consume_loop(consumer), "consumer")
+                    bg.start(consumer.run, "consumer")
                     await publisher.publish(events[:2])
                     for body in POISON.values():
                         await probe.publish_raw(body)
@@ -226,13 +237,270 @@ async def test_poison_messages_go_to_the_dlq_and_consumption_continues(
             await publisher.close()
         dead = await probe.get_all(DEAD_LETTER_QUEUE, len(POISON) + 1, timeout=2)
     assert sorted(m.body for m in dead) == sorted(POISON.values())
-    assert all((m.headers or {}).get("x-death") for m in dead)  # dead-lettered by the broker
-    lettered = [e for e in logs if e["event"] == "message_dead_lettered"]
+    assert all((m.headers or {}).get(REASON) for m in dead)
+    lettered = [e for e in logs if e["event"] == "event_dead_lettered"]
     assert len(lettered) == len(POISON)
     assert all(e["log_level"] == "error" for e in lettered)
     report = await read_model_admin.check(stores.write.engine, stores.read.engine)
     assert report.clean, report
     assert await count(clean.read_url) == 6
+
+
+def _envelope_body(items: list[object]) -> bytes:
+    return orjson.dumps({"message_type": ENVELOPE_TYPE, "schema_version": 2, "events": items})
+
+
+async def test_invalid_events_inside_an_envelope_are_dead_lettered_alone(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    """Through the real read_model_sync wiring (build_sync): an envelope of 8 good events and 3 bad
+    ones (unreadable, and one the read model refuses: isolated by splitting the batch) puts the 8
+    in the read model, each bad event alone in the DLQ with the reason and the envelope's ids."""
+    await create_orders(stores, 8)
+    good = [e.to_message() for e in await outbox_events(clean.write_url)]
+    bad = {
+        2: {**_good_message(), "event_version": 7},
+        5: orjson.loads(POISON["unknown currency"]),
+        9: orjson.loads(POISON["rate beyond Postgres numeric"]),  # readable; the read model refuses it
+    }
+    items: list[object] = list(good)
+    for index in sorted(bad):
+        items.insert(index, bad[index])
+    engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
+    async with broker_probe(amqp_url) as probe:
+        try:
+            async with background() as bg:
+                bg.start(consumer.run, "consumer")
+                await probe.publish_raw(_envelope_body(items), message_id="env-1", type=ENVELOPE_TYPE)
+                await wait_until(lambda: _depth_at_least(probe, DEAD_LETTER_QUEUE, 3), timeout=30, what="DLQ")
+                await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="acked")
+        finally:
+            await consumer.close()
+            await engine.dispose()
+        dead = await probe.get_all(DEAD_LETTER_QUEUE, 4, timeout=2)
+    assert await count(clean.read_url) == 8
+    assert sorted(orjson.loads(m.body)["event_id"] for m in dead) == sorted(
+        str(b["event_id"]) for b in bad.values()
+    )
+    headers = {orjson.loads(m.body)["event_id"]: m.headers or {} for m in dead}
+    for index, item in bad.items():
+        h = headers[str(item["event_id"])]
+        assert h[SOURCE_MESSAGE] == "env-1"
+        assert h[REASON]
+        assert h[EVENT_INDEX] == index
+    assert "refused by the read model" in headers[str(bad[9]["event_id"])][REASON]
+
+
+async def test_a_message_that_always_fails_ends_in_the_dlq_after_the_delivery_limit(
+    clean: Databases, amqp_url: str
+):
+    """A handler that fails in an unexpected way every time: the message is requeued, and after
+    the quorum queue's delivery limit the broker dead-letters it; the consumer keeps running and
+    the next message is handled."""
+    calls: list[int] = []
+
+    async def crashing(events: Sequence[BuyOrderCreated]) -> None:
+        calls.append(len(events))
+        if events[0].request_id == "crash":
+            raise RuntimeError("a bug in the projection")
+
+    consumer = EnvelopeConsumer(amqp_url, crashing, prefetch=1)
+    async with broker_probe(amqp_url) as probe:
+        try:
+            async with background() as bg:
+                bg.start(consumer.run, "consumer")
+                await probe.publish_raw(orjson.dumps({**_good_message(), "request_id": "crash"}))
+                await wait_until(lambda: _depth_at_least(probe, DEAD_LETTER_QUEUE, 1), timeout=60, what="DLQ")
+                await probe.publish_raw(orjson.dumps(_good_message()))
+                await wait_until(lambda: _true(len(calls) == DELIVERY_LIMIT + 2), timeout=30, what="next")
+                await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="acked")
+        finally:
+            await consumer.close()
+        (dead,) = await probe.get_all(DEAD_LETTER_QUEUE, 1, timeout=2)
+    deaths = (dead.headers or {}).get("x-death")
+    assert isinstance(deaths, list)
+    assert deaths[0]["reason"] == "delivery_limit"
+    assert orjson.loads(dead.body)["request_id"] == "crash"
+
+
+async def test_v1_messages_and_envelopes_mixed_project_each_order_once(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    """A rolling upgrade: an old relay still sends one v1 message per event while a new one sends
+    envelopes, for overlapping events. Every order lands once, identical to the write model."""
+    await create_orders(stores, 40)
+    events = await outbox_events(clean.write_url)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url, max_events=7)
+        handler = CountingHandler(Projector(stores.read).publish)
+        consumer = EnvelopeConsumer(amqp_url, handler, prefetch=8)
+        try:
+            async with background() as bg:
+                bg.start(consumer.run, "consumer")
+                for event in events[:25]:  # the old relay
+                    await probe.exchange.publish(single_event(event), routing_key="buy_order.created")
+                await publisher.publish(events[15:])  # the new one, 10 events overlapping
+                await wait_until(lambda: _has(clean.read_url, 40), timeout=30, what="40 rows", bg=bg)
+                await wait_until(lambda: _true(handler.events == 50), timeout=10, what="50 events", bg=bg)
+                await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="queue drained")
+        finally:
+            await consumer.close()
+            await publisher.close()
+        assert await probe.depth(DEAD_LETTER_QUEUE) == 0
+    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    assert report.clean, report
+    assert report.read_count == 40
+
+
+async def test_envelopes_respect_their_bounds(stores: Stores, clean: Databases, amqp_url: str):
+    """A claim of 300 events leaves as envelopes of at most 128 events and 24 KiB (the bytes bound
+    bites first here: 57 events of ~420 bytes), in order, every event exactly once."""
+    await create_orders(stores, 300)
+    events = await outbox_events(clean.write_url)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url, max_events=128, max_bytes=24 * 1024)
+        try:
+            await publisher.publish(events)
+        finally:
+            await publisher.close()
+        depth = await probe.depth(QUEUE)
+        messages = await probe.get_all(QUEUE, depth)
+    bodies = [orjson.loads(m.body) for m in messages]
+    assert all(len(m.body) <= 24 * 1024 for m in messages)
+    assert all(len(b["events"]) <= 128 for b in bodies)
+    assert [m.headers["event_count"] for m in messages] == [len(b["events"]) for b in bodies]
+    assert [e["event_id"] for b in bodies for e in b["events"]] == [str(e.event_id) for e in events]
+    assert len(messages) > 3  # the events bound alone would give 3: the bytes bound bit first
+
+
+async def test_dlq_replay_projects_once_the_cause_is_fixed(stores: Stores, clean: Databases, amqp_url: str):
+    """The read model refuses GBP orders for a while (a bad constraint): they are dead-lettered,
+    the others projected. After the fix `dlq replay` projects them and empties the DLQ; a second
+    replay, and `dlq list` before it, change nothing."""
+    await create_orders(stores, 30)
+    events = await outbox_events(clean.write_url)
+    gbp = sum(1 for e in events if e.order.currency.value == "GBP")
+    await testdb.fetch(
+        clean.read_url, "ALTER TABLE buy_orders ADD CONSTRAINT no_gbp CHECK (currency <> 'GBP')"
+    )
+    engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
+    async with broker_probe(amqp_url) as probe:
+        publisher = BrokerPublisher(amqp_url, max_events=8)
+        try:
+            async with background() as bg:
+                bg.start(consumer.run, "consumer")
+                await publisher.publish(events)
+                await wait_until(
+                    lambda: _depth_at_least(probe, DEAD_LETTER_QUEUE, gbp), timeout=30, what="DLQ"
+                )
+                await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="acked")
+            assert await count(clean.read_url) == 30 - gbp
+            listed = await dlq.list_dead_letters(amqp_url)
+            assert len(listed) == gbp
+            assert all("refused" in d.reason for d in listed)
+            assert len(await dlq.list_dead_letters(amqp_url)) == gbp  # listing removes nothing
+
+            await testdb.fetch(clean.read_url, "ALTER TABLE buy_orders DROP CONSTRAINT no_gbp")
+            projector = Projector(stores.read).publish
+            first = await dlq.replay(amqp_url, projector)
+            again = await dlq.replay(amqp_url, projector)
+        finally:
+            await consumer.close()
+            await publisher.close()
+            await engine.dispose()
+        assert await probe.depth(DEAD_LETTER_QUEUE) == 0
+    assert (first.replayed_messages, first.replayed_events, first.kept) == (gbp, gbp, [])
+    assert (again.replayed_messages, again.kept) == (0, [])
+    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    assert report.clean, report
+    assert report.read_count == 30
+
+
+async def test_classic_queues_move_to_quorum_with_nothing_lost(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    """The topology of before (classic queues) holding messages in both queues: `migrate-queues`
+    makes both quorum queues with every message kept, while a relay keeps publishing; a second
+    run changes nothing; the consumer then projects every order."""
+    await create_orders(stores, 20)
+    events = await outbox_events(clean.write_url)
+    vhost_url = await _fresh_vhost(amqp_url)
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        old_dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        await old_dlq.bind(dlx)
+        old = await channel.declare_queue(
+            QUEUE, durable=True, arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+        )
+        await old.bind(exchange, "buy_order.#")
+        for event in events[:15]:
+            await exchange.publish(single_event(event), routing_key="buy_order.created")
+        await dlx.publish(aio_pika.Message(b"garbage", delivery_mode=2), routing_key="")
+        moved = await migrate_queues(vhost_url)
+        assert moved == {DEAD_LETTER_QUEUE: 1, QUEUE: 15}
+        assert await migrate_queues(vhost_url) == {DEAD_LETTER_QUEUE: 0, QUEUE: 0}
+        types = _queue_types(vhost_url)
+        assert types == {QUEUE: "quorum", DEAD_LETTER_QUEUE: "quorum"}, types
+        publisher = BrokerPublisher(vhost_url)
+        consumer = EnvelopeConsumer(vhost_url, Projector(stores.read).publish, prefetch=4)
+        try:
+            await publisher.publish(events[10:])
+            async with background() as bg:
+                bg.start(consumer.run, "consumer")
+                await wait_until(lambda: _has(clean.read_url, 20), timeout=30, what="20 rows", bg=bg)
+        finally:
+            await consumer.close()
+            await publisher.close()
+        dlq_depth = (await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)).declaration_result
+        assert dlq_depth.message_count == 1
+    finally:
+        await connection.close()
+        _delete_vhost(vhost_url)
+    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    assert report.clean, report
+    assert report.read_count == 20
+
+
+async def _fresh_vhost(amqp_url: str) -> str:
+    vhost = f"pydist_mig_{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    parts = urlsplit(amqp_url)
+    return f"{parts.scheme}://{parts.netloc}/{vhost}"
+
+
+def _delete_vhost(url: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", urlsplit(url).path.lstrip("/")], check=False)
+
+
+def _queue_types(url: str) -> dict[str, str]:
+    out = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            urlsplit(url).path.lstrip("/"),
+            "name",
+            "type",
+            "--no-table-headers",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(line.split("\t")[:2] for line in out.splitlines() if line.strip())
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_unroutable_publish_is_not_confirmed_as_sent(stores: Stores, clean: Databases, amqp_url: str):
@@ -251,7 +519,8 @@ async def test_unroutable_publish_is_not_confirmed_as_sent(stores: Stores, clean
             assert await relay.relay_once() == 3  # topology re-declared, delivered this time
         finally:
             await publisher.close()
-        assert await probe.depth(QUEUE) == 3
+        (message,) = await probe.get_all(QUEUE, 1)
+        assert message.headers["event_count"] == 3
 
 
 async def _has(url: str, n: int) -> bool:
@@ -268,264 +537,3 @@ async def _depth_zero(probe, name: str) -> bool:  # type: ignore[no-untyped-def]
 
 async def _depth_at_least(probe, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     return await probe.depth(name) >= n
-
-
-# ------------------------------------------------------------------ acks: a model of the broker
-
-
-@dataclass(eq=False)
-class FakeChannel:
-    """One AMQP channel as RabbitMQ keeps it: delivery tags 1, 2, 3, ... and the set of unacked
-    ones. An ack (multiple or not) of a delivery whose event the handler has not applied yet is
-    recorded as a violation; so is settling a tag twice (RabbitMQ closes the channel for that)."""
-
-    applied: set[str]
-    next_tag: int = 0
-    unacked: dict[int, str] = field(default_factory=dict)  # tag → event_id (or the body for poison)
-    frames: list[tuple[str, int, bool]] = field(default_factory=list)
-    violations: list[str] = field(default_factory=list)
-    is_closed: bool = False
-
-    def deliver(self, body: bytes, event_id: str) -> FakeMessage:
-        self.next_tag += 1
-        self.unacked[self.next_tag] = event_id
-        return FakeMessage(self, self.next_tag, body, event_id)
-
-    def settle(self, kind: str, tag: int, multiple: bool) -> None:
-        if self.is_closed:
-            raise aio_pika.exceptions.ChannelInvalidStateError("closed")
-        self.frames.append((kind, tag, multiple))
-        if tag not in self.unacked:
-            self.violations.append(f"{kind} of unknown or settled tag {tag}")
-        tags = [t for t in self.unacked if t <= tag] if multiple else [tag]
-        for t in tags:
-            event_id = self.unacked.pop(t, None)
-            if kind == "ack" and event_id not in self.applied:
-                self.violations.append(f"tag {t} acked but its event was never applied")
-
-
-@dataclass
-class FakeMessage:
-    """What BatchingConsumer uses of an aio-pika IncomingMessage."""
-
-    _channel: FakeChannel
-    delivery_tag: int
-    body: bytes
-    message_id: str
-
-    @property
-    def channel(self) -> FakeChannel:
-        if self._channel.is_closed:
-            raise aio_pika.exceptions.ChannelInvalidStateError("closed")
-        return self._channel
-
-    async def ack(self, multiple: bool = False) -> None:
-        self.channel.settle("ack", self.delivery_tag, multiple)
-
-    async def reject(self, requeue: bool = False) -> None:
-        self.channel.settle("reject", self.delivery_tag, False)
-
-    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
-        self.channel.settle("nack", self.delivery_tag, multiple)
-
-
-class Applier:
-    """The consumer's handler: records what it applied; can fail, refuse or hang on demand."""
-
-    def __init__(self) -> None:
-        self.applied: set[str] = set()
-        self.calls = 0
-        self.fail_next: Exception | None = None
-        self.refuse: set[str] = set()
-        self.hang: asyncio.Event | None = None
-
-    async def __call__(self, events: Sequence[BuyOrderCreated]) -> None:
-        self.calls += 1
-        if self.hang is not None:
-            await self.hang.wait()
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
-        if any(str(e.event_id) in self.refuse for e in events):
-            raise EventRejectedError("refused")
-        self.applied.update(str(e.event_id) for e in events)
-
-
-def _deliver(consumer: BatchingConsumer, channel: FakeChannel, n: int, *, poison_at: int = -1) -> list[str]:
-    ids = []
-    for i in range(n):
-        event_id = str(uuid.uuid4())
-        body = b'{"event_id": ' if i == poison_at else orjson.dumps(_good_message(uuid.UUID(event_id)))
-        consumer._inbox.put_nowait(channel.deliver(body, event_id))  # type: ignore[arg-type]
-        ids.append(event_id)
-    return ids
-
-
-def _fake_consumer(max_batch: int = 500) -> tuple[BatchingConsumer, Applier]:
-    applier = Applier()
-    return BatchingConsumer("amqp://unused", applier, prefetch=100, max_batch=max_batch), applier
-
-
-async def test_a_batch_is_acked_with_one_multiple_ack_after_its_poison_is_rejected():
-    consumer, applier = _fake_consumer()
-    channel = FakeChannel(applier.applied)
-    _deliver(consumer, channel, 6, poison_at=2)
-    assert await consumer.run_once(timeout=1) == 6
-    assert channel.frames == [("reject", 3, False), ("ack", 6, True)]
-    assert channel.unacked == {}
-    assert channel.violations == []
-    # the next batch continues from there: one frame again
-    _deliver(consumer, channel, 4)
-    await consumer.run_once(timeout=1)
-    assert channel.frames[-1] == ("ack", 10, True)
-    assert channel.violations == []
-
-
-async def test_a_batch_cut_short_is_never_covered_by_a_later_multiple_ack():
-    """The first batch is cancelled while its handler runs (shutdown, say): its messages are
-    neither applied nor settled. Later batches on the same channel must not ack past them."""
-    consumer, applier = _fake_consumer(max_batch=3)
-    channel = FakeChannel(applier.applied)
-    first = _deliver(consumer, channel, 3)
-    applier.hang = asyncio.Event()
-    task = asyncio.create_task(consumer.run_once(timeout=1))
-    while applier.calls == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    applier.hang = None
-    for _ in range(3):
-        _deliver(consumer, channel, 3)
-        await consumer.run_once(timeout=1)
-    assert channel.violations == []
-    assert sorted(channel.unacked) == [1, 2, 3]  # still the broker's, redelivered when the channel closes
-    assert not applier.applied & set(first)
-    assert all(not multiple for _, _, multiple in channel.frames)  # one by one above the gap
-
-
-async def test_a_failed_batch_is_requeued_one_by_one_and_never_acked():
-    consumer, applier = _fake_consumer()
-    channel = FakeChannel(applier.applied)
-    _deliver(consumer, channel, 3)
-    applier.fail_next = ConnectionError("read model down")
-    await consumer.run_once(timeout=1)
-    assert channel.frames == [("nack", 1, False), ("nack", 2, False), ("nack", 3, False)]
-    _deliver(consumer, channel, 3)  # the redeliveries come with new tags
-    await consumer.run_once(timeout=1)
-    assert channel.frames[-1] == ("ack", 6, True)  # passes over the requeued tags: they are settled
-    assert channel.unacked == {}
-    assert channel.violations == []
-
-
-async def test_a_refused_batch_acks_only_what_was_applied():
-    """The read model refuses the batch: it is applied one event at a time, the refused event is
-    dead-lettered, and a failure half-way requeues the rest: none of those is acked."""
-    consumer, applier = _fake_consumer()
-    channel = FakeChannel(applier.applied)
-    ids = _deliver(consumer, channel, 6)
-    applier.refuse = {ids[1]}
-    await consumer.run_once(timeout=1)
-    assert channel.frames == [("reject", 2, False), ("ack", 6, True)]
-    assert channel.violations == []
-
-    ids = _deliver(consumer, channel, 4)  # tags 7..10: 8 refused, 9 fails with the database down
-
-    async def fail_on_third_single(events: Sequence[BuyOrderCreated]) -> None:
-        if len(events) == 1 and str(events[0].event_id) == ids[2]:
-            raise ConnectionError("read model down")
-        await applier(events)
-
-    applier.refuse = {ids[1]}
-    consumer._handler = fail_on_third_single
-    await consumer.run_once(timeout=1)
-    assert channel.frames[2:] == [
-        ("reject", 8, False),
-        ("ack", 7, False),  # alone: 8 is settled, but a multiple ack of one message saves nothing
-        ("nack", 9, False),
-        ("nack", 10, False),
-    ]
-    assert channel.unacked == {}
-    assert channel.violations == []
-
-
-async def test_messages_of_a_closed_channel_are_never_acked_through_the_new_one():
-    """After a reconnect the inbox may still hold messages of the old channel: their tags mean
-    nothing on the new one (which numbers from 1 again). They are left to the broker, which
-    redelivers them; the new channel's own messages get their multiple ack."""
-    consumer, applier = _fake_consumer()
-    old, new = FakeChannel(applier.applied), FakeChannel(applier.applied)
-    _deliver(consumer, old, 3)
-    old.is_closed = True
-    _deliver(consumer, new, 2)
-    await consumer.run_once(timeout=1)
-    assert old.frames == []
-    assert new.frames == [("ack", 2, True)]
-    assert new.violations == []
-    assert new.unacked == {}
-
-
-async def test_the_real_broker_redelivers_a_batch_cut_short_after_later_batches_were_acked(
-    stores: Stores, clean: Databases, amqp_url: str
-):
-    """On RabbitMQ: a batch cancelled mid-apply, then later batches on the same channel applied and
-    acked. Closing the consumer must return exactly the cut batch to the queue (a multiple ack that
-    passed over it would have lost it), and a new consumer then completes the read model."""
-    await create_orders(stores, 30)
-    events = await outbox_events(clean.write_url)
-    projector = Projector(stores.read)
-    gate = asyncio.Event()
-    calls = 0
-
-    async def handler(batch: Sequence[BuyOrderCreated]) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await gate.wait()  # never set: this batch is cancelled
-        await projector.publish(batch)
-
-    async with broker_probe(amqp_url) as probe:
-        publisher = BrokerPublisher(amqp_url)
-        consumer = BatchingConsumer(amqp_url, handler, prefetch=100, max_batch=10)
-        second = BatchingConsumer(amqp_url, projector.publish, prefetch=100)
-        closed = False
-        try:
-            await consumer.start()
-            await publisher.publish(events[:10])
-            await wait_until(lambda: _true(consumer._inbox.qsize() == 10), timeout=10, what="10 delivered")
-            cut = asyncio.create_task(consumer.run_once(timeout=5))
-            await wait_until(lambda: _true(calls == 1), timeout=10, what="first batch in the handler")
-            cut.cancel()
-            await asyncio.gather(cut, return_exceptions=True)
-
-            await publisher.publish(events[10:])
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while await count(clean.read_url) < 20 and loop.time() < deadline:
-                await consumer.run_once(timeout=0.2)
-            assert await count(clean.read_url) == 20
-            await consumer.close()
-            closed = True
-            await wait_until(lambda: _depth_is(probe, QUEUE, 10), timeout=10, what="the cut batch requeued")
-
-            await second.start()
-            deadline = loop.time() + 30
-            while await count(clean.read_url) < 30 and loop.time() < deadline:
-                await second.run_once(timeout=0.2)
-        finally:
-            if not closed:
-                await consumer.close()
-            await second.close()
-            await publisher.close()
-        assert await probe.depth(QUEUE) == 0
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
-    assert report.clean, report
-    assert report.read_count == 30
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _depth_is(probe, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
-    return await probe.depth(name) == n

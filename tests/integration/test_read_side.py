@@ -13,9 +13,12 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.broker import QUEUE, BatchingConsumer, BrokerPublisher
+from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import make_engine
+from pydist.adapters.messages import envelope_id
 from pydist.adapters.outbox import Outbox
+from pydist.adapters.publisher import BrokerPublisher
+from pydist.adapters.rabbit import QUEUE
 from pydist.adapters.read_store import ReadStore
 from pydist.domain.events import BuyOrderCreated
 from pydist.entrypoints.workers import build_sync
@@ -64,10 +67,10 @@ async def test_embedded_relay_projects_every_order_identically(stores: Stores, c
 
 
 async def test_broker_mode_500_orders_all_arrive(stores: Stores, clean: Databases, amqp_url: str):
-    """relay → RabbitMQ → BatchingConsumer → projector → read model, orders created meanwhile."""
+    """relay → RabbitMQ → EnvelopeConsumer → projector → read model, orders created meanwhile."""
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        consumer = BatchingConsumer(amqp_url, Projector(stores.read).publish, prefetch=200)
+        consumer = EnvelopeConsumer(amqp_url, Projector(stores.read).publish, prefetch=200)
         relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=100, idle_poll_s=0.2)
         await consumer.start()
         try:
@@ -88,26 +91,38 @@ async def test_broker_mode_500_orders_all_arrive(stores: Stores, clean: Database
     await assert_models_agree(stores, 500)
 
 
-async def test_message_carries_ids_type_version_and_string_amounts(
+async def test_envelope_carries_ids_types_versions_and_string_amounts(
     stores: Stores, clean: Databases, amqp_url: str
 ):
-    (order,) = await create_orders(stores, 1)
-    (event,) = await outbox_events(clean.write_url)
+    """One claim → one envelope: versioned and self-describing in its AMQP properties, each event
+    with its own event_id, request_id and order data, every amount a string."""
+    orders = await create_orders(stores, 3, concurrency=1)
+    events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
         try:
-            await publisher.publish([event])
+            await publisher.publish(events)
         finally:
             await publisher.close()
         (message,) = await probe.get_all(QUEUE, 1)
-    body = orjson.loads(message.body)
-    assert body["event_id"] == str(event.event_id) == message.message_id
-    assert (body["event_type"], body["event_version"]) == ("buy_order.created", 1)
-    assert body["request_id"] == "req-0" == message.correlation_id
-    assert body["data"] == {**order.to_public(), "idempotence_key": str(order.idempotence_key)}
-    assert all(isinstance(v, str) for v in body["data"].values())
+    assert message.type == "buy_order.created.batch"
+    headers = dict(message.headers or {})
+    assert headers.pop("x-delivery-count", 0) == 0  # added by the quorum queue
+    assert headers == {"schema_version": 2, "event_count": 3}
+    assert message.message_id == envelope_id(events)
     assert message.delivery_mode == 2  # persistent
     assert message.content_type == "application/json"
+    body = orjson.loads(message.body)
+    assert (body["message_type"], body["schema_version"]) == ("buy_order.created.batch", 2)
+    by_id = {o.id: o for o in orders}
+    for item, sent in zip(body["events"], events, strict=True):
+        order = by_id[sent.order.id]
+        assert item["event_id"] == str(sent.event_id)
+        assert (item["event_type"], item["event_version"]) == ("buy_order.created", 1)
+        assert item["request_id"] == sent.request_id
+        assert item["request_id"].startswith("req-")
+        assert item["data"] == {**order.to_public(), "idempotence_key": str(order.idempotence_key)}
+        assert all(isinstance(v, str) for v in item["data"].values())
 
 
 async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databases, amqp_url: str):
@@ -117,7 +132,7 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
         handler = CountingHandler(Projector(stores.read).publish)
-        consumer = BatchingConsumer(amqp_url, handler, prefetch=50)
+        consumer = EnvelopeConsumer(amqp_url, handler, prefetch=50)
         relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=10, idle_poll_s=0.1)
         await consumer.start()
         try:

@@ -26,7 +26,7 @@ import aio_pika
 import asyncpg
 import httpx
 
-from pydist.adapters.broker import QUEUE
+from pydist.adapters.rabbit import QUEUE
 from tests.support import db as testdb
 from tests.support.procs import Proc, System, base_env, wait_ready
 from tests.support.services import (

@@ -18,8 +18,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from pydist.adapters.broker import DEAD_LETTER_QUEUE, QUEUE, BatchingConsumer, declare_topology
+from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import order_from_row
+from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE, declare_topology
 from pydist.adapters.read_store import Page
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
@@ -143,12 +144,8 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
-def consume_loop(consumer: BatchingConsumer) -> Callable[[asyncio.Event], Awaitable[None]]:
-    async def run(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await consumer.run_once(timeout=0.2)
-
-    return run
+def consume_loop(consumer: EnvelopeConsumer) -> Callable[[asyncio.Event], Awaitable[None]]:
+    return consumer.run
 
 
 @dataclass
@@ -219,11 +216,11 @@ async def broker_probe(amqp_url: str) -> AsyncIterator[BrokerProbe]:
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel()
-        exchange, queue = await declare_topology(channel)
-        await queue.purge()
-        dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        topology = await declare_topology(channel)
+        await topology.queue.purge()
+        dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
         await dlq.purge()
-        yield BrokerProbe(channel, exchange, queue)
+        yield BrokerProbe(channel, topology.events, topology.queue)
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

@@ -95,13 +95,18 @@ class Outbox:
         if stack is not None:
             await stack.aclose()
 
-    async def backlog(self) -> int:
+    async def backlog(self) -> tuple[int, float]:
+        """Unpublished events, and the age in seconds of the oldest one (0 when none)."""
         async with self.engine.connect() as conn:
-            return int(
-                (
-                    await conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
-                ).scalar_one()
-            )
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*) AS n, COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - "
+                        "min(created_at)), 0) AS age FROM outbox WHERE published_at IS NULL"
+                    )
+                )
+            ).one()
+        return int(row.n), float(row.age)
 
     async def listen(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
         """Call `on_notify` on every NOTIFY from place_orders(); reconnect if the link drops."""

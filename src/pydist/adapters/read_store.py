@@ -149,8 +149,8 @@ class ReadStore:
         appliers with overlapping batches (redeliveries, two relays) never deadlock.
 
         Raises EventRejectedError when the database refuses the data itself (SQLSTATE class 22
-        data exception / 23 constraint): the same events would fail again, whereas any other
-        failure (connection, timeout, …) is worth a retry."""
+        data exception / 23 constraint): the same events would fail again. Any other database
+        failure (connection, timeout, …) is a StoreUnavailableError, worth a retry."""
         if not events:
             return []
         payload = orjson.dumps(
@@ -165,11 +165,11 @@ class ReadStore:
         ).decode()
         try:
             rows = await self._fetch(_UPSERT, payload)
-        except asyncpg.PostgresError as exc:
-            sqlstate = str(exc.sqlstate or "")
+        except RAW_ERRORS as exc:
+            sqlstate = str(getattr(exc, "sqlstate", "") or "")
             if sqlstate[:2] in ("22", "23"):
                 raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
-            raise
+            raise unavailable(exc) from exc
         return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]
 
     async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -23,7 +23,11 @@ app = typer.Typer(help="pydist: BTC buy orders, idempotent and race-free.", no_a
 serve_app = typer.Typer(help="Run one HTTP process.", no_args_is_help=True)
 read_model_app = typer.Typer(help="Admin tasks on the read model.", no_args_is_help=True)
 orders_app = typer.Typer(help="A client for the two APIs.", no_args_is_help=True)
+dlq_app = typer.Typer(help="The dead-letter queue of read_model_sync.", no_args_is_help=True)
+broker_app = typer.Typer(help="Admin tasks on RabbitMQ.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(broker_app, name="broker")
 app.add_typer(read_model_app, name="read-model")
 app.add_typer(orders_app, name="orders")
 console = Console()
@@ -154,6 +158,101 @@ def read_model_rebuild() -> None:
 
     walked = _run_admin(run())
     console.print(f"[green]read model rebuilt[/green] from {walked} orders")
+
+
+def _broker_url() -> str:
+    url = get_settings().broker_url
+    if url is None:
+        console.print("[red]BROKER_URL is not set[/red] (without a broker there is no queue)")
+        raise typer.Exit(2)
+    return url.get_secret_value()
+
+
+def _run_broker(coro: Coroutine[Any, Any, T]) -> T:
+    """Like _run_admin, for tasks that need the broker too."""
+    from pydist.adapters.rabbit import TRANSIENT
+
+    try:
+        return _run_admin(coro)
+    except (*TRANSIENT, ConnectionError) as exc:
+        console.print(f"[red]broker unavailable[/red]: {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
+
+
+@dlq_app.command("list")
+def dlq_list(
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="Most messages to show")] = 1000,
+) -> None:
+    """What the DLQ holds and why (changes nothing)."""
+    from pydist.adapters.dlq import list_dead_letters
+
+    letters = _run_broker(list_dead_letters(_broker_url(), limit=limit))
+    if as_json:
+        print(json.dumps([letter.to_json() for letter in letters]))
+        return
+    from rich.table import Table
+
+    table = Table("message id", "type", "reason", "from message", "index", "events")
+    for letter in letters:
+        table.add_row(
+            letter.message_id or "",
+            letter.type or "",
+            letter.reason,
+            letter.source_message_id or "",
+            "" if letter.event_index is None else str(letter.event_index),
+            str(len(letter.event_ids)),
+        )
+    console.print(table)
+    console.print(f"{len(letters)} dead-lettered message(s)")
+
+
+@dlq_app.command("replay")
+def dlq_replay(as_json: JsonOpt = False) -> None:
+    """Project the DLQ's events into the read model (idempotent); what still fails stays. Exit 1
+    if anything stayed."""
+    from pydist.adapters.db import make_engine
+    from pydist.adapters.dlq import replay
+    from pydist.adapters.read_store import ReadStore
+    from pydist.service.projector import Projector
+
+    async def run() -> Any:
+        engine = make_engine(get_settings().read_database_url.get_secret_value(), 2, "pydist-admin")
+        try:
+            return await replay(_broker_url(), Projector(ReadStore(engine)).publish)
+        finally:
+            await engine.dispose()
+
+    report = _run_broker(run())
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "replayed_messages": report.replayed_messages,
+                    "replayed_events": report.replayed_events,
+                    "kept": [letter.to_json() for letter in report.kept],
+                }
+            )
+        )
+    else:
+        console.print(
+            f"replayed {report.replayed_events} event(s) from {report.replayed_messages} message(s); "
+            f"{len(report.kept)} message(s) kept"
+        )
+        for letter in report.kept:
+            console.print(f"  kept {letter.message_id}: {letter.reason}")
+    raise typer.Exit(1 if report.kept else 0)
+
+
+@broker_app.command("migrate-queues")
+def broker_migrate_queues() -> None:
+    """Move the sync queue and the DLQ from classic to quorum queues, nothing lost (stop
+    read_model_sync first; safe to run again)."""
+    from pydist.adapters.queue_migration import migrate_queues
+
+    moved = _run_broker(migrate_queues(_broker_url()))
+    for name, count in moved.items():
+        console.print(f"{name}: quorum queue, {count} message(s) moved")
 
 
 @app.command()

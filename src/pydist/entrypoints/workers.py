@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.broker import BatchingConsumer, BrokerPublisher
+from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import make_engine, ping
 from pydist.adapters.outbox import Outbox
+from pydist.adapters.publisher import BrokerPublisher
+from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, BrokerLink, depth
 from pydist.adapters.read_store import ReadStore
 from pydist.config import Settings, get_settings, plain_url
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.serve import await_dependency, cancel_tasks
 from pydist.metrics import (
+    BROKER_RELAY_METRICS,
+    DLQ_MESSAGES,
     OUTBOX_BACKLOG,
+    OUTBOX_OLDEST_AGE,
     PROJECTION_METRICS,
     RELAY_METRICS,
     SYNC_METRICS,
@@ -35,8 +40,10 @@ from pydist.service.relay import Relay
 
 log = structlog.get_logger()
 
-BROKER_ATTEMPT_S = 70.0
-"""One broker attempt: adapters.broker.connect already retries for 60 s within it."""
+BROKER_ATTEMPT_S = 20.0
+"""One broker attempt: every node of BROKER_URL is tried within it (5 s connect timeout each)."""
+WATCH_S = 2.0
+"""How often the outbox backlog and the DLQ depth are measured for /metrics."""
 SHUTDOWN_S = 10.0
 
 
@@ -49,16 +56,25 @@ def relay_engine(write_url: str) -> AsyncEngine:
     return make_engine(write_url, 4, "pydist-relay")
 
 
-def build_sync(
-    read_url: str, broker_url: str, *, prefetch: int, max_batch: int = 500
-) -> tuple[AsyncEngine, BatchingConsumer]:
+def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[AsyncEngine, EnvelopeConsumer]:
     """read_model_sync's engine and consumer, as the process runs them (and bench/pipeline_cpu.py).
 
     No pool pre-ping: it cost three round trips per batch (~10% of the process's CPU); a dead
     connection is renewed and retried by ReadStore itself."""
     engine = make_engine(read_url, 4, "pydist-sync", pre_ping=False)
     projector = Projector(ReadStore(engine))
-    return engine, BatchingConsumer(broker_url, projector.publish, prefetch=prefetch, max_batch=max_batch)
+    return engine, EnvelopeConsumer(broker_url, projector.publish, prefetch=prefetch)
+
+
+async def _every(stop: asyncio.Event, seconds: float, measure: Callable[[], Awaitable[None]]) -> None:
+    """Run `measure` every `seconds` until `stop`; a failed measurement waits for the next."""
+    while not stop.is_set():
+        try:
+            await measure()
+        except Exception as exc:
+            log.debug("measure_failed", error=type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def create_relay_app(settings: Settings | None = None) -> FastAPI:
@@ -74,6 +90,7 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     if settings.broker_url is not None:
         publisher = BrokerPublisher(settings.broker_url.get_secret_value())
         sink = publisher
+        expose(*BROKER_RELAY_METRICS)
     else:
         read_engine = make_engine(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
         sink = Projector(ReadStore(read_engine))
@@ -81,12 +98,10 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     relay = Relay(outbox, sink, batch=settings.relay_batch)
     running = asyncio.Event()
 
-    async def watch_backlog(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(Exception):
-                OUTBOX_BACKLOG.set(await outbox.backlog())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2)
+    async def measure_backlog() -> None:
+        count, age = await outbox.backlog()
+        OUTBOX_BACKLOG.set(count)
+        OUTBOX_OLDEST_AGE.set(age)
 
     async def run(stop: asyncio.Event) -> None:
         if not await await_dependency("write_database", lambda: ping(engine), stop):
@@ -104,7 +119,7 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.gather(
             outbox.listen(relay.wake.set, stop),
             relay.run(stop),
-            watch_backlog(stop),
+            _every(stop, WATCH_S, measure_backlog),
         )
 
     async def ready() -> None:
@@ -146,28 +161,29 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
     if settings.broker_url is None:
         raise SystemExit("read_model_sync needs BROKER_URL (without it the relay projects directly)")
     expose(*SYNC_METRICS)
+    broker_url = settings.broker_url.get_secret_value()
     engine, consumer = build_sync(
-        settings.read_database_url.get_secret_value(),
-        settings.broker_url.get_secret_value(),
-        prefetch=settings.sync_prefetch,
+        settings.read_database_url.get_secret_value(), broker_url, prefetch=settings.sync_prefetch
     )
-    consuming = asyncio.Event()
+    dlq_link = BrokerLink(broker_url, publisher_confirms=False)
+
+    async def measure_dlq() -> None:
+        try:
+            DLQ_MESSAGES.set(await depth(await dlq_link.channel(), DEAD_LETTER_QUEUE))
+        except Exception:
+            await dlq_link.reset()
+            raise
 
     async def run(stop: asyncio.Event) -> None:
         if not await await_dependency("read_database", lambda: ping(engine), stop):
             return
         if not await await_dependency("broker", consumer.start, stop, attempt_timeout_s=BROKER_ATTEMPT_S):
             return
-        consuming.set()
         log.info("sync_consuming")
-        while not stop.is_set():
-            await consumer.run_once(timeout=0.5)
-        # Drain what was already delivered before closing; the rest is redelivered elsewhere.
-        while not consumer.idle():
-            await consumer.run_once(timeout=0.1)
+        await asyncio.gather(consumer.run(stop), _every(stop, WATCH_S, measure_dlq))
 
     async def ready() -> None:
-        if not consuming.is_set():
+        if not consumer.consuming.is_set():
             raise _NotStarted("not consuming yet")
         await ping(engine)
 
@@ -177,11 +193,12 @@ def create_sync_app(settings: Settings | None = None) -> FastAPI:
         task = asyncio.create_task(run(stop), name="consume")
         log.info("sync_started")
         yield
-        await consumer.stop_consuming()
-        stop.set()
+        stop.set()  # the consumer cancels its subscription, then settles what it already holds
         await cancel_tasks([task], timeout=SHUTDOWN_S)
         with contextlib.suppress(Exception):
             await consumer.close()
+        with contextlib.suppress(Exception):
+            await dlq_link.close()
         await engine.dispose()
         log.info("sync_stopped")
 

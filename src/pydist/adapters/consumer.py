@@ -1,0 +1,174 @@
+"""read_model_sync's side of RabbitMQ: one message at a time, its events projected in one
+statement, then one ack, after the commit.
+
+What cannot be projected goes to the dead-letter queue, with the reason in its headers, and the
+consumer keeps running:
+
+- a message that is not a readable envelope (nor a v1 event) goes there whole;
+- an invalid event inside a valid envelope goes there alone, and the rest is projected;
+- a batch the read model refuses is split in halves until the refused events are isolated;
+- a message that makes the consumer fail in any other way is requeued, and after the queue's
+  delivery limit the broker dead-letters it (adapters/rabbit.py).
+
+A read model that is down is waited for with the message held (not requeued, which would count
+towards the delivery limit and dead-letter healthy events during an outage). Every dead-letter
+is published with confirms before the message is acked, so a crash in between only repeats it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
+from pydist.adapters.messages import CONTENT_TYPE, Poison, decode
+from pydist.adapters.rabbit import TRANSIENT, BrokerLink, Topology, declare_topology
+from pydist.domain.errors import EventRejectedError, StoreUnavailableError
+from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
+from pydist.metrics import EVENTS_DEAD_LETTERED
+
+log = structlog.get_logger()
+
+Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
+REASON = "x-pydist-reason"
+SOURCE_MESSAGE = "x-pydist-message-id"
+EVENT_INDEX = "x-pydist-event-index"
+
+
+class EnvelopeConsumer:
+    def __init__(self, urls: str | Sequence[str], handler: Handler, *, prefetch: int) -> None:
+        self._link = BrokerLink(urls)
+        self._handler = handler
+        self._prefetch = prefetch
+        self.consuming = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect and declare the topology (what start-up waits for)."""
+        await declare_topology(await self._link.channel())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop`, moving to another node whenever the link is lost."""
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+                delay = 0.1
+            except TRANSIENT as exc:
+                log.warning("consumer_link_lost", error=type(exc).__name__, node=self._link.node)
+                await self._link.reset()
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, 3.0)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        channel = await self._link.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        topology = await declare_topology(channel)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        tag = await topology.queue.consume(inbox.put)
+        self.consuming.set()
+        try:
+            while not stop.is_set():
+                if channel.is_closed:
+                    raise ConnectionError("channel closed")
+                with contextlib.suppress(TimeoutError):
+                    await self.handle(await asyncio.wait_for(inbox.get(), timeout=0.5), topology, stop)
+            with contextlib.suppress(*TRANSIENT):
+                await topology.queue.cancel(tag)
+            while not inbox.empty():  # what was already delivered; the broker redelivers the rest
+                await self.handle(inbox.get_nowait(), topology, stop)
+        finally:
+            self.consuming.clear()
+
+    async def handle(self, message: AbstractIncomingMessage, topology: Topology, stop: asyncio.Event) -> None:
+        decoded = decode(message)
+        if isinstance(decoded, str):
+            await _dead_letter(topology, message, Poison(None, decoded, message.body), whole=True)
+            await message.ack()
+            return
+        try:
+            refused = await self._project(decoded.events, stop)
+        except StoreUnavailableError:
+            return  # stopping while the read model is down: left unacked, redelivered later
+        except Exception as exc:  # neither the data nor the database: the delivery limit decides
+            log.exception("projection_failed", message_id=message.message_id, error=type(exc).__name__)
+            await message.nack(requeue=True)
+            return
+        refused_poison = [decoded.poison_of(e, "refused by the read model", message.body) for e in refused]
+        for poison in [*decoded.poison, *refused_poison]:
+            await _dead_letter(topology, message, poison)
+        await message.ack()
+
+    async def _project(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> list[BuyOrderCreated]:
+        """Project `events`; returns those the read model refuses, each isolated by bisection."""
+        if not events:
+            return []
+        try:
+            await self._retrying(events, stop)
+        except EventRejectedError:
+            if len(events) == 1:
+                return events
+            middle = len(events) // 2
+            return await self._project(events[:middle], stop) + await self._project(events[middle:], stop)
+        return []
+
+    async def _retrying(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> None:
+        """The handler, retried while the read model is unavailable (until `stop`)."""
+
+        def stopping(_: RetryCallState) -> bool:
+            return stop.is_set()
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailableError),
+            wait=wait_exponential(multiplier=0.1, max=5),
+            stop=stopping,
+            sleep=lambda s: _sleep_unless(stop, s),
+            before_sleep=lambda state: log.warning("read_model_unavailable", attempt=state.attempt_number),
+            reraise=True,
+        ):
+            with attempt:
+                await self._handler(events)
+
+    async def close(self) -> None:
+        await self._link.close()
+
+
+async def _dead_letter(
+    topology: Topology, source: AbstractIncomingMessage, poison: Poison, *, whole: bool = False
+) -> None:
+    """Publish one poison event (or a whole unreadable message) to the DLQ, with why, confirmed.
+    An event goes as a v1 message of its own, so `pydist dlq replay` reads it like any other."""
+    headers: dict[str, Any] = {REASON: poison.reason[:300], SOURCE_MESSAGE: source.message_id or ""}
+    if poison.index is not None:
+        headers[EVENT_INDEX] = poison.index
+    await topology.dead_letters.publish(
+        aio_pika.Message(
+            body=poison.body,
+            content_type=source.content_type or CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=poison.event_id or source.message_id,
+            type=source.type if whole else BUY_ORDER_CREATED,
+            headers=headers,
+        ),
+        routing_key="",
+        mandatory=True,
+    )
+    EVENTS_DEAD_LETTERED.inc()
+    log.error(
+        "event_dead_lettered",
+        message_id=source.message_id,
+        event_id=poison.event_id,
+        event_index=poison.index,
+        reason=poison.reason,
+        body_prefix=poison.body[:200].decode("utf-8", "replace"),
+    )
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

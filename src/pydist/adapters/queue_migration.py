@@ -1,0 +1,133 @@
+"""`pydist broker migrate-queues`: move the sync queue and the DLQ from classic to quorum queues,
+with nothing lost.
+
+A queue's type cannot be changed in place, so each queue is moved through a temporary quorum
+queue: the temporary one is bound before the old one is unbound (a message published meanwhile
+lands in both: a duplicate, which projection ignores), the old one's messages are moved over
+(published with confirms, then acked), the old queue is deleted and declared again as a quorum
+queue, and the messages come back. Every step checks the state first, so an interrupted run is
+finished by running the command again, and a run on migrated queues changes nothing.
+
+read_model_sync must be stopped while it runs (it holds the old queue); relays may keep running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from pydist.adapters.rabbit import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DLQ_ARGUMENTS,
+    EXCHANGE,
+    QUEUE,
+    QUEUE_ARGUMENTS,
+    BrokerLink,
+    declare_topology,
+)
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    arguments: dict[str, Any]
+    exchange: str
+    routing_key: str
+
+
+TARGETS = (
+    _Target(DEAD_LETTER_QUEUE, DLQ_ARGUMENTS, DEAD_LETTER_EXCHANGE, ""),
+    _Target(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, "buy_order.#"),
+)
+
+
+async def migrate_queues(urls: str | Sequence[str]) -> dict[str, int]:
+    """Move both queues; returns how many messages each one carried over."""
+    link = BrokerLink(urls)
+    try:
+        moved = {target.name: await _migrate(link, target) for target in TARGETS}
+        await declare_topology(await link.channel())  # everything else, as both sides expect
+        return moved
+    finally:
+        await link.close()
+
+
+async def _migrate(link: BrokerLink, target: _Target) -> int:
+    temp = f"{target.name}.migrating"
+    moved = 0
+    kind = await _kind(link, target.name, target.arguments)
+    if kind == "other":
+        channel = await link.channel()
+        await _declare_bound(channel, temp, target)
+        old = await channel.declare_queue(target.name, passive=True)
+        await old.unbind(target.exchange, target.routing_key)
+        moved = await _move(channel, target.name, temp)
+        await channel.queue_delete(target.name, if_unused=True, if_empty=True)
+        # A channel that delivered to the classic queue crashes (RabbitMQ 3.10) when it delivers
+        # to the quorum queue of the same name: go on with a new one.
+        await link.reset()
+        log.info("queue_moved_aside", queue=target.name, messages=moved)
+    if kind != "quorum":
+        await _declare_bound(await link.channel(), target.name, target)
+    if await _kind(link, temp, target.arguments) != "missing":
+        channel = await link.channel()
+        leftover = await channel.declare_queue(temp, passive=True)
+        await leftover.unbind(target.exchange, target.routing_key)
+        moved = await _move(channel, temp, target.name)
+        await channel.queue_delete(temp)  # unbound and drained (quorum queues know no if_empty)
+        log.info("queue_migrated", queue=target.name, messages=moved)
+    return moved
+
+
+async def _kind(link: BrokerLink, name: str, arguments: dict[str, Any]) -> str:
+    """'missing', 'quorum' (it accepts the target arguments) or 'other'. A refused declare closes
+    the channel, so the link opens a new one afterwards."""
+    try:
+        await (await link.channel()).declare_queue(name, passive=True)
+    except aio_pika.exceptions.ChannelClosed:
+        return "missing"
+    try:
+        await (await link.channel()).declare_queue(name, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelClosed:
+        return "other"
+    return "quorum"
+
+
+async def _declare_bound(channel: AbstractChannel, name: str, target: _Target) -> None:
+    exchange_type = aio_pika.ExchangeType.FANOUT if target.routing_key == "" else aio_pika.ExchangeType.TOPIC
+    exchange = await channel.declare_exchange(target.exchange, exchange_type, durable=True)
+    queue = await channel.declare_queue(name, durable=True, arguments=target.arguments)
+    await queue.bind(exchange, target.routing_key)
+
+
+async def _move(channel: AbstractChannel, source: str, destination: str) -> int:
+    """Every message of `source` into `destination`: published with confirms, then acked."""
+    queue = await channel.declare_queue(source, passive=True)
+    moved = 0
+    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+        await channel.default_exchange.publish(_copy(message), routing_key=destination, mandatory=True)
+        await message.ack()
+        moved += 1
+    return moved
+
+
+def _copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+    )

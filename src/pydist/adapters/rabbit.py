@@ -1,0 +1,146 @@
+"""RabbitMQ: the connection to one of several cluster nodes, and the topology both sides declare.
+
+`BROKER_URL` may list several nodes (`amqp://a:5672/,amqp://b:5672/`). A `BrokerLink` holds one
+plain (not self-reconnecting) connection: when its node goes away the next `channel()` call
+connects to the next node that answers. aio-pika's robust connection would only ever retry the
+node it first reached, which for a cluster is the one that is down.
+
+The sync queue and its dead-letter queue are quorum queues: replicated over the cluster, with a
+delivery limit on the sync queue, so a message that makes the consumer fail every time ends in the
+DLQ after `DELIVERY_LIMIT` deliveries instead of looping for ever. Dead-lettering is at-least-once
+(the broker keeps the message until the DLQ confirms it), so nothing is lost on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+
+log = structlog.get_logger()
+
+EXCHANGE = "pydist.events"
+DEAD_LETTER_EXCHANGE = "pydist.events.dlx"
+QUEUE = "pydist.read_model_sync"
+DEAD_LETTER_QUEUE = "pydist.read_model_sync.dlq"
+ROUTING_KEY = "buy_order.created"
+DELIVERY_LIMIT = 5
+CONNECT_TIMEOUT_S = 5.0
+HEARTBEAT_S = 10
+"""A node that vanishes without closing its socket (kill -9 of a VM, a partition) is noticed within
+two heartbeats, instead of the server's default 60 s."""
+
+QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": DELIVERY_LIMIT,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",  # at-least-once dead-lettering requires it
+}
+DLQ_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+"""No delivery limit on the DLQ: `pydist dlq list` reads it by taking and returning messages, and
+every return counts as a delivery; with a limit, listing it often enough would drop messages."""
+
+TRANSIENT = (OSError, ConnectionError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError)
+"""What a lost node, a closed channel or a broker still starting raise."""
+
+
+def broker_urls(value: str) -> list[str]:
+    """`BROKER_URL` as a list of node URLs (comma-separated; blanks ignored)."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls or not all(u.startswith(("amqp://", "amqps://")) for u in urls):
+        raise ValueError("BROKER_URL must be one or more comma-separated amqp:// URLs")
+    return urls
+
+
+class BrokerLink:
+    """One connection and one channel to the first node of the list that answers; after a
+    failure `reset()` closes them and the next `channel()` tries the nodes after the failed one."""
+
+    def __init__(self, urls: str | Sequence[str], *, publisher_confirms: bool = True) -> None:
+        self.urls = broker_urls(urls) if isinstance(urls, str) else list(urls)
+        self._confirms = publisher_confirms
+        self._current = 0
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+
+    @property
+    def node(self) -> str:
+        return _host(self.urls[self._current])
+
+    async def channel(self) -> AbstractChannel:
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        failed = self._connection is not None  # it worked, then went away: try the next node first
+        await self.reset()
+        start = self._current + 1 if failed else self._current
+        errors: list[str] = []
+        for offset in range(len(self.urls)):
+            index = (start + offset) % len(self.urls)
+            try:
+                self._connection = await aio_pika.connect(
+                    self.urls[index], timeout=CONNECT_TIMEOUT_S, heartbeat=HEARTBEAT_S
+                )
+                self._channel = await self._connection.channel(
+                    publisher_confirms=self._confirms, on_return_raises=self._confirms
+                )
+            except TRANSIENT as exc:
+                errors.append(f"{_host(self.urls[index])}: {type(exc).__name__}")
+                await self.reset()
+                continue
+            self._current = index
+            log.info("broker_connected", node=self.node)
+            return self._channel
+        raise ConnectionError("no broker node answered: " + "; ".join(errors))
+
+    async def reset(self) -> None:
+        """Drop the connection (after a failure, or to move to another node)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_S)
+            except Exception as exc:  # already half-gone: nothing to keep
+                log.debug("broker_close_failed", error=type(exc).__name__)
+
+    async def close(self) -> None:
+        await self.reset()
+
+    @property
+    def is_open(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+
+def _host(url: str) -> str:
+    return url.rsplit("@", 1)[-1].split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    events: AbstractExchange
+    dead_letters: AbstractExchange
+    queue: AbstractQueue
+
+
+async def declare_topology(channel: AbstractChannel) -> Topology:
+    """Both sides declare everything, so no message is unroutable whichever starts first.
+
+    A sync queue that still exists as a classic queue (from before quorum queues) makes this fail
+    with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (docs/operations.md)."""
+    events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=DLQ_ARGUMENTS)
+    await dlq.bind(dlx)
+    queue = await channel.declare_queue(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
+    await queue.bind(events, routing_key="buy_order.#")
+    return Topology(events, dlx, queue)
+
+
+async def depth(channel: AbstractChannel, name: str) -> int:
+    """Messages ready in a queue (a passive declare: it creates nothing)."""
+    queue = await channel.declare_queue(name, passive=True)
+    return int(queue.declaration_result.message_count or 0)
