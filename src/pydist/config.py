@@ -21,6 +21,10 @@ def plain_url(url: str) -> str:
     return "postgresql://" + async_url(url).removeprefix("postgresql+asyncpg://")
 
 
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess directory (read by prometheus_client itself, at import)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -46,6 +50,11 @@ class Settings(BaseSettings):
     sync_metrics_port: int = 8781
     bind_host: str = "127.0.0.1"
     web_concurrency: int = Field(default=1, ge=1, le=64)
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        description="with WEB_CONCURRENCY > 1: where the workers keep their metric files (wiped at "
+        "start; one directory per service instance); unset = a fresh temporary directory per run",
+    )
     db_pool_size: int = Field(default=10, ge=1)
     max_batch: int = Field(default=256, ge=1, le=5000, description="orders per write transaction")
     relay_batch: int = Field(default=500, ge=1)

@@ -4,14 +4,27 @@ Each process exposes only the series it produces: apart from the HTTP latency ev
 shares, a metric is created unregistered and the entrypoint that owns it calls `expose()`. (A
 registered-everywhere `pydist_cap_used_btc 0` scraped from fetch_buy_orders, or an
 `pydist_outbox_backlog 0` from btc_price, would read as facts on a dashboard.)
+
+An HTTP service run with several workers (WEB_CONCURRENCY > 1) uses prometheus-client's
+multiprocess mode: `pydist serve` points PROMETHEUS_MULTIPROC_DIR at a directory of its own before
+the workers start, every worker writes its values to its own files there, and `render()` answers
+a scrape of any worker with the totals of all of them (docs/architecture.md, "Metrics with
+several workers"). Whether a process is in that mode is fixed when prometheus_client is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
+from functools import lru_cache
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from pydist.config import MULTIPROC_DIR_ENV
 
 HTTP_LATENCY = Histogram(
     "pydist_http_request_duration_seconds",
@@ -29,9 +42,21 @@ WRITE_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=None,
 )
-CAP_USED = Gauge("pydist_cap_used_btc", "BTC of the cap used (last seen)", registry=None)
-CAP_REMAINING = Gauge("pydist_cap_remaining_btc", "BTC of the cap still available (last seen)", registry=None)
-# btc_price
+# Every create worker polls the one cap row: the newest reading of any of them is the truth
+# (multiprocess mode "mostrecent"; a dead worker's last reading is older, so never shown over a
+# live one's). Neither "liveall" (one series per pid) nor "max" (wrong once the cap row is
+# reset) would be.
+CAP_USED = Gauge(
+    "pydist_cap_used_btc", "BTC of the cap used (last seen)", registry=None, multiprocess_mode="mostrecent"
+)
+CAP_REMAINING = Gauge(
+    "pydist_cap_remaining_btc",
+    "BTC of the cap still available (last seen)",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
+# btc_price: always one process (`serve` refuses more), so its age is computed at scrape time
+# (`set_function`), which multiprocess mode could not aggregate.
 PRICE_AGE = Gauge("pydist_price_age_seconds", "Age of the cached BTC price", ["currency"], registry=None)
 PRICE_UPSTREAM_CALLS = Counter(
     "pydist_price_upstream_calls_total",
@@ -83,8 +108,55 @@ BROKER_RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PER_MESSAGE,)
 SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
 
 
+_EXPOSED: set[str] = {family.name for family in HTTP_LATENCY.describe()}
+"""The metric families this process's /metrics shows (names as prometheus-client's collectors
+and multiprocess files carry them: a counter's without its `_total`)."""
+
+
 def expose(*collectors: Collector) -> None:
     """Add `collectors` to this process's /metrics (idempotent: an app may be built twice)."""
     for collector in collectors:
         with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(collector)
+        describe = getattr(collector, "describe", None)  # every metric has it; the Protocol not
+        _EXPOSED.update(family.name for family in (describe() if describe else collector.collect()))
+
+
+def multiprocess_dir() -> str | None:
+    """The directory this process's metric values are kept in (multiprocess mode), else None."""
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        return None
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
+
+
+class ExposedFamilies:
+    """The families `expose()`d in this process, summed over every worker's files in `directory`.
+
+    The files hold every metric a worker created, registered or not (pydist.metrics creates them
+    all at import): without the filter fetch_buy_orders would show `pydist_cap_used_btc`."""
+
+    def __init__(self, directory: str) -> None:
+        self._files = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._files.collect():  # type: ignore[no-untyped-call]
+            if family.name in _EXPOSED:
+                yield family
+
+
+@lru_cache(maxsize=4)
+def _multiprocess_registry(directory: str) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(ExposedFamilies(directory))
+    return registry
+
+
+def render() -> bytes:
+    """The body of GET /metrics. One process: its own registry (with prometheus-client's process
+    and GC collectors). Several workers: the totals of all of them, from their files, whichever
+    worker is asked; per-process figures (process_*, python_gc_*) are left out there, since a
+    scrape would show a different worker's each time."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return generate_latest(REGISTRY)
+    return generate_latest(_multiprocess_registry(directory))

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,7 +22,7 @@ from pydist.config import Settings
 from pydist.entrypoints.problems import install_problem_handlers, problem
 from pydist.entrypoints.schemas import PROBLEM_SCHEMA
 from pydist.logs import configure_logging
-from pydist.metrics import HTTP_LATENCY
+from pydist.metrics import HTTP_LATENCY, render
 
 log = structlog.get_logger()
 OPEN_PATHS = frozenset({"/healthcheck", "/readyz", "/metrics"})
@@ -30,6 +30,9 @@ KEYED_SERVICES = frozenset({"create_buy_order", "fetch_buy_orders"})
 """The two public APIs: API_KEYS applies to them only. btc_price is an internal service (its one
 client, create_buy_order, sends no key) and relay/read_model_sync serve only the open paths."""
 _MAX_REQUEST_ID = 128
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""The `method` label's values; any other method (httptools accepts some thirty, WebDAV's among
+them) is counted as `other`, so a client cannot multiply the latency histogram's series."""
 MAX_HEADER_BYTES = 16 * 1024
 """All request header names and values together; more is answered 431 before any routing.
 (uvicorn's httptools parser has no limit of its own: this is the application's.)"""
@@ -134,7 +137,8 @@ class EdgeMiddleware:
                 scope, receive, send_wrapper
             )
         finally:
-            HTTP_LATENCY.labels(self.service, scope["method"], self._route(scope), str(status)).observe(
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            HTTP_LATENCY.labels(self.service, method, self._route(scope), str(status)).observe(
                 time.perf_counter() - started
             )
 
@@ -216,7 +220,7 @@ def build_app(
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

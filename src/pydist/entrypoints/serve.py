@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import signal
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from socket import socket
 from typing import Any
 
 import structlog
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from pydist.config import get_settings
+from pydist.config import MULTIPROC_DIR_ENV, Settings, get_settings
 
 log = structlog.get_logger()
 
@@ -39,6 +46,10 @@ APPS = {
 
 GRACEFUL_SHUTDOWN_S = 8
 """How long in-flight requests get after SIGTERM before uvicorn cancels them."""
+MULTI_WORKER = frozenset({"create", "fetch"})
+"""The processes WEB_CONCURRENCY applies to. btc_price stays one process (one cache, one bounded
+call rate to Coinbase, and a price age computed at scrape time); relay and sync scale as more
+processes sharing the outbox or the queue."""
 
 
 async def await_dependency(
@@ -95,26 +106,110 @@ async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> No
         await asyncio.wait(pending, timeout=1)
 
 
+def multiprocess_directory(configured: str | None, service: str) -> tuple[Path, bool]:
+    """Where a multi-worker run keeps its metric files, and whether the run owns (made, and so
+    removes) it. An operator-set PROMETHEUS_MULTIPROC_DIR is used, created if missing, and wiped
+    of its metric files (`*.db`, nothing else): a previous run's values must not be added to this
+    one's. Otherwise a fresh directory under the system temp dir."""
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return path, False
+    return Path(tempfile.mkdtemp(prefix=f"pydist-{service}-metrics-")), True
+
+
+class MetricsSupervisor(Multiprocess):
+    """uvicorn's worker supervisor, telling prometheus-client about every worker that exited
+    (`mark_process_dead`: a "live*" gauge's values leave with their process; counters and
+    histograms stay in the totals). uvicorn has no exit hook: the supervisor loop calls
+    keep_subprocess_alive every 0.5 s, after it handled signals (SIGHUP restarts, SIGTTOU), and
+    replaces dead workers there, so a worker missing from the list afterwards has exited."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], directory: Path) -> None:
+        super().__init__(config, sockets)
+        self.directory = directory
+        self._running: set[int] = set()
+
+    def _workers(self) -> set[int]:
+        return {p.pid for p in self.processes if p.pid is not None}
+
+    def _mark_exited(self, pids: set[int]) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for pid in sorted(pids):
+            mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
+            log.info("metrics_worker_exited", pid=pid)
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._running = self._workers()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        running = self._workers()
+        self._mark_exited(self._running - running)
+        self._running = running
+
+    def join_all(self) -> None:
+        super().join_all()
+        self._mark_exited(self._running | self._workers())
+        self._running = set()
+
+
 def serve(name: str, *, workers: int | None = None) -> None:
-    factory, port_field, _service = APPS[name]
+    factory, port_field, service = APPS[name]
     settings = get_settings()
     # uvicorn re-raises the signal it caught after its graceful shutdown; with these handlers in
     # place that re-raise is a no-op, so a SIGTERM ends in a clean exit 0 (12-factor disposability).
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    n = workers or (settings.web_concurrency if name in ("create", "fetch") else 1)
-    uvicorn.run(
-        factory,
-        factory=True,
-        host=settings.bind_host,
-        port=getattr(settings, port_field),
-        workers=n,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        server_header=False,
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        lifespan="on",
-        backlog=4096,
+    n = workers or (settings.web_concurrency if name in MULTI_WORKER else 1)
+    if n > 1 and name not in MULTI_WORKER:
+        raise SystemExit(f"{service} runs as one process; it cannot have {n} workers")
+    config: dict[str, Any] = {
+        "factory": True,
+        "host": settings.bind_host,
+        "port": getattr(settings, port_field),
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "server_header": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "lifespan": "on",
+        "backlog": 4096,
+    }
+    if n == 1:
+        # One process: its own in-memory registry is the whole truth (multiprocess mode would cost
+        # a file write per value and drop the process_* metrics). prometheus_client reads the
+        # variable when it is first imported, which is after this (in the app factory).
+        if "prometheus_client" not in sys.modules:
+            os.environ.pop(MULTIPROC_DIR_ENV, None)
+            os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)  # the deprecated spelling
+        uvicorn.run(factory, workers=1, **config)
+        return
+    serve_workers(factory, service, n, settings, config)
+
+
+def serve_workers(factory: str, service: str, n: int, settings: Settings, config: dict[str, Any]) -> None:
+    """`n` uvicorn workers sharing one socket, their metrics in one multiprocess directory."""
+    from pydist.logs import configure_logging
+
+    # The supervisor's own events (and uvicorn's) as JSON lines, like the workers'.
+    configure_logging(
+        service, settings.log_level, fluentd_host=settings.fluentd_host, fluentd_port=settings.fluentd_port
     )
+    directory, owned = multiprocess_directory(settings.prometheus_multiproc_dir, service)
+    # Before any worker starts: each one (spawned, so importing prometheus_client afresh) reads it.
+    os.environ[MULTIPROC_DIR_ENV] = str(directory)
+    os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)
+    log.info("metrics_multiprocess", directory=str(directory), workers=n, owned=owned)
+    try:
+        uv_config = uvicorn.Config(factory, workers=n, **config)
+        sock = uv_config.bind_socket()
+        MetricsSupervisor(uv_config, sockets=[sock], directory=directory).run()
+    finally:
+        if owned:
+            shutil.rmtree(directory, ignore_errors=True)
