@@ -59,7 +59,7 @@ class EnvelopeConsumer:
             try:
                 await self._consume(stop)
                 delay = 0.1
-            except TRANSIENT as exc:
+            except Exception as exc:  # the consumer keeps running in every case
                 log.warning("consumer_link_lost", error=type(exc).__name__, node=self._link.node)
                 await self._link.reset()
                 await _sleep_unless(stop, delay)

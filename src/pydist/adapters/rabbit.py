@@ -89,7 +89,7 @@ class BrokerLink:
                 self._channel = await self._connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
                 )
-            except TRANSIENT as exc:
+            except Exception as exc:  # aiormq also raises StopAsyncIteration for a link closed mid-handshake
                 errors.append(f"{_host(self.urls[index])}: {type(exc).__name__}")
                 await self.reset()
                 continue
