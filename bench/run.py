@@ -16,6 +16,7 @@ import json
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from tests.support.procs import System
 from bench import report
 from bench.harness import (
     BENCH_DIR,
+    CpuMeter,
     Resources,
     WaitSampler,
     WrkResult,
@@ -90,6 +92,7 @@ class Plan:
     fetch_c: int = 64
     headroom_c: int = 8  # a second sustained run below saturation: the lag with CPU to spare
     headroom_s: float = 30
+    open_loop_s: float = 20
 
 
 FULL = Plan(
@@ -118,6 +121,7 @@ SMOKE = Plan(
     deep_depth=5_000,
     relay_n=1_000,
     headroom_s=2,
+    open_loop_s=2,
     scale_fetch=False,  # one restart less: process start-up dominates a smoke run
 )
 
@@ -391,6 +395,44 @@ class Bench:
         # then at a lower concurrency, where the pipeline has CPU to spare
         stage["sustained"] = self.sustained(plan.create_c, plan.lag_s)
         stage["sustained_headroom"] = self.sustained(plan.headroom_c, plan.headroom_s)
+        max_rate = stage["create"]["rps"]["median"]
+        stage["open_loop"] = [self.open_loop(share, max_rate) for share in (0.5, 0.8)]
+
+    def open_loop(self, share: float, max_rate: float) -> dict[str, Any]:
+        """Create at a constant arrival rate of `share` times the max create rate, pipeline running,
+        from bench/open_loop.py (its own process): latency counted from each request's due time."""
+        plan = self.plan
+        rate = share * max_rate
+        log(f"open loop: {rate:,.0f} orders/s ({share:.0%} of max) for {plan.open_loop_s:.0f}s")
+        mark = asyncio.run(outbox_mark(self.res.write_url))
+        meter = CpuMeter(self.pids(), self.dbs)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.open_loop",
+                "--url",
+                self.system.url("create"),
+                "--rate",
+                f"{rate:.1f}",
+                "--seconds",
+                str(plan.open_loop_s),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=plan.open_loop_s + 120,
+        )
+        cpu = meter.stop()
+        result: dict[str, Any] = {**json.loads(done.stdout), "share": share, "cpu": cpu}
+        asyncio.run(wait_projected(self.res.write_url, self.res.read_url, mark, 90))
+        log(
+            f"  p50 {result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms max {result['max_ms']:.0f} ms; "
+            f"{result['errors']} errors; generator {result['client_cpu']:.2f} core, fired late "
+            f"p99 {result['late_p99_ms']:.1f} ms"
+        )
+        return result
 
     def sustained(self, connections: int, duration_s: float) -> dict[str, Any]:
         """Create at c=`connections` for `duration_s` with the whole pipeline running: the rate,
