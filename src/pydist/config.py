@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     max_batch: int = Field(default=256, ge=1, le=5000, description="orders per write transaction")
     relay_batch: int = Field(default=500, ge=1)
-    sync_prefetch: int = Field(default=256, ge=1)
+    sync_prefetch: int = Field(default=16, ge=1, description="unacked envelopes held by read_model_sync")
     max_body_bytes: int = 16 * 1024
     api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")
     log_level: str = "INFO"

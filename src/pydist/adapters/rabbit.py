@@ -130,7 +130,7 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
     """Both sides declare everything, so no message is unroutable whichever starts first.
 
     A sync queue that still exists as a classic queue (from before quorum queues) makes this fail
-    with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (docs/operations.md)."""
+    with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (README, "Operating pydist")."""
     events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=DLQ_ARGUMENTS)
