@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -98,8 +99,19 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     relay = Relay(outbox, sink, batch=settings.relay_batch)
     running = asyncio.Event()
 
+    last_read = [time.monotonic(), 0.0]  # when the outbox was last read, and its oldest age then
+
     async def measure_backlog() -> None:
-        count, age = await outbox.backlog()
+        """While the write model cannot be read, nothing can be published either: the oldest
+        unpublished event is then at most as old as the last reading plus the time since, and the
+        gauge says so (an upper bound, so the outbox-age alert fires during such an outage
+        instead of showing the last value for ever)."""
+        try:
+            count, age = await outbox.backlog()
+        except Exception:
+            OUTBOX_OLDEST_AGE.set(last_read[1] + time.monotonic() - last_read[0])
+            raise
+        last_read[:] = [time.monotonic(), age]
         OUTBOX_BACKLOG.set(count)
         OUTBOX_OLDEST_AGE.set(age)
 
