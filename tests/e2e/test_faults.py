@@ -24,7 +24,7 @@ import pytest
 from pydist.adapters.db import make_engine
 from pydist.adapters.read_store import ReadStore
 from pydist.devtools.coinbase_stub import CoinbaseStub
-from pydist.domain.errors import StoreUnavailableError
+from pydist.service.errors import StoreUnavailableError
 from tests.support import db as testdb
 from tests.support.faults import (
     LONG,

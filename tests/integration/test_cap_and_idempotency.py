@@ -11,11 +11,7 @@ import pytest
 from pydist.adapters.db import make_engine
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyReusedError,
-    PriceUnavailableError,
-)
+from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import OrderRequest
 from pydist.service.create_order import CreateBuyOrder

@@ -18,11 +18,11 @@ import pytest
 from pydist.adapters import read_store
 from pydist.adapters.db import raw_connection
 from pydist.adapters.read_store import ReadStore
-from pydist.domain.errors import UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 from pydist.entrypoints import fetch_api
+from pydist.service.errors import UnknownReferenceError
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.read_side import page_ids

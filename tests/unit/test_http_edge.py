@@ -30,18 +30,13 @@ from pydantic import SecretStr
 
 from pydist.adapters.read_store import Page
 from pydist.config import Settings
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyReusedError,
-    PriceUnavailableError,
-    StoreUnavailableError,
-    UnknownReferenceError,
-)
+from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
 from pydist.entrypoints import create_api, fetch_api
 from pydist.entrypoints.http_app import _api_routes_first
 from pydist.service.create_order import Outcome
+from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 OTHER_KEY = uuid.UUID("11111111-2222-4333-8444-555555555555")

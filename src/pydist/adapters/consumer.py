@@ -29,9 +29,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from pydist.adapters.messages import CONTENT_TYPE, Poison, decode
 from pydist.adapters.rabbit import TRANSIENT, BrokerLink, Topology, declare_topology
-from pydist.domain.errors import EventRejectedError, StoreUnavailableError
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
+from pydist.service.errors import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
 

@@ -15,9 +15,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from pydist.config import async_url
-from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
+from pydist.service.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
     from alembic.config import Config

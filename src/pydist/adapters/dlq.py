@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE
 from pydist.adapters.messages import decode
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, BrokerLink
-from pydist.domain.errors import EventRejectedError, StoreUnavailableError
 from pydist.domain.events import BuyOrderCreated
+from pydist.service.errors import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
 Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]

@@ -14,9 +14,9 @@ import structlog
 
 from pydist.adapters.db import RawConnection, within_deadline
 from pydist.adapters.write_store import LINGER_S, WriteStore
-from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.order import PlaceResult, PricedOrder
 from pydist.metrics import WRITE_BATCH_SIZE
+from pydist.service.errors import StoreUnavailableError
 
 log = structlog.get_logger()
 

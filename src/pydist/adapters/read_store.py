@@ -21,9 +21,9 @@ from pydist.adapters.db import (
     raw_connection,
     unavailable,
 )
-from pydist.domain.errors import EventRejectedError, UnknownReferenceError
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.order import BuyOrder
+from pydist.service.errors import EventRejectedError, UnknownReferenceError
 from pydist.service.ports import Projected
 
 log = structlog.get_logger()

@@ -37,8 +37,8 @@ from pydist.adapters.db import (
     unavailable,
     within_deadline,
 )
-from pydist.domain.errors import StoreUnavailableError
 from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, PricedOrder
+from pydist.service.errors import StoreUnavailableError
 
 _ORDER_COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
 _FIND_KEYS = f"SELECT {_ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = ANY($1::uuid[])"

@@ -27,24 +27,10 @@ class CapExceededError(DomainError):
         self.requested_btc = requested_btc
         self.available_btc = available_btc
         super().__init__(
-            f"order needs {requested_btc} BTC but only {available_btc} BTC of the "
-            "100 BTC cap is still available"
+            f"order needs {requested_btc} BTC but only {available_btc} BTC is still available "
+            "under the cap"
         )
 
 
 class PriceUnavailableError(DomainError):
     """No price younger than the allowed age can be had right now."""
-
-
-class StoreUnavailableError(DomainError):
-    """The write model cannot be reached; the outcome of a write is unknown, retry with the key."""
-
-
-class UnknownReferenceError(DomainError):
-    pass
-
-
-class EventRejectedError(DomainError):
-    """The read model refuses the data of these events (a value it cannot store): retrying the
-    same events can never succeed, unlike a connection failure. A consumer isolates and
-    dead-letters the offending ones instead of redelivering them for ever."""

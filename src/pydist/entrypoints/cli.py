@@ -85,7 +85,7 @@ def migrate() -> None:
 def _run_admin(coro: Coroutine[Any, Any, T]) -> T:
     """Run an admin task; a database that cannot be reached is one clear line and exit 2, not a
     page of traceback."""
-    from pydist.domain.errors import StoreUnavailableError
+    from pydist.service.errors import StoreUnavailableError
 
     try:
         return asyncio.run(coro)

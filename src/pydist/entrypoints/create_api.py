@@ -19,12 +19,7 @@ from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.price_client import PriceServiceClient
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyReusedError,
-    PriceUnavailableError,
-    StoreUnavailableError,
-)
+from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.order import OrderRequest
 from pydist.entrypoints.body import read_json_object
 from pydist.entrypoints.http_app import build_app
@@ -41,6 +36,7 @@ from pydist.metrics import (
     expose,
 )
 from pydist.service.create_order import CreateBuyOrder
+from pydist.service.errors import StoreUnavailableError
 
 log = structlog.get_logger()
 _MAX_KEY_HEADER = 100

@@ -13,13 +13,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyReusedError,
-    PriceUnavailableError,
-    StoreUnavailableError,
-    UnknownReferenceError,
-)
+from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
+from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
 
 log = structlog.get_logger()
 PROBLEM_JSON = "application/problem+json"

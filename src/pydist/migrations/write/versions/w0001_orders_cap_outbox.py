@@ -5,6 +5,8 @@ Revision ID: w0001
 
 from alembic import op
 
+from pydist.domain.money import BTC_CAP
+
 revision = "w0001"
 down_revision = None
 branch_labels = None
@@ -107,7 +109,8 @@ def upgrade() -> None:
         )
         """
     )
-    op.execute("INSERT INTO btc_cap (id, limit_btc, used_btc) VALUES (1, 100, 0)")
+    # The cap's size is the domain's (domain/money.py); the table only holds it.
+    op.execute(f"INSERT INTO btc_cap (id, limit_btc, used_btc) VALUES (1, {BTC_CAP}, 0)")
     op.execute(
         """
         CREATE TABLE outbox (
