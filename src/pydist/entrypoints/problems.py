@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -96,6 +97,61 @@ def validation_problem(errors: Sequence[Any]) -> Response:
     return problem(422, "validation-error", detail, errors=listed)
 
 
+@dataclass(frozen=True)
+class ProblemType:
+    """How one exception leaves: status, `type` slug, title, and a fixed detail (None: the
+    exception's own text). 503s say when to retry and are logged."""
+
+    status: int
+    slug: str
+    title: str | None = None
+    detail: str | None = None
+    extensions: Callable[[Any], dict[str, str]] | None = None
+
+    def response(self, exc: Exception) -> Response:
+        headers = None
+        if self.status == 503:
+            log.warning("upstream_unavailable", error=str(exc))
+            headers = {"Retry-After": "1"}
+        extensions = self.extensions(exc) if self.extensions else {}
+        detail = str(exc) if self.detail is None else self.detail
+        return problem(self.status, self.slug, detail, title=self.title, headers=headers, **extensions)
+
+
+PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
+    CapExceededError: ProblemType(
+        409,
+        "cap-exceeded",
+        "BTC cap exceeded",
+        extensions=lambda exc: {
+            "available_btc": f"{exc.available_btc:f}",
+            "requested_btc": f"{exc.requested_btc:f}",
+        },
+    ),
+    IdempotencyKeyReusedError: ProblemType(
+        422,
+        "idempotency-key-reused",
+        "Idempotency key reused with a different request",
+        "idempotency key reused with a different request: the first request with this key "
+        "had another currency or amount",
+    ),
+    PriceUnavailableError: ProblemType(
+        503,
+        "price-unavailable",
+        detail="the BTC price is unavailable right now; nothing was stored. "
+        "Retry with the same idempotency key.",
+    ),
+    StoreUnavailableError: ProblemType(
+        503,
+        "store-unavailable",
+        detail="the order store is unavailable right now; the order may or may not have been "
+        "stored. Retry with the same idempotency key: that is safe either way.",
+    ),
+    UnknownReferenceError: ProblemType(404, "unknown-reference"),
+}
+"""The one table from exception to problem type (besides validation, HTTP and crash handlers)."""
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemError)
@@ -111,45 +167,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
         return problem(exc.status_code, slug, detail, headers=exc.headers)
 
-    async def on_cap(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, CapExceededError)
-        return problem(
-            409,
-            "cap-exceeded",
-            str(exc),
-            title="BTC cap exceeded",
-            available_btc=f"{exc.available_btc:f}",
-            requested_btc=f"{exc.requested_btc:f}",
-        )
-
-    async def on_key_reuse(_: Request, exc: Exception) -> Response:
-        return problem(
-            422,
-            "idempotency-key-reused",
-            "idempotency key reused with a different request: the first request with this key "
-            "had another currency or amount",
-            title="Idempotency key reused with a different request",
-        )
-
-    async def on_unavailable(_: Request, exc: Exception) -> Response:
-        slug = "price-unavailable" if isinstance(exc, PriceUnavailableError) else "store-unavailable"
-        log.warning("upstream_unavailable", error=str(exc))
-        what = "BTC price" if isinstance(exc, PriceUnavailableError) else "order store"
-        return problem(
-            503,
-            slug,
-            (
-                f"the {what} is unavailable right now; nothing was stored. "
-                "Retry with the same idempotency key."
-                if isinstance(exc, PriceUnavailableError)
-                else f"the {what} is unavailable right now; the order may or may not have been "
-                "stored. Retry with the same idempotency key: that is safe either way."
-            ),
-            headers={"Retry-After": "1"},
-        )
-
-    async def on_unknown_ref(_: Request, exc: Exception) -> Response:
-        return problem(404, "unknown-reference", str(exc))
+    async def on_mapped(_: Request, exc: Exception) -> Response:
+        kind = next(PROBLEM_TYPES[c] for c in type(exc).__mro__ if c in PROBLEM_TYPES)
+        return kind.response(exc)
 
     async def on_crash(_: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
@@ -159,9 +179,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(ValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(CapExceededError, on_cap)
-    app.add_exception_handler(IdempotencyKeyReusedError, on_key_reuse)
-    app.add_exception_handler(PriceUnavailableError, on_unavailable)
-    app.add_exception_handler(StoreUnavailableError, on_unavailable)
-    app.add_exception_handler(UnknownReferenceError, on_unknown_ref)
+    for error in PROBLEM_TYPES:
+        app.add_exception_handler(error, on_mapped)
     app.add_exception_handler(Exception, on_crash)
