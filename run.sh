@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Start the whole pydist system in the foreground; Ctrl-C (or SIGTERM) stops every process cleanly.
 #
-#   ./run.sh                       embedded PostgreSQL (data in ./.data/pg), no broker: the relay
-#                                  projects straight into the read model
+#   ./run.sh                       embedded PostgreSQL (data in ./.data/pg) and, when rabbitmq-server
+#                                  is installed, a private RabbitMQ node (pydist-dev@localhost on
+#                                  127.0.0.1:5673, data in ./.data/rabbitmq) that read_model_sync
+#                                  consumes from; without rabbitmq-server the relay projects
+#                                  straight into the read model
+#   PYDIST_RABBITMQ_PORT=5680 ./run.sh   the private node on another AMQP port
+#   PYDIST_EMBEDDED_BROKER=0 ./run.sh    no private node: the relay projects into the read model
 #   BROKER_URL=amqp://guest:guest@127.0.0.1:5672/ \
 #   WRITE_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/pydist_write \
 #   READ_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/pydist_read ./run.sh
@@ -14,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ -f .env ]; then set -a; . ./.env; set +a; fi
-DATA_DIR=${PYDIST_DATA_DIR:-$PWD/.data}   # embedded PostgreSQL lives in $DATA_DIR/pg
+DATA_DIR=${PYDIST_DATA_DIR:-$PWD/.data}   # embedded PostgreSQL in $DATA_DIR/pg, RabbitMQ in $DATA_DIR/rabbitmq
 mkdir -p -m 700 "$DATA_DIR/run" && export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$DATA_DIR/run}  # pgserver wants one
 
 if ! command -v uv >/dev/null 2>&1; then
@@ -32,6 +37,40 @@ elif [ -z "${WRITE_DATABASE_URL:-}" ] || [ -z "${READ_DATABASE_URL:-}" ]; then
   echo "run.sh: set both WRITE_DATABASE_URL and READ_DATABASE_URL, or neither" >&2; exit 1
 fi
 
+# The read-model sync: through RabbitMQ (the given BROKER_URL, or a private node of our own when
+# rabbitmq-server is installed), else the relay projects straight into the read model.
+rabbit=0
+rabbit_dir="$DATA_DIR/rabbitmq"
+stop_embedded() {
+  if [ "$rabbit" = 1 ]; then pydist dev rabbitmq-stop --data-dir "$rabbit_dir" || true; fi
+  if [ "$embedded" = 1 ]; then pydist dev postgres-stop --data-dir "$DATA_DIR/pg" || true; fi
+}
+trap stop_embedded EXIT
+direct="the relay projects straight into the read model"
+if [ -n "${BROKER_URL:-}" ]; then
+  sync_mode="RabbitMQ (BROKER_URL as given)"
+elif [ "${PYDIST_EMBEDDED_BROKER:-1}" = "0" ]; then
+  sync_mode="embedded (PYDIST_EMBEDDED_BROKER=0): $direct"
+else
+  rabbit_port=${PYDIST_RABBITMQ_PORT:-5673}
+  echo "run.sh: no BROKER_URL: starting a private RabbitMQ node in $rabbit_dir (if rabbitmq-server is installed)"
+  rc=0
+  rabbit=1  # from here on the EXIT trap stops whatever part of the node came up
+  broker_env=$(pydist dev rabbitmq-start --data-dir "$rabbit_dir" --port "$rabbit_port") || rc=$?
+  if [ "$rc" = 0 ]; then
+    eval "$broker_env"
+    sync_mode="RabbitMQ (private node pydist-dev@localhost on 127.0.0.1:$rabbit_port, data in $rabbit_dir)"
+  elif [ "$rc" = 3 ]; then
+    rabbit=0
+    sync_mode="embedded (rabbitmq-server not installed): $direct"
+  else
+    echo "run.sh: the private RabbitMQ node did not start (log: $rabbit_dir/log); set" \
+      "PYDIST_RABBITMQ_PORT for another port, or PYDIST_EMBEDDED_BROKER=0 to run without a broker" >&2
+    exit 1
+  fi
+fi
+echo "read-model sync: $sync_mode"
+
 processes="price,create,fetch,relay"
 if [ -n "${BROKER_URL:-}" ]; then processes="$processes,sync"; fi
 if [ "${PYDIST_DEMO_PRICES:-0}" = "1" ]; then
@@ -39,9 +78,6 @@ if [ "${PYDIST_DEMO_PRICES:-0}" = "1" ]; then
   export COINBASE_API_URL="http://127.0.0.1:$PYDIST_STUB_PORT"
   processes="stub,$processes"
 fi
-
-stop_embedded() { if [ "$embedded" = 1 ]; then pydist dev postgres-stop --data-dir "$DATA_DIR/pg" || true; fi; }
-trap stop_embedded EXIT
 
 pydist migrate
 
@@ -51,7 +87,6 @@ run.sh: starting ${processes//,/, }
   fetch buy orders   GET  http://127.0.0.1:${FETCH_BUY_ORDERS_PORT:-8778}/buy_orders   (docs: /docs)
   btc price          GET  http://127.0.0.1:${BTC_PRICE_PORT:-8779}/prices/USD
   prices from        ${COINBASE_API_URL:-https://api.coinbase.com}
-  read-model sync    ${BROKER_URL:+RabbitMQ}${BROKER_URL:-embedded (no BROKER_URL)}
 Ctrl-C stops everything.
 MSG
 # Not exec: the EXIT trap must run after honcho has stopped the processes.

@@ -1,5 +1,9 @@
 """The README's first command: `./run.sh` on the embedded PostgreSQL (no URLs set), offline prices,
-every process up, an order created and listed over HTTP, and a clean stop on SIGTERM."""
+every process up, an order created and listed over HTTP, and a clean stop on SIGTERM.
+
+With rabbitmq-server installed (as ./test.sh requires) the default run has the real topology: a
+private RabbitMQ node under the data dir, the order reaching the read model through
+read_model_sync, and nothing of the node left after the stop."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -17,6 +22,51 @@ import httpx
 import pytest
 
 from tests.support.procs import free_port
+
+# Measured on 2 shared cores, other sessions' tests running: run.sh to every process ready 42-94 s
+# (the private node's first boot 9-19 s of it), SIGTERM to run.sh's exit 5-11 s. Bounds >= 3x.
+READY_BOUND_S = 300.0
+STOP_BOUND_S = 60.0
+NODE = "pydist-dev@localhost"
+
+
+def _rabbitmq_installed() -> bool:
+    """Judged independently of run.sh's own detection, so a broken detection cannot pass."""
+    scripts = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+    return scripts.exists() or shutil.which("rabbitmq-server") is not None
+
+
+def _rabbit_port() -> int:
+    """An AMQP port whose derived distribution (+20000) and epmd (+10000) ports are free too."""
+    for _ in range(100):
+        port = free_port()
+        if port <= 45535 and all(_free(port + d) for d in (10000, 20000)):
+            return port
+    raise AssertionError("no AMQP port with free derived ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    return out
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return sum(values)
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,12 +91,12 @@ def _wait(url: str, deadline: float) -> None:
 
 
 def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> None:
-    ports = {name: free_port() for name in ("create", "fetch", "price", "relay", "stub")}
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"WRITE_DATABASE_URL", "READ_DATABASE_URL", "BROKER_URL", "API_KEYS", "BTC_PRICE_URL"}
-    }
+    ports = {name: free_port() for name in ("create", "fetch", "price", "relay", "sync", "stub")}
+    rabbit_port = _rabbit_port()
+    with_broker = _rabbitmq_installed()
+    unset = {"WRITE_DATABASE_URL", "READ_DATABASE_URL", "BROKER_URL", "API_KEYS", "BTC_PRICE_URL"}
+    unset |= {"PYDIST_EMBEDDED_BROKER"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(
         PYDIST_DATA_DIR=str(data_dir),
         PYDIST_DEMO_PRICES="1",
@@ -55,18 +105,24 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
         FETCH_BUY_ORDERS_PORT=str(ports["fetch"]),
         BTC_PRICE_PORT=str(ports["price"]),
         RELAY_METRICS_PORT=str(ports["relay"]),
+        SYNC_METRICS_PORT=str(ports["sync"]),
+        PYDIST_RABBITMQ_PORT=str(rabbit_port),
     )
     log = data_dir.parent / f"{data_dir.name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(ROOT / "run.sh")], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
+    t0 = time.monotonic()
     create = f"http://127.0.0.1:{ports['create']}"
     fetch = f"http://127.0.0.1:{ports['fetch']}"
+    sync = f"http://127.0.0.1:{ports['sync']}"
+    workers = [f"http://127.0.0.1:{ports['relay']}"] + ([sync] if with_broker else [])
     try:
-        deadline = time.monotonic() + 150
-        for url in (f"{create}/readyz", f"{fetch}/readyz", f"http://127.0.0.1:{ports['relay']}/readyz"):
-            _wait(url, deadline)
+        deadline = time.monotonic() + READY_BOUND_S
+        for url in (create, fetch, *workers):
+            _wait(f"{url}/readyz", deadline)
+        ready_s = time.monotonic() - t0
         key = str(uuid.uuid4())
         body = {"currency": "USD", "amount": "123.45", "idempotence_key": key}
         for _ in range(50):  # the first price may still be on its way
@@ -82,18 +138,45 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
             rows = httpx.get(f"{fetch}/buy_orders", timeout=5).json()["rows"]
             time.sleep(0.1)
         assert rows == [order]
+        if with_broker:  # the order went relay -> private RabbitMQ -> read_model_sync -> read model
+            metrics = httpx.get(f"{sync}/metrics", timeout=5).text
+            assert _metric(metrics, "pydist_events_projected_total") > 0, metrics
     finally:
+        t1 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=60)
+            code = proc.wait(timeout=STOP_BOUND_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+        stop_s = time.monotonic() - t1
     text = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     assert code == 0, text[-3000:]
-    for name in ("price", "create", "fetch", "relay", "stub"):
+    processes = ["price", "create", "fetch", "relay", *(["sync"] if with_broker else [])]
+    for name in [*processes, "stub"]:
         assert f"{name}.1 stopped (rc=0)" in text or f"{name}.1 stopped (rc=-15)" in text, text[-3000:]
-    for name in ("price", "create", "fetch", "relay"):
+    for name in processes:
         assert f"{name}.1 stopped (rc=0)" in text, f"{name} did not exit cleanly:\n{text[-3000:]}"
     assert not (data_dir / "pg" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
+    print(f"\nrun.sh ready after {ready_s:.1f}s (bound {READY_BOUND_S:.0f}s)")
+    print(f"run.sh stopped {stop_s:.1f}s after SIGTERM (bound {STOP_BOUND_S:.0f}s)")
+    modes = [line for line in text.splitlines() if line.startswith("read-model sync: ")]
+    rabbit_dir = data_dir / "rabbitmq"
+    if not with_broker:
+        assert modes == [
+            "read-model sync: embedded (rabbitmq-server not installed): "
+            "the relay projects straight into the read model"
+        ], text[-3000:]
+        return
+    assert modes == [
+        f"read-model sync: RabbitMQ (private node {NODE} on 127.0.0.1:{rabbit_port}, data in {rabbit_dir})"
+    ], text[-3000:]
+    # run.sh's EXIT trap waited for the node to stop: nothing of it may be left, not even epmd.
+    left = {
+        pid: cmd
+        for pid, cmd in _cmdlines().items()
+        if ("beam.smp" in cmd and str(data_dir) in cmd) or f"epmd -port {rabbit_port + 10000} " in cmd
+    }
+    assert not left, f"private RabbitMQ processes left: {left}"
+    print(next(line for line in text.splitlines() if f"{NODE} accepts AMQP after" in line))

@@ -428,6 +428,45 @@ def dev_postgres_stop(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> 
     stop(Path(data_dir).resolve())
 
 
+@dev_app.command("rabbitmq-start")
+def dev_rabbitmq_start(
+    data_dir: Annotated[str, typer.Option()] = ".data/rabbitmq",
+    port: Annotated[int, typer.Option(help="AMQP port; distribution and epmd ports follow")] = 5673,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for AMQP connections")] = 120.0,
+) -> None:
+    """Start (or reuse) a private RabbitMQ node; prints `export BROKER_URL=…`. Exit 3: not installed."""
+    import sys
+    import time
+    from pathlib import Path
+
+    from pydist.devtools import embedded_rabbitmq as rmq
+
+    t0 = time.monotonic()
+    try:
+        cfg = rmq.start(Path(data_dir).resolve(), port, timeout)
+    except rmq.NotInstalledError as exc:
+        print(f"pydist dev rabbitmq-start: {exc}", file=sys.stderr)
+        raise typer.Exit(rmq.NOT_INSTALLED_EXIT) from None
+    except (rmq.NodeError, ValueError) as exc:
+        print(f"pydist dev rabbitmq-start: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(
+        f"pydist dev rabbitmq-start: {cfg.node_name} accepts AMQP after {time.monotonic() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    print(f"export BROKER_URL='{cfg.broker_url}'")
+
+
+@dev_app.command("rabbitmq-stop")
+def dev_rabbitmq_stop(data_dir: Annotated[str, typer.Option()] = ".data/rabbitmq") -> None:
+    """Stop the private RabbitMQ node and its epmd (clean shutdown; data is kept)."""
+    from pathlib import Path
+
+    from pydist.devtools.embedded_rabbitmq import stop
+
+    stop(Path(data_dir).resolve())
+
+
 @dev_app.command("coinbase-stub")
 def dev_coinbase_stub(port: Annotated[int, typer.Option()] = 8790) -> None:
     """Serve Coinbase-compatible spot prices locally (offline demos, tests, benchmarks)."""

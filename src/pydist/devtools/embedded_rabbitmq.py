@@ -1,0 +1,420 @@
+"""A private RabbitMQ node for `./run.sh`, so the default run has the real topology (relay →
+RabbitMQ → read_model_sync) whenever the machine has `rabbitmq-server` installed.
+
+The node must never touch the machine's own RabbitMQ (``rabbit@localhost`` on 5672, its cookie
+in ``/var/lib/rabbitmq``, ``/etc/rabbitmq``), which other software may rely on. So everything it
+reads or writes lives under its data dir: its own ``HOME`` holding its own 0600 ``.erlang.cookie``,
+its own ``RABBITMQ_CONF_ENV_FILE`` (``/etc/rabbitmq/rabbitmq-env.conf`` is never read), config
+file, empty plugin list, mnesia and log dirs and pid file; it registers with a private epmd on a
+private port (the shared epmd on 4369 belongs to the machine's node, and an epmd our node started
+there by itself would outlive it). The scripts come from ``/usr/lib/rabbitmq/bin``: the
+``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its cookie.
+
+Ports follow from the AMQP port P (default 5673), as RabbitMQ derives its own: distribution on
+P + 20000 (5672 → 25672 for the shared node), epmd on P + 10000. One AMQP port, one node.
+
+The pure parts (`NodeConfig`, `rabbitmq_conf`, `server_env`) do no I/O, so they are unit-tested;
+`start` and `stop` do the processes, and find them again through Linux's /proc. The node
+outlives `start` (it runs in its own session, like pgserver's PostgreSQL): `./run.sh` stops it
+from its EXIT trap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+NODE_NAME = "pydist-dev@localhost"
+DEFAULT_AMQP_PORT = 5673  # next to the shared node's 5672, never on it
+BOOT_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+NOT_INSTALLED_EXIT = 3  # `pydist dev rabbitmq-start`'s exit code when there is nothing to start
+
+
+class NotInstalledError(RuntimeError):
+    """No usable rabbitmq-server (or no epmd): run.sh falls back to the direct projection."""
+
+
+class NodeError(RuntimeError):
+    """The node could not be started or stopped; the message carries the cause and its log."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Where one private node keeps everything, and the ports it uses (all derived, no I/O)."""
+
+    data_dir: Path
+    amqp_port: int = DEFAULT_AMQP_PORT
+    node_name: str = NODE_NAME
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.amqp_port <= 65535 - 20000:
+            # P + 20000 must still be a port; below 1024 needs root and clashes with system services.
+            raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..45535")
+
+    @property
+    def dist_port(self) -> int:
+        return self.amqp_port + 20000
+
+    @property
+    def epmd_port(self) -> int:
+        return self.amqp_port + 10000
+
+    @property
+    def broker_url(self) -> str:
+        # guest is allowed from loopback only (RabbitMQ's default), which is all this node listens on.
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def home(self) -> Path:
+        return self.data_dir / "home"
+
+    @property
+    def cookie(self) -> Path:
+        return self.home / ".erlang.cookie"
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "rabbitmq.conf"
+
+    @property
+    def env_file(self) -> Path:
+        return self.data_dir / "rabbitmq-env.conf"
+
+    @property
+    def plugins_file(self) -> Path:
+        return self.data_dir / "enabled_plugins"
+
+    @property
+    def mnesia_base(self) -> Path:
+        return self.data_dir / "mnesia"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "rabbit.pid"
+
+    @property
+    def state_file(self) -> Path:
+        """What `stop` needs to find the processes again: the ports and the epmd pid."""
+        return self.data_dir / "node.json"
+
+
+def rabbitmq_conf(cfg: NodeConfig) -> str:
+    """The node's rabbitmq.conf: AMQP on loopback only, logs to a file in the data dir."""
+    return (
+        "# written by pydist dev rabbitmq-start: a private development node\n"
+        f"listeners.tcp.1 = 127.0.0.1:{cfg.amqp_port}\n"
+        "loopback_users.guest = true\n"
+        "log.console = false\n"
+        "log.file.level = info\n"
+    )
+
+
+def server_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of rabbitmq-server: the caller's, minus any RABBITMQ_*/ERL_* setting (an
+    inherited RABBITMQ_NODENAME or ERL_EPMD_PORT would aim it at the shared node), plus a path in
+    the data dir for everything RabbitMQ would otherwise take from /etc or /var/lib/rabbitmq."""
+    env = {k: v for k, v in base.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+    env.update(
+        HOME=str(cfg.home),  # Erlang reads the cookie from $HOME/.erlang.cookie
+        ERL_EPMD_PORT=str(cfg.epmd_port),
+        ERL_EPMD_ADDRESS="127.0.0.1",
+        RABBITMQ_CONF_ENV_FILE=str(cfg.env_file),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(cfg.plugins_file),
+        RABBITMQ_NODENAME=cfg.node_name,
+        RABBITMQ_USE_LONGNAME="false",
+        RABBITMQ_CONFIG_FILE=str(cfg.config_file),
+        RABBITMQ_ADVANCED_CONFIG_FILE=str(cfg.data_dir / "advanced.config"),  # absent on purpose
+        RABBITMQ_MNESIA_BASE=str(cfg.mnesia_base),
+        RABBITMQ_LOG_BASE=str(cfg.log_dir),
+        RABBITMQ_PID_FILE=str(cfg.pid_file),
+        RABBITMQ_DIST_PORT=str(cfg.dist_port),
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+    )
+    return env
+
+
+def find_scripts(
+    environ: Mapping[str, str],
+    which: Callable[[str], str | None] = shutil.which,
+    system_dirs: Sequence[Path] | None = None,
+) -> tuple[Path, str]:
+    """RabbitMQ's own scripts dir (they run as the caller) and epmd; NotInstalledError if absent.
+
+    ``PYDIST_RABBITMQ_BIN`` overrides the dir; else Debian's ``/usr/lib/rabbitmq/bin`` (or
+    ``system_dirs``), then a ``rabbitmq-server`` on PATH, but never Debian's ``/usr/sbin`` wrapper
+    (a link to rabbitmq-script-wrapper, which su's to the rabbitmq user and its cookie)."""
+    override = environ.get("PYDIST_RABBITMQ_BIN")
+    if override:
+        candidates = [Path(override)]
+    else:
+        if system_dirs is None:
+            system_dirs = [Path("/usr/lib/rabbitmq/bin")]
+            system_dirs += [
+                Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
+            ]
+        candidates = list(system_dirs)
+        on_path = which("rabbitmq-server")
+        if on_path and Path(on_path).resolve().name != "rabbitmq-script-wrapper":
+            candidates.append(Path(on_path).resolve().parent)
+    scripts = next((d for d in candidates if (d / "rabbitmq-server").exists()), None)
+    if scripts is None:
+        raise NotInstalledError(
+            f"rabbitmq-server not installed (looked in {', '.join(map(str, candidates))})"
+        )
+    epmd = which("epmd") or next(iter(sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"))), None)
+    if epmd is None:
+        raise NotInstalledError("Erlang's epmd not found (it comes with erlang-base)")
+    return scripts, epmd
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = BOOT_TIMEOUT_S) -> NodeConfig:
+    """Start the node (or reuse the one already running from ``data_dir``) and return once it
+    accepts AMQP connections, within ``timeout`` seconds; on failure nothing started is left."""
+    cfg = NodeConfig(data_dir, amqp_port)
+    scripts, epmd_exe = find_scripts(os.environ)
+    state = _read_state(cfg)
+    if _beam_pid(cfg) is not None:
+        running_port = state.get("amqp_port")
+        if running_port != amqp_port:
+            raise NodeError(
+                f"the node in {data_dir} already runs on port {running_port}, not {amqp_port}: "
+                f"stop it (pydist dev rabbitmq-stop --data-dir {data_dir}) or use that port"
+            )
+        _await_amqp(cfg, None, time.monotonic() + timeout)
+        return cfg
+    _prepare(cfg)
+    epmd_pid = _own_epmd(cfg, state)
+    busy = [p for p in (cfg.amqp_port, cfg.dist_port) + (() if epmd_pid else (cfg.epmd_port,)) if _in_use(p)]
+    if busy:
+        raise NodeError(
+            f"port(s) {', '.join(map(str, busy))} already in use: choose another AMQP port "
+            "(PYDIST_RABBITMQ_PORT; distribution and epmd ports follow from it)"
+        )
+    deadline = time.monotonic() + timeout
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        if epmd_pid is None:
+            epmd = subprocess.Popen(
+                [epmd_exe, "-port", str(cfg.epmd_port), "-address", "127.0.0.1"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # outlives this command, and is not hit by the terminal's Ctrl-C
+            )
+            started.append(epmd)
+            epmd_pid = epmd.pid
+        _write_state(cfg, epmd_pid)
+        cfg.pid_file.unlink(missing_ok=True)
+        with cfg.console_log.open("ab") as log:
+            server = subprocess.Popen(
+                [str(scripts / "rabbitmq-server")],
+                env=server_env(cfg, os.environ),
+                cwd=cfg.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(server)
+        _await_amqp(cfg, server, deadline)
+    except BaseException:
+        _stop_processes(cfg)
+        for p in started:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        raise
+    return cfg
+
+
+def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the node of ``data_dir`` (SIGTERM: RabbitMQ's clean shutdown; SIGKILL after
+    ``timeout``) and its epmd. Data is kept. Returns whether anything was running."""
+    state = _read_state(NodeConfig(data_dir))
+    port = state.get("amqp_port")
+    cfg = NodeConfig(data_dir, port if isinstance(port, int) else DEFAULT_AMQP_PORT)
+    return _stop_processes(cfg, timeout)
+
+
+def _prepare(cfg: NodeConfig) -> None:
+    """The data dir, the private cookie (0600: Erlang refuses one others can read), the config."""
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cfg.home.mkdir(mode=0o700, exist_ok=True)
+    cfg.log_dir.mkdir(exist_ok=True)
+    if not cfg.cookie.exists():
+        fd = os.open(cfg.cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as cookie:
+            cookie.write("PYDIST" + os.urandom(16).hex().upper())
+    cfg.env_file.write_text("# private node: /etc/rabbitmq/rabbitmq-env.conf is not read\n")
+    cfg.plugins_file.write_text("[].\n")
+    cfg.config_file.write_text(rabbitmq_conf(cfg))
+
+
+def _stop_processes(cfg: NodeConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
+    beam = _beam_pid(cfg)
+    if beam is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(beam, signal.SIGTERM)
+        if not _wait(lambda: not _alive(beam), timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(beam, signal.SIGKILL)
+            _wait(lambda: not _alive(beam), 10)
+    # A beam of this node that had not written its pid file yet goes too.
+    for pid in _beams_of(cfg):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    epmd = _own_epmd(cfg, _read_state(cfg))
+    if epmd is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(epmd, signal.SIGTERM)
+        _wait(lambda: not _alive(epmd), 10)
+    cfg.state_file.unlink(missing_ok=True)
+    return beam is not None or epmd is not None
+
+
+def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadline: float) -> None:
+    """Poll until an AMQP login as guest succeeds (the node has booted and seeded its users)."""
+    import logging
+
+    import aiormq
+
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # each refused attempt is expected here
+
+    async def attempt() -> bool:
+        try:
+            connection = await asyncio.wait_for(aiormq.connect(cfg.broker_url), timeout=5)
+        except Exception:  # not listening yet, or mid-boot: aiormq raises a variety of things
+            return False
+        await connection.close()
+        return True
+
+    async def poll() -> None:
+        while True:
+            if server is not None and server.poll() is not None:
+                raise NodeError(
+                    f"rabbitmq-server exited while booting (rc={server.returncode}):\n{_logs(cfg)}"
+                )
+            if await attempt():
+                return
+            if time.monotonic() >= deadline:
+                raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{_logs(cfg)}")
+            await asyncio.sleep(0.2)  # paces the polling only
+
+    asyncio.run(poll())
+
+
+def _logs(cfg: NodeConfig, lines: int = 20) -> str:
+    out = []
+    for path in (cfg.console_log, cfg.log_dir / f"{cfg.node_name}.log"):
+        with contextlib.suppress(OSError):
+            out.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+def _read_state(cfg: NodeConfig) -> dict[str, object]:
+    try:
+        value = json.loads(cfg.state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_state(cfg: NodeConfig, epmd_pid: int) -> None:
+    state = {
+        "node": cfg.node_name,
+        "amqp_port": cfg.amqp_port,
+        "epmd_port": cfg.epmd_port,
+        "epmd_pid": epmd_pid,
+    }
+    cfg.state_file.write_text(json.dumps(state) + "\n")
+
+
+def _beam_pid(cfg: NodeConfig) -> int | None:
+    """The node's beam, from its pid file, if alive and really ours (a stale pid file may point
+    at a recycled pid, so the process must also be one of `_beams_of`)."""
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) and pid in _beams_of(cfg) else None
+
+
+def _own_epmd(cfg: NodeConfig, state: Mapping[str, object]) -> int | None:
+    """Our epmd's pid, if it still runs (checked against its command line, not trusted blindly)."""
+    pid, port = state.get("epmd_pid"), state.get("epmd_port")
+    if not isinstance(pid, int) or port != cfg.epmd_port:
+        return None
+    cmd = _cmdline(pid).split()
+    ours = bool(cmd) and cmd[0].endswith("epmd") and f" -port {port} " in f" {' '.join(cmd)} "
+    return pid if ours and _alive(pid) else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _beams_of(cfg: NodeConfig) -> list[int]:
+    """Live Erlang VMs started with this node's private HOME (``-home <data dir>/home``, which
+    erl puts on the command line): this node's, and only it, not a shell or an editor that
+    happens to mention the data dir."""
+    mark = f"-home {cfg.home} "
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            cmd = _cmdline(int(entry))
+            if cmd.split(" ", 1)[0].endswith("beam.smp") and mark in cmd and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)  # paces the polling of a condition, never a stand-in for one
+    return True
