@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 import structlog
 
+from pydist.telemetry import add_trace_ids
+
 
 class FluentForwarder:
     """A structlog processor that also sends each event to fluentd (forward protocol).
@@ -45,10 +47,15 @@ def configure_logging(
     *,
     fluentd_host: str | None = None,
     fluentd_port: int = 24224,
+    tracing: bool = False,
 ) -> None:
+    """`tracing`: add the current span's trace_id and span_id to every event (only when
+    tracing is on, so a process without it pays nothing per line)."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    traced: list[Any] = [add_trace_ids] if tracing else []
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *traced,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -75,6 +82,7 @@ def configure_logging(
             ],
             foreign_pre_chain=[
                 structlog.contextvars.merge_contextvars,
+                *traced,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),

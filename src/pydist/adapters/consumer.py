@@ -27,8 +27,9 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from pydist.adapters.messages import CONTENT_TYPE, Poison, decode
-from pydist.adapters.rabbit import TRANSIENT, BrokerLink, Topology, declare_topology
+from pydist import telemetry
+from pydist.adapters.messages import CONTENT_TYPE, Decoded, Poison, decode
+from pydist.adapters.rabbit import QUEUE, TRANSIENT, BrokerLink, Topology, declare_topology
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
 from pydist.service.errors import EventRejectedError, StoreUnavailableError
@@ -87,6 +88,33 @@ class EnvelopeConsumer:
 
     async def handle(self, message: AbstractIncomingMessage, topology: Topology, stop: asyncio.Event) -> None:
         decoded = decode(message)
+        if not telemetry.ENABLED:
+            await self._settle(message, decoded, topology, stop)
+            return
+        events = [] if isinstance(decoded, str) else decoded.events
+        attrs = {
+            "messaging.system": telemetry.MESSAGING_SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": QUEUE,
+            "messaging.message.id": message.message_id or "",
+            **telemetry.order_attributes([e.order.id for e in events]),
+        }
+        header = (message.headers or {}).get("traceparent")
+        parent = header.decode("ascii", "replace") if isinstance(header, bytes) else header
+        traceparents = [e.traceparent for e in events]
+        parent = parent if isinstance(parent, str) else None
+        with telemetry.batch_span(f"process {QUEUE}", "CONSUMER", traceparents, attrs, parent=parent):
+            await self._settle(message, decoded, topology, stop)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        decoded: Decoded | str,
+        topology: Topology,
+        stop: asyncio.Event,
+    ) -> None:
+        """Project the message's events, dead-letter what cannot be, then ack (or requeue)."""
         if isinstance(decoded, str):
             await _dead_letter(topology, message, Poison(None, decoded, message.body), whole=True)
             await message.ack()

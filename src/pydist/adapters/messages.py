@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractMessage
 
 from pydist.domain.events import BUY_ORDER_CREATED, EVENT_VERSION, BuyOrderCreated, order_from_message
 from pydist.domain.money import MAX_FIAT_AMOUNT
+from pydist.telemetry import parse_traceparent
 
 CONTENT_TYPE = "application/json"
 ENVELOPE_TYPE = "buy_order.created.batch"
@@ -97,19 +98,26 @@ def envelopes(
 ) -> list[aio_pika.Message]:
     """A claim as envelopes of at most `max_events` events and about `max_bytes` body bytes (an
     event alone larger than `max_bytes` still travels, alone)."""
-    out: list[aio_pika.Message] = []
+    return [message for _, message in batches(events, max_events=max_events, max_bytes=max_bytes)]
+
+
+def batches(
+    events: Sequence[BuyOrderCreated], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
+) -> list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]]:
+    """`envelopes`, each with the events it carries (the publisher's span links to their traces)."""
+    out: list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]] = []
     start, size = 0, 0
     items: list[dict[str, Any]] = []
     for i, event in enumerate(events):
         item = event.to_message()
         length = len(orjson.dumps(item)) + 1
         if items and (len(items) >= max_events or size + length > max_bytes):
-            out.append(_envelope(items, envelope_id(events[start:i])))
+            out.append((events[start:i], _envelope(items, envelope_id(events[start:i]))))
             start, items, size = i, [], 0
         items.append(item)
         size += length
     if items:
-        out.append(_envelope(items, envelope_id(events[start:])))
+        out.append((events[start:], _envelope(items, envelope_id(events[start:]))))
     return out
 
 
@@ -164,7 +172,11 @@ def parse_event(item: Any) -> BuyOrderCreated | str:
         if not _fits(order.currency_amount, 2, MAX_FIAT_AMOUNT) or not _fits(order.btc_amount, 8, _MAX_BTC):
             return "amount out of range or too precise"
         request_id = item.get("request_id")
-        return BuyOrderCreated(event_id, order, str(request_id) if request_id else None)
+        # Optional, and never a reason to refuse an event: an invalid one is dropped.
+        traceparent = item.get("traceparent")
+        if parse_traceparent(traceparent) is None:
+            traceparent = None
+        return BuyOrderCreated(event_id, order, str(request_id) if request_id else None, traceparent)
     except Exception as exc:  # KeyError, TypeError, ValueError, decimal.InvalidOperation, ...
         return f"not a valid {BUY_ORDER_CREATED} v{EVENT_VERSION} event ({type(exc).__name__}: {exc})"[:300]
 

@@ -12,15 +12,17 @@ import contextlib
 
 import structlog
 
+from pydist import telemetry
 from pydist.adapters.db import RawConnection, within_deadline
 from pydist.adapters.write_store import LINGER_S, WriteStore
-from pydist.domain.order import PlaceResult, PricedOrder
+from pydist.domain.order import Placed, PlaceResult, PricedOrder
 from pydist.metrics import WRITE_BATCH_SIZE
 from pydist.service.errors import StoreUnavailableError
 
 log = structlog.get_logger()
 
-_Item = tuple[PricedOrder, str | None, "asyncio.Future[PlaceResult]"]
+_Item = tuple[PricedOrder, str | None, str | None, "asyncio.Future[PlaceResult]"]
+"""An order, its request id, the traceparent of its request (None: tracing off), its outcome."""
 
 
 class BatchingOrderWriter:
@@ -50,7 +52,7 @@ class BatchingOrderWriter:
         if self._task is None:
             raise StoreUnavailableError("order writer is not running")
         future: asyncio.Future[PlaceResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((order, request_id, future))
+        self._queue.put_nowait((order, request_id, telemetry.current_traceparent(), future))
         # A caller that gives up (deadline, cancellation) leaves the order in its batch; the writer
         # skips settling a future that is already done.
         return await within_deadline(future)
@@ -89,7 +91,7 @@ class BatchingOrderWriter:
         """Store one batch and settle every one of its futures (a failure fails them all)."""
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
-            results = await self._store.place_batch([(o, rid) for o, rid, _ in batch], conn)
+            results = await self._traced_place(batch, conn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -99,13 +101,30 @@ class BatchingOrderWriter:
             return
         self.batches += 1
         self.orders += len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (_, _, _, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
         self._done(len(batch))
 
+    async def _traced_place(self, batch: list[_Item], conn: RawConnection) -> list[PlaceResult]:
+        """place_orders() for the batch; with tracing on, inside the write-transaction span (in
+        the first order's trace, linked to every order's), which names the orders it created."""
+        orders = [(o, rid) for o, rid, _, _ in batch]
+        traceparents = [tp for _, _, tp, _ in batch]
+        if not telemetry.ENABLED:
+            return await self._store.place_batch(orders, conn)
+        attrs = {"db.system.name": "postgresql", "db.operation.name": "place_orders"}
+        with telemetry.batch_span(
+            "write_transaction place_orders", "INTERNAL", traceparents, attrs, first_order_parent=True
+        ) as span:
+            results = await self._store.place_batch(orders, conn, traceparents)
+            if span is not None:
+                created = [r.order.id for r in results if isinstance(r, Placed)]
+                span.set_attributes(telemetry.order_attributes(created))
+            return results
+
     def _fail(self, batch: list[_Item], exc: Exception) -> None:
-        for _, _, future in batch:
+        for *_, future in batch:
             if not future.done():
                 future.set_exception(exc)
         self._done(len(batch))

@@ -27,7 +27,7 @@ CHANNEL = "pydist_outbox"
 
 # SKIP LOCKED: several relays share the backlog and never claim the same row at once.
 _CLAIM = """
-    SELECT o.id AS outbox_id, o.event_id, o.request_id,
+    SELECT o.id AS outbox_id, o.event_id, o.request_id, o.traceparent,
            b.id, b.idempotence_key, b.created_at, b.currency, b.currency_amount, b.btc_rate,
            b.btc_amount
     FROM outbox o JOIN buy_orders b ON b.id = o.order_id
@@ -144,7 +144,9 @@ async def _claimed(conn: RawConnection, limit: int) -> AsyncIterator[list[BuyOrd
         conn.broken = True
         raise
     try:
-        yield [BuyOrderCreated(r["event_id"], order_from_row(r), r["request_id"]) for r in rows]
+        yield [
+            BuyOrderCreated(r["event_id"], order_from_row(r), r["request_id"], r["traceparent"]) for r in rows
+        ]
     except Exception:
         try:
             await driver.execute("ROLLBACK")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class WriteStore:
         if self._wake is not None:
             self._wake.set()
         if self._lookups is None or self._lookups.done():
-            self._lookups = asyncio.create_task(self._lookup_while_busy(), name="order-lookups")
+            self._lookups = self._start_lookups()
         return await within_deadline(future)
 
     async def _lookup_while_busy(self) -> None:
@@ -109,7 +110,15 @@ class WriteStore:
                 raise
         finally:
             if self._waiting:  # arrived while the connection was being given back
-                self._lookups = asyncio.create_task(self._lookup_while_busy(), name="order-lookups")
+                self._lookups = self._start_lookups()
+
+    def _start_lookups(self) -> asyncio.Task[None]:
+        """The lookup task serves every request that arrives while it runs: it starts in a
+        context of its own, not the first caller's, so its statement spans (tracing on) and log
+        fields are no one request's."""
+        return asyncio.create_task(
+            self._lookup_while_busy(), name="order-lookups", context=contextvars.Context()
+        )
 
     # ------------------------------------------------------------ placing orders
 
@@ -117,22 +126,27 @@ class WriteStore:
         self,
         orders: Sequence[tuple[PricedOrder, str | None]],
         conn: RawConnection | None = None,
+        traceparents: Sequence[str | None] | None = None,
     ) -> list[PlaceResult]:
         """Store a batch with one statement (its own transaction): the cap stays exact per order.
-        `conn` is a connection the caller keeps between batches; without it one is borrowed."""
-        payload = orjson.dumps(
-            [
-                {
-                    "key": str(p.request.idempotence_key),
-                    "currency": p.request.currency.value,
-                    "amount": str(p.request.amount),
-                    "rate": str(p.btc_rate),
-                    "btc": str(p.btc_amount),
-                    "request_id": request_id,
-                }
-                for p, request_id in orders
-            ]
-        ).decode()
+        `conn` is a connection the caller keeps between batches; without it one is borrowed.
+        `traceparents`, one per order, go into each order's outbox row (tracing on)."""
+        items = [
+            {
+                "key": str(p.request.idempotence_key),
+                "currency": p.request.currency.value,
+                "amount": str(p.request.amount),
+                "rate": str(p.btc_rate),
+                "btc": str(p.btc_amount),
+                "request_id": request_id,
+            }
+            for p, request_id in orders
+        ]
+        if traceparents is not None:
+            for item, traceparent in zip(items, traceparents, strict=True):
+                if traceparent is not None:
+                    item["traceparent"] = traceparent
+        payload = orjson.dumps(items).decode()
         if conn is None:
             async with self.raw_connection() as borrowed:
                 rows = await _place(borrowed, payload)

@@ -20,15 +20,22 @@ class BuyOrderCreated:
     event_id: uuid.UUID
     order: BuyOrder
     request_id: str | None = None
+    traceparent: str | None = None
+    """The W3C traceparent of the request that created the order (tracing on), so the spans
+    that publish and project the event can link to the order's trace. Optional in v1: absent
+    from messages of relays before it and when tracing is off."""
 
     def to_message(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "event_id": str(self.event_id),
             "event_type": BUY_ORDER_CREATED,
             "event_version": EVENT_VERSION,
             "request_id": self.request_id,
             "data": {**self.order.to_public(), "idempotence_key": str(self.order.idempotence_key)},
         }
+        if self.traceparent is not None:
+            message["traceparent"] = self.traceparent
+        return message
 
 
 def _positive_decimal(value: object) -> Decimal:

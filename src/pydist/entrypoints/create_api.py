@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from pydist import telemetry
 from pydist.adapters.db import make_engine
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.price_client import PriceServiceClient
@@ -194,6 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except REFUSALS as exc:
             ORDERS_REFUSED.labels(_refusal_reason(exc)).inc()
             raise
+        telemetry.tag_order(outcome.order.id)
         headers = {}
         if outcome.replayed:
             headers["Idempotent-Replayed"] = "true"

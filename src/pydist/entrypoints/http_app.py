@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pydist import telemetry
 from pydist.config import Settings
 from pydist.entrypoints.problems import install_problem_handlers, problem
 from pydist.entrypoints.schemas import PROBLEM_SCHEMA
@@ -160,11 +161,13 @@ def build_app(
     ready: Callable[[], Awaitable[None]],
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
 ) -> FastAPI:
+    tracing = telemetry.setup(service)
     configure_logging(
         service,
         settings.log_level,
         fluentd_host=settings.fluentd_host,
         fluentd_port=settings.fluentd_port,
+        tracing=tracing,
     )
 
     @asynccontextmanager
@@ -176,8 +179,11 @@ def build_app(
             gc.collect()
             gc.freeze()
             yield state
+        telemetry.shutdown()  # export the spans still buffered
 
-    otel = settings.otel_telemetry
+    # FastAPI's native instrumentation (OTEL_TELEMETRY) would make a second server span per
+    # request next to the OpenTelemetry instrumentation's: with pydist's tracing on it stays off.
+    otel = settings.otel_telemetry and not tracing
     app = FastAPI(
         title=title,
         description=description,
@@ -186,6 +192,7 @@ def build_app(
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
     install_problem_handlers(app)
+    telemetry.instrument_app(app)
     api_keys = settings.api_key_set if service in KEYED_SERVICES else frozenset()
     app.add_middleware(EdgeMiddleware, service=service, api_keys=api_keys)
     if api_keys:

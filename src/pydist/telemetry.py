@@ -1,0 +1,219 @@
+"""OpenTelemetry tracing, configured only by the standard OTEL_* variables, and off by default.
+
+Off (no OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_SDK_DISABLED=true)
+nothing is installed: no tracer provider, no instrumentation, and the hot paths only test the
+module flag `ENABLED`. The SDK and the instrumentations are imported only when tracing is on.
+
+On, every process exports its spans over OTLP/HTTP (BatchSpanProcessor: a background thread, so a
+slow collector never slows a request) and the FastAPI, httpx and asyncpg instrumentations make the
+server, client and statement spans. The messaging spans are made here by hand: one broker message
+carries up to 256 orders, each of its own trace, so the publish and projection spans *link* to the
+traces of the orders they carry (the messaging conventions for batches), which no per-message
+instrumentation can do. An order's trace crosses the outbox as its W3C `traceparent` string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from opentelemetry.trace import Link, Span, SpanContext
+
+ENABLED = False
+"""True once `setup` installed a provider: the one check the hot paths make."""
+_provider: Any = None
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACER = "pydist"
+MESSAGING_SYSTEM = "rabbitmq"
+
+
+def wanted(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment asks for tracing: an OTLP endpoint is set and the SDK not disabled."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def service_name(role: str, env: Mapping[str, str] | None = None) -> str:
+    """OTEL_SERVICE_NAME, else SERVICE_NAME if the deployment named the process (compose does),
+    else the process role. SERVICE_NAME's default `pydist` (.env.example's too) names no process:
+    every process would then show as one service."""
+    env = os.environ if env is None else env
+    named = env.get("SERVICE_NAME", "")
+    return env.get("OTEL_SERVICE_NAME") or (named if named not in ("", "pydist") else role)
+
+
+def setup(role: str) -> bool:
+    """Install the tracer provider and the instrumentations once per process, if wanted."""
+    global ENABLED, _provider
+    if ENABLED or not wanted():
+        return ENABLED
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT/HEADERS/TIMEOUT, the processor
+    # OTEL_BSP_*, the provider OTEL_TRACES_SAMPLER(_ARG) and OTEL_RESOURCE_ATTRIBUTES.
+    _provider = TracerProvider(resource=Resource.create({"service.name": service_name(role)}))
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(_provider)
+    HTTPXClientInstrumentor().instrument()
+    AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
+    ENABLED = True
+    return True
+
+
+def instrument_app(app: FastAPI) -> None:
+    """Server spans for every request except the probes (healthcheck, readiness, metrics). The
+    ASGI `receive`/`send` sub-spans are left out: two more spans per request that say nothing
+    the server span does not (measured in docs/benchmarks.md, "Tracing cost")."""
+    if ENABLED:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls="/healthcheck,/readyz,/metrics", exclude_spans=["receive", "send"]
+        )
+
+
+def shutdown() -> None:
+    """Export what is still buffered (the process is stopping)."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+# ------------------------------------------------------------------ traceparent helpers
+
+
+def parse_traceparent(value: object) -> tuple[int, int, int] | None:
+    """(trace id, span id, flags) of a valid W3C version-00 traceparent, else None."""
+    if not isinstance(value, str):
+        return None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None:
+        return None
+    trace_id, span_id, flags = (int(g, 16) for g in match.groups())
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, flags
+
+
+def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
+def current_traceparent() -> str | None:
+    """The current span's traceparent (None when tracing is off or no span is current)."""
+    if not ENABLED:
+        return None
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format_traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+
+
+def span_context(traceparent: str | None) -> SpanContext | None:
+    """The remote span context a stored traceparent names (None if absent or invalid)."""
+    parsed = parse_traceparent(traceparent)
+    if parsed is None:
+        return None
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    return SpanContext(parsed[0], parsed[1], is_remote=True, trace_flags=TraceFlags(parsed[2]))
+
+
+def links(traceparents: Sequence[str | None]) -> list[Link]:
+    """One Link per distinct valid traceparent: a batch span's ties to its orders' traces."""
+    from opentelemetry.trace import Link
+
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for tp in traceparents:
+        ctx = span_context(tp)
+        if ctx is not None and (ctx.trace_id, ctx.span_id) not in seen:
+            seen.add((ctx.trace_id, ctx.span_id))
+            out.append(Link(ctx))
+    return out
+
+
+def tracer() -> Any:
+    from opentelemetry import trace
+
+    return trace.get_tracer(_TRACER)
+
+
+@contextmanager
+def batch_span(
+    name: str,
+    kind: str,
+    traceparents: Sequence[str | None],
+    attributes: dict[str, Any],
+    *,
+    parent: str | None = None,
+    first_order_parent: bool = False,
+) -> Iterator[Span | None]:
+    """A current span for work done for many orders at once, linked to every order's trace: the
+    child of `parent` (a traceparent), or of the first order's span with `first_order_parent`
+    (so an order alone in its batch has the span in its own trace), else a new trace's root.
+    None when tracing is off."""
+    if not ENABLED:
+        yield None
+        return
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    parent_ctx = span_context(parent)
+    if parent_ctx is None and first_order_parent:
+        parent_ctx = next(filter(None, map(span_context, traceparents)), None)
+    context = (
+        trace.set_span_in_context(trace.NonRecordingSpan(parent_ctx))
+        if parent_ctx is not None
+        else otel_context.Context()
+    )
+    with tracer().start_as_current_span(
+        name,
+        context=context,
+        kind=getattr(trace.SpanKind, kind),
+        links=links(traceparents),
+        attributes=attributes,
+    ) as span:
+        yield span
+
+
+def order_attributes(order_ids: Sequence[object]) -> dict[str, Any]:
+    """`pydist.order_id` for a batch of one, and `pydist.order_ids` (every one) for any batch."""
+    ids = [str(i) for i in order_ids]
+    attrs: dict[str, Any] = {"pydist.order_ids": ids, "messaging.batch.message_count": len(ids)}
+    if len(ids) == 1:
+        attrs["pydist.order_id"] = ids[0]
+    return attrs
+
+
+def tag_order(order_id: object) -> None:
+    """Name the order on the current span (the create request's server span)."""
+    if ENABLED:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attribute("pydist.order_id", str(order_id))
+
+
+def add_trace_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: the current span's trace_id and span_id (installed only when on)."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", f"{ctx.trace_id:032x}")
+        event.setdefault("span_id", f"{ctx.span_id:016x}")
+    return event
