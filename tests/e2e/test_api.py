@@ -4,7 +4,9 @@ embedded-mode relay, priced by the Coinbase-compatible stub (a real HTTP server)
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+import traceback
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from tests.e2e.conftest import (
     wait_until,
 )
 from tests.support import db as testdb
+from tests.support.procs import tcp_queues
 
 BUY_ORDER_FIELDS = {"id", "created_at", "currency", "currency_amount", "btc_rate", "btc_amount"}
 
@@ -241,7 +244,8 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     before = scrape(embedded.url("price"))
     price_proc.pause()
     try:
-        time.sleep(0.2)  # let any upstream call already on the wire reach the stub
+        # Any upstream call already on the wire reaches the stub and is counted first.
+        wait_until(lambda: _stub_quiet(feed), timeout=5, what="no price call in flight to the stub")
         hits = Counter(feed.hits)
         replays = [
             put(embedded, order_body("USD", "123.45", key)),
@@ -260,6 +264,20 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     # The only price request in the window is the refused fresh order's (before the snapshot).
     assert metric(after, name, **route) == metric(before, name, **route)
     assert await embedded.written() == 1
+
+
+def _stub_quiet(feed: CoinbaseStub) -> bool:
+    """No request bytes queued on the stub's connections and no stub thread handling one."""
+    port = httpx.URL(feed.url).port
+    assert port is not None
+    if any(tx or rx for _, _, tx, rx in tcp_queues(port)):
+        return False
+    busy = {"parse_request", "do_GET", "_send"}
+    return not any(
+        frame.f_code.co_name in busy
+        for top in sys._current_frames().values()
+        for frame, _ in traceback.walk_stack(top)
+    )
 
 
 # ------------------------------------------------------------------------------ the cap

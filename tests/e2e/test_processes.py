@@ -31,7 +31,7 @@ from tests.e2e.conftest import (
     scrape,
     wait_until,
 )
-from tests.support.procs import System
+from tests.support.procs import System, tcp_queues
 from tests.support.tcp_proxy import TcpProxy
 
 SIGTERM_EXIT_S = 10.0
@@ -255,7 +255,15 @@ async def test_sigterm_lets_an_in_flight_request_finish(embedded: Stack) -> None
     ).encode()
     with socket.create_connection((host, port), timeout=10) as conn:
         conn.sendall(head + payload[:10])
-        time.sleep(0.5)  # the server has parsed the head and the handler is reading the body
+        # The server has read all that was sent (so parsed the head, and its handler is waiting
+        # for the rest of the body): its end of this connection holds no unread byte.
+        client_port = conn.getsockname()[1]
+        wait_until(
+            lambda: [q[2:] for q in tcp_queues(port) if q[:2] == (port, client_port)] == [(0, 0)],
+            timeout=10,
+            what="the server to read the head and the first body bytes",
+            interval=0.02,
+        )
         proc.popen.terminate()
         terminated = time.monotonic()
         # Stop accepting: new connections are refused while the old one is still open.

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -247,20 +248,41 @@ async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores,
     between the two."""
     await insert_rows(clean.read_url, [T0])
     reads = CountingReads(stores.read)
-    reads.hold = asyncio.Event()
+    first_hold = reads.hold = asyncio.Event()
     early = asyncio.create_task(stores.read.page(10, None))
     await asyncio.wait_for(reads.read_done.wait(), 10)  # the first round has read its snapshot
     ((_, newer_id),) = await insert_rows(clean.read_url, [T0 + timedelta(seconds=1)])
-    late = asyncio.create_task(stores.read.page(10, None))
-    await asyncio.sleep(0.05)
-    assert not late.done()  # waiting for the next round, not served the running one's answer
+    arrived = asyncio.Event()
+
+    async def late_request() -> read_store.Page:
+        arrived.set()
+        # page() runs without suspending up to its shared wait: by the time the test resumes
+        # after `arrived`, this request has joined a round (the right one or not).
+        return await stores.read.page(10, None)
+
+    late = asyncio.create_task(late_request())
+    await asyncio.wait_for(arrived.wait(), 10)
+    # Hold every later round after its query; release only the first one.
+    reads.hold = asyncio.Event()
+    first_hold.set()
+    early_page = await asyncio.wait_for(early, 10)
+    assert len(early_page.public_rows) == 1
+    # Had `late` joined the first round it would be answered now, with that round's old page.
+    # Instead a second round must have queried (after the first ended) and be holding it.
+    await asyncio.wait_for(_until(lambda: reads.rounds >= 2 or late.done()), 10)
+    assert not late.done(), f"served the running round's answer: {page_ids(late.result())}"
+    assert reads.rounds == 2
     reads.hold.set()
-    early_page, late_page = await asyncio.wait_for(asyncio.gather(early, late), 10)
-    assert page_ids(early_page) != page_ids(late_page)
+    late_page = await asyncio.wait_for(late, 10)
     assert page_ids(late_page)[0] == newer_id
     assert len(late_page.public_rows) == 2
-    assert len(early_page.public_rows) == 1
     assert reads.rounds == 2
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    """Poll `cond` (the caller bounds the wait)."""
+    while not cond():
+        await asyncio.sleep(0.01)
 
 
 async def test_a_client_that_leaves_does_not_cancel_the_shared_read(stores: Stores, clean: Databases):

@@ -3,8 +3,8 @@ projector, read model. Orders are made by the real create path (order + outbox r
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
 import orjson
@@ -208,9 +208,8 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
     """With a 30 s idle poll, an order still reaches the read model at once: the NOTIFY sent by
     place_orders() wakes the relay (< 5 s is a correctness bound, not a timing target)."""
     wakes = 0
-    relay = Relay(
-        Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=10, idle_poll_s=30
-    )
+    passes = CountingClaims(Outbox(stores.write.engine, clean.write_url))
+    relay = Relay(passes, Projector(stores.read), batch=10, idle_poll_s=30)
 
     def on_notify() -> None:
         nonlocal wakes
@@ -224,13 +223,44 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
         # The listener calls on_notify once right after LISTEN (catch-up); then the relay finds
         # nothing and settles into its 30 s wait.
         await wait_until(lambda: _true(wakes >= 1), timeout=10, what="listener up", bg=bg)
-        await asyncio.sleep(0.5)
+        # Idle: no wake pending (the relay cleared the last one and made its pass) and no pass
+        # under way. From here only a NOTIFY can bring the order in within 30 s.
+        await wait_until(
+            lambda: _true(passes.idle() and not relay.wake.is_set()),
+            timeout=10,
+            what="relay idle after its catch-up pass",
+            bg=bg,
+        )
         before = wakes
         await create_orders(stores, 1)
         took = await wait_until(lambda: _has(clean.read_url, 1), timeout=10, what="order relayed", bg=bg)
         assert wakes > before, "the relay was not woken by NOTIFY"
     print(f"order relayed {took:.3f}s after commit (idle poll 30 s)")
     assert took < 5
+
+
+class CountingClaims:
+    """An outbox that counts the relay's passes (claims begun and ended), to tell when it idles."""
+
+    def __init__(self, inner: Outbox) -> None:
+        self.inner = inner
+        self.begun = 0
+        self.ended = 0
+
+    def idle(self) -> bool:
+        return self.ended == self.begun >= 1
+
+    @contextlib.asynccontextmanager
+    async def claim(self, limit: int) -> AsyncIterator[list[BuyOrderCreated]]:
+        self.begun += 1  # synchronously after the relay cleared its wake: no pass goes unseen
+        try:
+            async with self.inner.claim(limit) as events:
+                yield events
+        finally:
+            self.ended += 1
+
+    def keeping_connection(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.inner.keeping_connection()
 
 
 class FlakySink:

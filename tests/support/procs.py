@@ -186,3 +186,20 @@ def running(env: dict[str, str], *names: str) -> Iterator[System]:
         yield system
     finally:
         system.stop_all()
+
+
+def tcp_queues(port: int) -> list[tuple[int, int, int, int]]:
+    """The machine's TCP sockets with `port` at either end (Linux /proc/net/tcp{,6}), as
+    (local port, remote port, bytes not yet acknowledged by the peer, bytes not yet read by the
+    owner). For waits on "the peer has read what was sent", where a sleep would only guess."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            next(f)  # header
+            for line in f:
+                fields = line.split()
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                tx, rx = (int(q, 16) for q in fields[4].split(":"))
+                if port in (local, remote):
+                    found.append((local, remote, tx, rx))
+    return found

@@ -69,6 +69,7 @@ class FakePlacer:
     available_btc: Decimal = Decimal("100")
     race_winner: BuyOrder | None = None
     placed: list[tuple[PricedOrder, str | None]] = field(default_factory=list)
+    stored: list[BuyOrder] = field(default_factory=list)  # what it answered Placed(created=True) with
 
     async def place(self, order: PricedOrder, request_id: str | None) -> PlaceResult:
         self.placed.append((order, request_id))
@@ -77,7 +78,7 @@ class FakePlacer:
         if order.btc_amount > self.available_btc:
             return CapRefused(available_btc=self.available_btc)
         self.available_btc -= order.btc_amount
-        return Placed(
+        self.stored.append(
             BuyOrder(
                 id=uuid.uuid4(),
                 idempotence_key=order.request.idempotence_key,
@@ -86,9 +87,9 @@ class FakePlacer:
                 currency_amount=order.request.amount,
                 btc_rate=order.btc_rate,
                 btc_amount=order.btc_amount,
-            ),
-            created=True,
+            )
         )
+        return Placed(self.stored[-1], created=True)
 
 
 def wire(
@@ -173,11 +174,17 @@ async def test_cap_refusal_says_how_much_is_left() -> None:
     assert len(placer.placed) == 1  # it was asked, and refused
 
 
-async def test_exactly_the_remaining_btc_is_allowed() -> None:
+async def test_the_cap_is_left_to_the_placer_even_at_exactly_the_remaining_btc() -> None:
+    """The use case does not judge the cap itself: an order costing exactly what is left goes to
+    the placer once, with the exact priced amount, and the placer's stored order is the answer."""
     create, _, _, placer = wire(placer=FakePlacer(available_btc=Decimal("0.00127269")))
-    outcome = await create(request())
-    assert not outcome.replayed
-    assert placer.available_btc == 0
+    outcome = await create(request(), "req-cap")
+    [(priced, request_id)] = placer.placed
+    assert priced.btc_amount == Decimal("0.00127269")  # not rounded, not trimmed to fit
+    assert request_id == "req-cap"
+    [stored_order] = placer.stored
+    assert outcome == Outcome(stored_order, replayed=False)
+    assert outcome.order is stored_order  # the store's id and created_at, not a copy of its own
 
 
 async def test_a_lost_race_is_answered_as_a_replay_of_the_winner() -> None:
