@@ -23,7 +23,9 @@ FIGURES = (
 )
 
 
-@pytest.mark.timeout(150)
+# The smoke run took 102-125 s on the shared 2-core machine at load 7-8 (2026-12-01, with the
+# open-loop rows): 3x that, since the bound must hold under the suite's own load.
+@pytest.mark.timeout(380)
 def test_bench_smoke_writes_the_table(tmp_path: Path) -> None:
     out, raw = tmp_path / "smoke.md", tmp_path / "smoke.json"
     done = subprocess.run(
@@ -31,7 +33,7 @@ def test_bench_smoke_writes_the_table(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=140,
+        timeout=370,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = out.read_text()
