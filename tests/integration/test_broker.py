@@ -28,6 +28,7 @@ from pydist.adapters.rabbit import (
     DELIVERY_LIMIT,
     EXCHANGE,
     QUEUE,
+    BrokerLink,
 )
 from pydist.domain.events import BuyOrderCreated
 from pydist.entrypoints.workers import build_sync
@@ -537,3 +538,29 @@ async def _depth_zero(probe, name: str) -> bool:  # type: ignore[no-untyped-def]
 
 async def _depth_at_least(probe, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     return await probe.depth(name) >= n
+
+
+async def test_broker_link_moves_to_the_next_node_after_a_failure(amqp_url: str):
+    """Two "nodes" (the same broker under two addresses, and a dead port): a node that refuses is
+    passed over, and after a failure (`reset()`) the next channel starts with the next node, not
+    the one that just failed."""
+    parts = urlsplit(amqp_url)
+    other = amqp_url.replace(f"{parts.hostname}:", "localhost:", 1)
+    dead_port = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    dead = dead_port.url_for(amqp_url)
+    dead_port.down()
+    link = BrokerLink([dead, amqp_url, other])
+    try:
+        await link.channel()
+        assert link.node == f"{parts.hostname}:{parts.port}"  # the dead one passed over
+        await link.channel()
+        assert link.node == f"{parts.hostname}:{parts.port}"  # stays while it works
+        await link.reset()
+        await link.channel()
+        assert link.node == f"localhost:{parts.port}"  # the next one after the failed node
+        await link.reset()
+        await link.channel()  # wraps round, past the dead node again
+        assert link.node == f"{parts.hostname}:{parts.port}"
+    finally:
+        await link.close()
+        dead_port.stop()

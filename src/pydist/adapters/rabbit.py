@@ -68,6 +68,7 @@ class BrokerLink:
         self._current = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._lost = False  # a connection that had worked was dropped: try the next node first
 
     @property
     def node(self) -> str:
@@ -76,9 +77,9 @@ class BrokerLink:
     async def channel(self) -> AbstractChannel:
         if self._channel is not None and not self._channel.is_closed:
             return self._channel
-        failed = self._connection is not None  # it worked, then went away: try the next node first
-        await self.reset()
-        start = self._current + 1 if failed else self._current
+        await self.reset()  # a channel that went away: its node failed us
+        start = self._current + 1 if self._lost else self._current
+        self._lost = False
         errors: list[str] = []
         for offset in range(len(self.urls)):
             index = (start + offset) % len(self.urls)
@@ -91,7 +92,7 @@ class BrokerLink:
                 )
             except Exception as exc:  # aiormq also raises StopAsyncIteration for a link closed mid-handshake
                 errors.append(f"{_host(self.urls[index])}: {type(exc).__name__}")
-                await self.reset()
+                await self._drop()
                 continue
             self._current = index
             log.info("broker_connected", node=self.node)
@@ -99,7 +100,12 @@ class BrokerLink:
         raise ConnectionError("no broker node answered: " + "; ".join(errors))
 
     async def reset(self) -> None:
-        """Drop the connection (after a failure, or to move to another node)."""
+        """Drop the connection after a failure: the next `channel()` starts with the next node."""
+        if self._connection is not None:
+            self._lost = True
+        await self._drop()
+
+    async def _drop(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
             try:
@@ -108,7 +114,7 @@ class BrokerLink:
                 log.debug("broker_close_failed", error=type(exc).__name__)
 
     async def close(self) -> None:
-        await self.reset()
+        await self._drop()
 
     @property
     def is_open(self) -> bool:
