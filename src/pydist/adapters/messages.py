@@ -121,11 +121,6 @@ def batches(
     return out
 
 
-def event_count(message: AbstractMessage) -> int:
-    count = (message.headers or {}).get("event_count", 1)
-    return count if isinstance(count, int) else 1
-
-
 def decode(message: AbstractMessage) -> Decoded | str:
     """The message's events (and its poison), or why the whole message is not readable."""
     try:

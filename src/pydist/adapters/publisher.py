@@ -11,7 +11,7 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from pydist import telemetry
-from pydist.adapters.messages import MAX_BYTES, MAX_EVENTS, batches, event_count
+from pydist.adapters.messages import MAX_BYTES, MAX_EVENTS, batches
 from pydist.adapters.rabbit import EXCHANGE, ROUTING_KEY, BrokerLink, declare_topology
 from pydist.domain.events import BuyOrderCreated
 from pydist.metrics import EVENTS_PER_MESSAGE
@@ -50,16 +50,15 @@ class BrokerPublisher:
             await self.start()
         assert self._exchange is not None
         envelopes = batches(events, max_events=self._max_events, max_bytes=self._max_bytes)
-        messages = [message for _, message in envelopes]
         try:
             await asyncio.wait_for(self._confirmed(self._exchange, envelopes), timeout=self._timeout_s)
         except BaseException as exc:
             self._exchange = None
             await self._link.reset()
-            log.warning("publish_unconfirmed", messages=len(messages), error=type(exc).__name__)
+            log.warning("publish_unconfirmed", messages=len(envelopes), error=type(exc).__name__)
             raise
-        for message in messages:
-            EVENTS_PER_MESSAGE.observe(event_count(message))
+        for batch, _ in envelopes:
+            EVENTS_PER_MESSAGE.observe(len(batch))
 
     @staticmethod
     async def _confirmed(
