@@ -6,6 +6,7 @@ they are never skipped. Start-up times go to the terminal summary and to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -54,18 +55,24 @@ def _start(factory: Callable[[], S]) -> S:
     pytest.fail(f"fault tests need the machine's real engines: {message}", pytrace=False)
 
 
+@contextlib.contextmanager
+def _running(service: Any, timings: Timings, name: str, what: str) -> Iterator[Any]:
+    """A started private service, recorded and closed at the end: nothing of it may be left."""
+    try:
+        timings.record(f"{name}_startup_s", round(service.startup_seconds or 0.0, 3))
+        yield service
+    finally:
+        timings.record(f"{name}_timings_s", service.timings)
+        service.close()
+        leaked = service.leaked_processes()
+        assert not leaked, f"{what} processes left after close(): {leaked}"
+        assert not service.base.exists(), f"{service.base} left behind"
+
+
 @pytest.fixture(scope="session")
 def rabbit_cluster(service_timings: Timings) -> Iterator[RabbitCluster]:
-    cluster = _start(RabbitCluster.create)
-    try:
-        service_timings.record("rabbit_cluster_startup_s", round(cluster.startup_seconds or 0.0, 3))
+    with _running(_start(RabbitCluster.create), service_timings, "rabbit_cluster", "RabbitMQ") as cluster:
         yield cluster
-    finally:
-        service_timings.record("rabbit_cluster_timings_s", cluster.timings)
-        cluster.close()
-        leaked = cluster.leaked_processes()
-        assert not leaked, f"RabbitMQ processes left after close(): {leaked}"
-        assert not cluster.base.exists(), f"{cluster.base} left behind"
 
 
 @pytest.fixture
@@ -89,16 +96,8 @@ def _heal(cluster: RabbitCluster) -> None:
 
 @pytest.fixture(scope="session")
 def private_pg(service_timings: Timings) -> Iterator[PrivatePostgres]:
-    pg = _start(PrivatePostgres.create)
-    try:
-        service_timings.record("private_pg_startup_s", round(pg.startup_seconds or 0.0, 3))
+    with _running(_start(PrivatePostgres.create), service_timings, "private_pg", "PostgreSQL") as pg:
         yield pg
-    finally:
-        service_timings.record("private_pg_timings_s", pg.timings)
-        pg.close()
-        leaked = pg.leaked_processes()
-        assert not leaked, f"PostgreSQL processes left after close(): {leaked}"
-        assert not pg.base.exists(), f"{pg.base} left behind"
 
 
 _test_durations: dict[str, float] = {}
