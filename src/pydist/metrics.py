@@ -64,13 +64,19 @@ PRICE_UPSTREAM_CALLS = Counter(
     ["currency", "outcome"],
     registry=None,
 )
-# relay
-OUTBOX_BACKLOG = Gauge("pydist_outbox_backlog", "Outbox rows not yet published", registry=None)
+# The outbox, read by create_buy_order (which writes it) rather than by the relay (which drains
+# it): a stopped relay cannot report its own backlog. Every create worker reads the same rows, so
+# the newest reading is the truth, as for the cap.
+OUTBOX_BACKLOG = Gauge(
+    "pydist_outbox_backlog", "Outbox rows not yet published", registry=None, multiprocess_mode="mostrecent"
+)
 OUTBOX_OLDEST_AGE = Gauge(
     "pydist_outbox_oldest_unpublished_age_seconds",
     "Age of the oldest outbox event not yet published (0 when none)",
     registry=None,
+    multiprocess_mode="mostrecent",
 )
+# relay
 EVENTS_PUBLISHED = Counter("pydist_events_published_total", "Events confirmed by the sink", registry=None)
 EVENTS_PER_MESSAGE = Histogram(
     "pydist_events_per_message",
@@ -100,10 +106,12 @@ CREATE_METRICS: tuple[Collector, ...] = (
     WRITE_BATCH_SIZE,
     CAP_USED,
     CAP_REMAINING,
+    OUTBOX_BACKLOG,
+    OUTBOX_OLDEST_AGE,
 )
 PRICE_METRICS: tuple[Collector, ...] = (PRICE_AGE, PRICE_UPSTREAM_CALLS)
 PROJECTION_METRICS: tuple[Collector, ...] = (EVENTS_PROJECTED, READ_MODEL_LAG)
-RELAY_METRICS: tuple[Collector, ...] = (OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE, EVENTS_PUBLISHED)
+RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PUBLISHED,)
 BROKER_RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PER_MESSAGE,)
 SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
 

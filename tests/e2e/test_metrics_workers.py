@@ -275,12 +275,19 @@ async def test_create_with_two_workers_counts_survive_a_dead_worker(
 
     totals_are(sent)
 
-    # The cap gauges (multiprocess_mode="mostrecent"): one series each, the cap row's figures.
+    # The cap and outbox gauges (multiprocess_mode="mostrecent"): one series each, the write
+    # model's figures. No relay runs here, so every order sent is still in the outbox.
     def cap_shown(n: int) -> bool:
         samples = scrape(url)
         used = [v for (name, _), v in samples.items() if name == "pydist_cap_used_btc"]
         remaining = [v for (name, _), v in samples.items() if name == "pydist_cap_remaining_btc"]
-        return used == [float(btc * n)] and remaining == [float(100 - btc * n)]
+        backlog = [v for (name, _), v in samples.items() if name == "pydist_outbox_backlog"]
+        return (
+            used == [float(btc * n)]
+            and remaining == [float(100 - btc * n)]
+            and len(backlog) == 1
+            and backlog[0] >= n
+        )
 
     assert await testdb.cap_used(databases.write_url) == btc * sent
     wait_until(lambda: cap_shown(sent), timeout=CAP_POLL_S, what="the cap gauges to show the cap row")

@@ -139,7 +139,6 @@ def test_several_workers_any_one_answers_the_totals(tmp_path: Path, as_worker: A
         # Only what this service exposes: the workers' files also hold every other unlabelled
         # metric of pydist.metrics (at 0), and no per-process collector is aggregated.
         for absent in (
-            "pydist_outbox_backlog",
             "pydist_events_published_total",
             "pydist_read_model_lag_seconds_count",
             "process_cpu_seconds_total",

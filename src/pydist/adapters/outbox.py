@@ -15,7 +15,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import asyncpg
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.db import RawConnection, order_from_row, raw_connection
@@ -94,19 +93,6 @@ class Outbox:
         stack, self._kept_stack, self._kept = self._kept_stack, None, None
         if stack is not None:
             await stack.aclose()
-
-    async def backlog(self) -> tuple[int, float]:
-        """Unpublished events, and the age in seconds of the oldest one (0 when none)."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT count(*) AS n, COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - "
-                        "min(created_at)), 0) AS age FROM outbox WHERE published_at IS NULL"
-                    )
-                )
-            ).one()
-        return int(row.n), float(row.age)
 
     async def listen(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
         """Call `on_notify` on every NOTIFY from place_orders(); reconnect if the link drops."""

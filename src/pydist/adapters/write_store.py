@@ -53,13 +53,31 @@ LINGER_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
-class CapStatus:
+class WriteModelStatus:
+    """The cap row, and the outbox's unpublished head: what the create process reports in
+    /metrics. The outbox is measured here, by a writer of the outbox, rather than by the relay
+    that drains it: a relay that is stopped or frozen cannot report its own backlog."""
+
     limit_btc: Decimal
     used_btc: Decimal
+    outbox_backlog: int = 0
+    outbox_oldest_age_s: float = 0.0
 
     @property
     def available_btc(self) -> Decimal:
         return self.limit_btc - self.used_btc
+
+
+# The backlog count reads the partial index outbox_unpublished (w0001), so its cost follows the
+# backlog, not the table.
+_STATUS = """
+    SELECT c.limit_btc, c.used_btc, o.backlog, o.age
+    FROM btc_cap c,
+         (SELECT count(*) AS backlog,
+                 COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0) AS age
+          FROM outbox WHERE published_at IS NULL) o
+    WHERE c.id = 1
+"""
 
 
 class WriteStore:
@@ -164,13 +182,13 @@ class WriteStore:
 
     # ------------------------------------------------------------ the rest (not on the hot path)
 
-    async def cap_status(self) -> CapStatus:
+    async def status(self) -> WriteModelStatus:
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(text("SELECT limit_btc, used_btc FROM btc_cap WHERE id = 1"))).one()
+                row = (await conn.execute(text(_STATUS))).one()
         except STORE_ERRORS as exc:
             raise unavailable(exc) from exc
-        return CapStatus(row.limit_btc, row.used_btc)
+        return WriteModelStatus(row.limit_btc, row.used_btc, int(row.backlog), float(row.age))
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

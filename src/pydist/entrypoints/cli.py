@@ -264,7 +264,7 @@ def cap(as_json: JsonOpt = False) -> None:
     async def run() -> Any:
         engine = make_engine(get_settings().write_database_url.get_secret_value(), 1, "pydist-cli")
         try:
-            return await WriteStore(engine).cap_status()
+            return await WriteStore(engine).status()
         finally:
             await engine.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,8 @@ from pydist.metrics import (
     ORDERS_CREATED,
     ORDERS_REFUSED,
     ORDERS_REPLAYED,
+    OUTBOX_BACKLOG,
+    OUTBOX_OLDEST_AGE,
     expose,
 )
 from pydist.service.create_order import CreateBuyOrder
@@ -41,8 +44,9 @@ from pydist.service.errors import StoreUnavailableError
 
 log = structlog.get_logger()
 _MAX_KEY_HEADER = 100
-CAP_POLL_S = 1.0
-"""How often the cap gauges are refreshed from the cap row (one primary-key read)."""
+WATCH_S = 1.0
+"""How often the cap and outbox gauges are read from the write model (WriteStore.status: the cap
+row and the outbox's partial index of unpublished rows)."""
 REFUSALS = (CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError, StoreUnavailableError)
 """What the use case may refuse an order with: each counted in pydist_orders_refused_total."""
 
@@ -116,16 +120,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     create_order = CreateBuyOrder(store, prices, writer)
 
-    async def watch_cap(stop: asyncio.Event) -> None:
-        """Keep pydist_cap_used_btc / pydist_cap_remaining_btc current: the cap row is the truth
-        (other create processes write it too), so it is read rather than tracked."""
+    async def watch_write_model(stop: asyncio.Event) -> None:
+        """Keep the cap and outbox gauges current. The cap row is the truth (other create
+        processes write it too), so it is read rather than tracked. While the write model cannot
+        be read, nothing can be published either: the oldest unpublished event is then at most
+        the last reading plus the time since, and the age gauge says so (an upper bound, so the
+        outbox alert fires during such an outage instead of showing the last value for ever)."""
+        read_at, age = time.monotonic(), 0.0
         while not stop.is_set():
-            with contextlib.suppress(Exception):
-                status = await store.cap_status()
+            try:
+                status = await store.status()
+            except Exception:
+                OUTBOX_OLDEST_AGE.set(age + time.monotonic() - read_at)
+            else:
+                read_at, age = time.monotonic(), status.outbox_oldest_age_s
                 CAP_USED.set(float(status.used_btc))
                 CAP_REMAINING.set(float(status.available_btc))
+                OUTBOX_BACKLOG.set(status.outbox_backlog)
+                OUTBOX_OLDEST_AGE.set(age)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=CAP_POLL_S)
+                await asyncio.wait_for(stop.wait(), timeout=WATCH_S)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -135,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer.start()
         tasks = [
             asyncio.create_task(await_dependency("write_database", store.ping, stop), name="await-db"),
-            asyncio.create_task(watch_cap(stop), name="cap-gauges"),
+            asyncio.create_task(watch_write_model(stop), name="write-model-gauges"),
         ]
         log.info("service_started", port=settings.create_buy_order_port)
         yield

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -28,8 +27,6 @@ from pydist.entrypoints.serve import await_dependency, cancel_tasks
 from pydist.metrics import (
     BROKER_RELAY_METRICS,
     DLQ_MESSAGES,
-    OUTBOX_BACKLOG,
-    OUTBOX_OLDEST_AGE,
     PROJECTION_METRICS,
     RELAY_METRICS,
     SYNC_METRICS,
@@ -44,7 +41,7 @@ log = structlog.get_logger()
 BROKER_ATTEMPT_S = 20.0
 """One broker attempt: every node of BROKER_URL is tried within it (5 s connect timeout each)."""
 WATCH_S = 2.0
-"""How often the outbox backlog and the DLQ depth are measured for /metrics."""
+"""How often the DLQ depth is measured for /metrics."""
 SHUTDOWN_S = 10.0
 
 
@@ -99,22 +96,6 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
     relay = Relay(outbox, sink, batch=settings.relay_batch)
     running = asyncio.Event()
 
-    last_read = [time.monotonic(), 0.0]  # when the outbox was last read, and its oldest age then
-
-    async def measure_backlog() -> None:
-        """While the write model cannot be read, nothing can be published either: the oldest
-        unpublished event is then at most as old as the last reading plus the time since, and the
-        gauge says so (an upper bound, so the outbox-age alert fires during such an outage
-        instead of showing the last value for ever)."""
-        try:
-            count, age = await outbox.backlog()
-        except Exception:
-            OUTBOX_OLDEST_AGE.set(last_read[1] + time.monotonic() - last_read[0])
-            raise
-        last_read[:] = [time.monotonic(), age]
-        OUTBOX_BACKLOG.set(count)
-        OUTBOX_OLDEST_AGE.set(age)
-
     async def run(stop: asyncio.Event) -> None:
         if not await await_dependency("write_database", lambda: ping(engine), stop):
             return
@@ -131,7 +112,6 @@ def create_relay_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.gather(
             outbox.listen(relay.wake.set, stop),
             relay.run(stop),
-            _every(stop, WATCH_S, measure_backlog),
         )
 
     async def ready() -> None:
