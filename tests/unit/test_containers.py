@@ -12,14 +12,19 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from pydist.adapters.rabbit import broker_urls
 from pydist.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"  # the 3-node RabbitMQ option
+CLUSTER_CONF = ROOT / "deploy" / "rabbitmq" / "cluster.conf"
+CLUSTER_NODES = ("queue", "queue-2", "queue-3")
 COMPOSE_ENV = ROOT / "docker" / "compose.env"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE_BASE = ROOT / "docker" / "Dockerfile.base"
@@ -353,15 +358,92 @@ def test_compose_config_is_valid() -> None:
             "compose plugin) and there is no standalone docker-compose v2; "
             "`compose config` needs only the client, not an engine"
         )
-    result = subprocess.run(
-        [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
+    for files in ([COMPOSE_FILE], [COMPOSE_FILE, CLUSTER_FILE]):
+        result = subprocess.run(
+            [*cli, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=50,
+            check=False,
+        )
+        assert result.returncode == 0, (files, result.stderr)
+
+
+# --- the 3-node RabbitMQ option (docker-compose.cluster.yml) --------------------------------
+
+
+def _merge(base: Any, override: Any, key: str = "") -> Any:
+    """Compose's merge of an override file: mappings merge key by key, `volumes` lists merge by
+    container path, any other value is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for k, v in override.items():
+            merged[k] = _merge(base[k], v, k) if k in base else v
+        return merged
+    if key == "volumes" and isinstance(base, list) and isinstance(override, list):
+        by_target = {v.split(":")[1]: v for v in [*base, *override]}
+        return list(by_target.values())
+    return override
+
+
+def _cluster_services() -> dict[str, dict[str, Any]]:
+    override = yaml.safe_load(CLUSTER_FILE.read_text())
+    merged = _merge(_compose(), override)
+    assert set(override["volumes"]) <= set(merged["volumes"])
+    return merged["services"]  # type: ignore[no-any-return]
+
+
+def test_cluster_option_runs_three_nodes_of_one_cluster() -> None:
+    services = _cluster_services()
+    assert set(services) == ALL_SERVICES | {"queue-2", "queue-3"}
+    nodes = [services[n] for n in CLUSTER_NODES]
+    assert {node["image"] for node in nodes} == {_services()["queue"]["image"]}
+    assert [node["hostname"] for node in nodes] == list(CLUSTER_NODES)  # rabbit@<hostname>
+    # One cookie for every server and for the CLI tools of the healthchecks.
+    cookies = {
+        (
+            node["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"],
+            node["environment"]["RABBITMQ_CTL_ERL_ARGS"],
+        )
+        for node in nodes
+    }
+    assert len(cookies) == 1, cookies
+    assert len(set(cookies.pop())) == 1, "the CLI tools need the servers' cookie"
+    data = [v.split(":")[0] for node in nodes for v in node["volumes"] if v.endswith(":/var/lib/rabbitmq")]
+    assert len(set(data)) == 3, "each node keeps its own data directory"
+    for node in nodes:
+        assert "./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/20-cluster.conf:ro" in node["volumes"]
+        assert node["restart"] == "unless-stopped"
+        assert node["healthcheck"]["test"]
+    # The cluster file lists exactly these nodes, by the names their hostnames give them.
+    listed = re.findall(
+        r"^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*(\S+)$", CLUSTER_CONF.read_text(), re.M
     )
-    assert result.returncode == 0, result.stderr
+    assert listed == [f"rabbit@{n}" for n in CLUSTER_NODES]
+    # Each node boots once the one before it is healthy: it always finds a peer to join.
+    assert _depends_on(services["queue-2"]) == {"queue": "service_healthy"}
+    assert _depends_on(services["queue-3"]) == {"queue-2": "service_healthy"}
+    whole = services["queue-3"]["healthcheck"]["test"][1]
+    assert all(f"rabbit@{n}" in whole for n in CLUSTER_NODES), whole
+
+
+def test_cluster_option_gives_relay_and_sync_every_node() -> None:
+    services = _cluster_services()
+    env = _env_file(COMPOSE_ENV)
+    for name in ("relay", "read_model_sync"):
+        service = services[name]
+        url = service["environment"]["BROKER_URL"]
+        settings = Settings(**{**{k.lower(): v for k, v in env.items()}, "broker_url": url})
+        assert settings.broker_url is not None
+        urls = broker_urls(settings.broker_url.get_secret_value())
+        assert [urlsplit(u).hostname for u in urls] == list(CLUSTER_NODES), name
+        assert service["environment"]["SERVICE_NAME"] == name, "the override keeps the base's variables"
+        deps = _depends_on(service)
+        assert deps["queue-3"] == "service_healthy", name  # the whole cluster, before any declare
+        assert deps["migration"] == "service_completed_successfully", name
+    for name in set(APP_COMMANDS) - {"relay", "read_model_sync"}:
+        assert "BROKER_URL" not in services[name].get("environment", {}), name
 
 
 # --- environment files ---------------------------------------------------------------------
