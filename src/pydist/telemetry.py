@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import Link, Span, SpanContext
 
 ENABLED = False
@@ -65,12 +66,43 @@ def setup(role: str) -> bool:
     # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT/HEADERS/TIMEOUT, the processor
     # OTEL_BSP_*, the provider OTEL_TRACES_SAMPLER(_ARG) and OTEL_RESOURCE_ATTRIBUTES.
     _provider = TracerProvider(resource=Resource.create({"service.name": service_name(role)}))
+    _provider.sampler = without_lone_statements(_provider.sampler)  # before any tracer exists
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(_provider)
     HTTPXClientInstrumentor().instrument()
     AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
     ENABLED = True
     return True
+
+
+def without_lone_statements(sampler: Sampler) -> Sampler:
+    """`sampler` (the one OTEL_TRACES_SAMPLER chose), except that a database statement with no
+    parent span is dropped. The background work of every process runs statements outside any
+    request: the create process's cap and outbox poll every second, the relay's listener probe
+    and its claims, each of which the asyncpg instrumentation would export as a one-span trace
+    of its own (about 90,000 such traces a day per create worker, nobody's order). Statements
+    inside a request or a batch span keep their parent and are sampled as before."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class WithoutLoneStatements(Sampler):
+        def should_sample(  # type: ignore[no-untyped-def]
+            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+        ) -> SamplingResult:
+            lone = not trace.get_current_span(parent_context).get_span_context().is_valid
+            if lone and kind == trace.SpanKind.CLIENT and _is_statement(attributes):
+                return SamplingResult(Decision.DROP)
+            return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return f"WithoutLoneStatements{{{sampler.get_description()}}}"
+
+    return WithoutLoneStatements()
+
+
+def _is_statement(attributes: Mapping[str, Any] | None) -> bool:
+    """The asyncpg instrumentation's attributes (old and stable semantic conventions)."""
+    return attributes is not None and ("db.system" in attributes or "db.system.name" in attributes)
 
 
 def instrument_app(app: FastAPI) -> None:

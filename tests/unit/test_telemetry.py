@@ -45,6 +45,7 @@ print(json.dumps({
     "provider": type(provider).__name__,
     "service": resource.get("service.name"),
     "httpx_patched": hasattr(httpx.AsyncHTTPTransport.handle_async_request, "__wrapped__"),
+    "sampler": provider.sampler.get_description() if on else None,
 }))
 """
 
@@ -67,6 +68,7 @@ def test_off_by_default_nothing_is_installed() -> None:
         "provider": "ProxyTracerProvider",  # the API's placeholder: no SDK provider
         "service": None,
         "httpx_patched": False,
+        "sampler": None,
     }
 
 
@@ -76,6 +78,7 @@ def test_on_with_an_endpoint_named_after_the_role() -> None:
     assert result["provider"] == "TracerProvider"
     assert result["service"] == "relay"
     assert result["httpx_patched"] is True
+    assert str(result["sampler"]).startswith("WithoutLoneStatements{ParentBased{root:AlwaysOnSampler")
 
 
 def test_traces_endpoint_and_service_name_and_disabled() -> None:
@@ -163,6 +166,44 @@ def test_an_invalid_traceparent_is_dropped_not_poison() -> None:
     assert isinstance(event, BuyOrderCreated)
     assert event.traceparent is None
     assert isinstance(parse_event({**item, "traceparent": TP}), BuyOrderCreated)
+
+
+def test_the_configured_sampler_is_kept_under_the_statement_filter() -> None:
+    result = _probe(
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0.1",
+    )
+    assert str(result["sampler"]).startswith("WithoutLoneStatements{ParentBased{root:TraceIdRatioBased{0.1}")
+
+
+def test_a_statement_without_a_parent_is_not_traced() -> None:
+    """The background polls' statements would each be a one-span trace: dropped. The same
+    statement inside a request is kept, and so is any other span without a parent."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=telemetry.without_lone_statements(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    client = trace.SpanKind.CLIENT
+    for system in ("db.system", "db.system.name"):  # the old and the stable conventions
+        with tracer.start_as_current_span("SELECT", kind=client, attributes={system: "postgresql"}):
+            pass
+    with (
+        tracer.start_as_current_span("PUT /buy_order", kind=trace.SpanKind.SERVER),
+        tracer.start_as_current_span("SELECT", kind=client, attributes={"db.system": "postgresql"}),
+    ):
+        pass
+    with tracer.start_as_current_span("GET", kind=client, attributes={"http.request.method": "GET"}):
+        pass
+    with tracer.start_as_current_span("publish", kind=trace.SpanKind.PRODUCER):
+        pass
+    names = sorted(span.name for span in exporter.get_finished_spans())
+    assert names == ["GET", "PUT /buy_order", "SELECT", "publish"]
+    kept = next(span for span in exporter.get_finished_spans() if span.name == "SELECT")
+    assert kept.parent is not None
+    provider.shutdown()
 
 
 @pytest.fixture
