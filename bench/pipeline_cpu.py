@@ -35,9 +35,9 @@ import pydist
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.publisher import BrokerPublisher
 from pydist.adapters.rabbit import QUEUE
+from pydist.bootstrap import build_sync, relay_engine
 from pydist.config import plain_url
 from pydist.domain.events import BuyOrderCreated
-from pydist.entrypoints.workers import build_sync, relay_engine
 from pydist.logs import configure_logging
 from pydist.service.relay import Relay
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from pydist.adapters.db import make_engine
-from pydist.adapters.read_store import ReadStore
+from pydist.adapters.listing import ListingStore as ReadStore
 from pydist.devtools.coinbase_stub import CoinbaseStub
 from pydist.service.errors import StoreUnavailableError
 from tests.support import db as testdb

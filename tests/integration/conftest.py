@@ -1,4 +1,5 @@
-"""Integration fixtures: the real write store, order writer and use case on a throw-away database."""
+"""Integration fixtures: the real write store, order writer, projection and listing stores on a
+throw-away database, wired by bootstrap as the processes wire them."""
 
 from __future__ import annotations
 
@@ -6,29 +7,42 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from pydantic import SecretStr
 
+from pydist import bootstrap
 from pydist.adapters.db import make_engine
+from pydist.adapters.listing import ListingStore
 from pydist.adapters.order_writer import BatchingOrderWriter
-from pydist.adapters.read_store import ReadStore
+from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.write_store import WriteStore
+from pydist.config import Settings
 from tests.support.services import Databases
 
 
 @dataclass
 class Stores:
     write: WriteStore
-    read: ReadStore
+    read: ProjectionStore
+    """The read model as the projector writes it."""
     writer: BatchingOrderWriter
+    listing: ListingStore
+    """The read model as fetch_buy_orders lists it."""
 
 
 @pytest.fixture
 async def stores(clean: Databases) -> AsyncIterator[Stores]:
-    write_engine = make_engine(clean.write_url, 20, "pydist-test")
+    settings = Settings(
+        write_database_url=SecretStr(clean.write_url),
+        read_database_url=SecretStr(clean.read_url),
+        db_pool_size=20,
+        max_batch=256,
+    )
+    create = bootstrap.create(settings)
+    fetch = bootstrap.fetch(settings)
+    assert isinstance(fetch.pages, ListingStore)
     read_engine = make_engine(clean.read_url, 5, "pydist-test")
-    write = WriteStore(write_engine)
-    writer = BatchingOrderWriter(write, max_batch=256)
-    writer.start()
-    yield Stores(write, ReadStore(read_engine), writer)
-    await writer.stop()
-    await write_engine.dispose()
+    create.writer.start()
+    yield Stores(create.store, ProjectionStore(read_engine), create.writer, fetch.pages)
+    await create.aclose()
+    await fetch.aclose()
     await read_engine.dispose()

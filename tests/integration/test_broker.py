@@ -30,13 +30,13 @@ from pydist.adapters.rabbit import (
     QUEUE,
     BrokerLink,
 )
+from pydist.bootstrap import build_sync
 from pydist.domain.events import BuyOrderCreated
-from pydist.entrypoints.workers import build_sync
-from pydist.service import read_model_admin
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
+from tests.support import read_model_admin
 from tests.support.read_side import (
     CountingHandler,
     background,

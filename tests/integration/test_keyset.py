@@ -16,13 +16,13 @@ import asyncpg
 import orjson
 import pytest
 
-from pydist.adapters import read_store
+from pydist import bootstrap
+from pydist.adapters import listing
 from pydist.adapters.db import raw_connection
-from pydist.adapters.read_store import ReadStore
+from pydist.adapters.listing import ListingStore
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
-from pydist.entrypoints import fetch_api
 from pydist.service.errors import UnknownReferenceError
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
@@ -50,7 +50,7 @@ async def insert_rows(read_url: str, created: list[datetime]) -> list[tuple[date
     return [(r[1], r[0]) for r in rows]
 
 
-async def walk(store: ReadStore, size: int) -> tuple[list[uuid.UUID], list[int]]:
+async def walk(store: ListingStore, size: int) -> tuple[list[uuid.UUID], list[int]]:
     ids: list[uuid.UUID] = []
     sizes: list[int] = []
     ref: uuid.UUID | None = None
@@ -73,7 +73,7 @@ async def test_walk_with_tied_created_at_returns_every_row_once_in_order(
     created = [T0 + timedelta(microseconds=i // 7) for i in range(38)] + [T0 - timedelta(days=1)] * 3
     keys = await insert_rows(clean.read_url, created)
     expected = [k[1] for k in sorted(keys, reverse=True)]  # (created_at DESC, id DESC)
-    ids, sizes = await walk(stores.read, size)
+    ids, sizes = await walk(stores.listing, size)
     assert ids == expected
     assert len(set(ids)) == len(keys) == 41
     full, rest = divmod(41, size)
@@ -82,7 +82,7 @@ async def test_walk_with_tied_created_at_returns_every_row_once_in_order(
 
 async def test_exact_multiple_of_page_size_ends_without_an_empty_page(stores: Stores, clean: Databases):
     await insert_rows(clean.read_url, [T0] * 6)
-    ids, sizes = await walk(stores.read, 3)
+    ids, sizes = await walk(stores.listing, 3)
     assert sizes == [3, 3]
     assert len(set(ids)) == 6
 
@@ -90,7 +90,7 @@ async def test_exact_multiple_of_page_size_ends_without_an_empty_page(stores: St
 async def test_reference_to_the_last_row_gives_an_empty_final_page(stores: Stores, clean: Databases):
     keys = await insert_rows(clean.read_url, [T0, T0, T0 - timedelta(seconds=1)])
     oldest = min(keys)[1]
-    page = await stores.read.page(10, oldest)
+    page = await stores.listing.page(10, oldest)
     assert page.public_rows == []
     assert page.has_more is False
 
@@ -98,11 +98,11 @@ async def test_reference_to_the_last_row_gives_an_empty_final_page(stores: Store
 async def test_unknown_reference_is_refused(stores: Stores, clean: Databases):
     await insert_rows(clean.read_url, [T0])
     with pytest.raises(UnknownReferenceError):
-        await stores.read.page(10, uuid.uuid4())
+        await stores.listing.page(10, uuid.uuid4())
 
 
 async def test_empty_read_model_first_page(stores: Stores, clean: Databases):
-    page = await stores.read.page(10, None)
+    page = await stores.listing.page(10, None)
     assert (page.public_rows, page.has_more) == ([], False)
 
 
@@ -139,13 +139,13 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
     )
     ref, expected = oracle[0]["id"], [r["id"] for r in oracle[1:]]
 
-    page = await stores.read.page(20, ref)
+    page = await stores.listing.page(20, ref)
     assert page_ids(page) == expected
     assert page.has_more
 
     cases = [
         (sql, params, mode)
-        for sql, params in ((read_store._NEXT_PAGE, (21, ref)), (read_store._FIRST_PAGE, (21,)))
+        for sql, params in ((listing._NEXT_PAGE, (21, ref)), (listing._FIRST_PAGE, (21,)))
         for mode in ("force_custom_plan", "force_generic_plan")  # the fetch pool uses generic plans
     ]
     for sql, params, mode in cases:
@@ -160,7 +160,7 @@ async def test_page_query_at_depth_is_an_index_range_scan(stores: Stores, clean:
         scan = scans[0]
         assert scan["Node Type"] in ("Index Scan", "Index Only Scan")
         assert scan["Actual Rows"] * scan["Actual Loops"] <= 21, scan  # stops after one page
-        if sql is read_store._NEXT_PAGE:
+        if sql is listing._NEXT_PAGE:
             assert "created_at" in scan.get("Index Cond", ""), scan  # starts at the reference
             assert "Filter" not in scan, scan
 
@@ -185,9 +185,9 @@ async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
     """The fetch process's connections plan each page statement once (generic plans), where
     Postgres' default kept re-planning them on every call."""
     await insert_rows(clean.read_url, [T0 + timedelta(seconds=i) for i in range(30)])
-    engine = fetch_api.fetch_engine(clean.read_url, 1)  # one connection: the statements stay on it
+    engine = bootstrap.fetch_engine(clean.read_url, 1)  # one connection: the statements stay on it
     try:
-        store = ReadStore(engine)
+        store = ListingStore(engine)
         first = await store.page(10, None)
         for _ in range(12):
             await store.page(10, None)
@@ -196,7 +196,7 @@ async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
             assert await conn.fetch("SHOW plan_cache_mode") == [("force_generic_plan",)]
             plans = await conn.fetch(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = ANY($1)",
-                [read_store._FIRST_PAGE, read_store._NEXT_PAGE],
+                [listing._FIRST_PAGE, listing._NEXT_PAGE],
             )
     finally:
         await engine.dispose()
@@ -205,17 +205,17 @@ async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
 
 
 class CountingReads:
-    """Wraps ReadStore._read_page (the one real query) to count rounds and, on demand, hold a
+    """Wraps ListingStore._read_page (the one real query) to count rounds and, on demand, hold a
     round after its query ran: what a slow database would look like to the requests behind it."""
 
-    def __init__(self, store: ReadStore) -> None:
+    def __init__(self, store: ListingStore) -> None:
         self.real = store._read_page
         self.rounds = 0
         self.hold: asyncio.Event | None = None
         self.read_done = asyncio.Event()
         store._read_page = self  # type: ignore[method-assign]
 
-    async def __call__(self, page_size: int, last_reference: uuid.UUID | None) -> read_store.Page:
+    async def __call__(self, page_size: int, last_reference: uuid.UUID | None) -> listing.Page:
         self.rounds += 1
         page = await self.real(page_size, last_reference)
         self.read_done.set()
@@ -229,17 +229,17 @@ async def test_identical_concurrent_page_reads_share_a_query(stores: Stores, cle
     that arrived while it ran), the same answer for all; other page keys get their own."""
     keys = await insert_rows(clean.read_url, [T0 + timedelta(seconds=i) for i in range(15)])
     newest = [k[1] for k in sorted(keys, reverse=True)]
-    reads = CountingReads(stores.read)
-    pages = await asyncio.gather(*(stores.read.page(10, None) for _ in range(64)))
+    reads = CountingReads(stores.listing)
+    pages = await asyncio.gather(*(stores.listing.page(10, None) for _ in range(64)))
     assert reads.rounds <= 2
     assert all(page_ids(p) == newest[:10] and p.has_more for p in pages)
 
     reads.rounds = 0
-    mixed = await asyncio.gather(*(stores.read.page(size, None) for size in (3, 5, 3, 5)))
+    mixed = await asyncio.gather(*(stores.listing.page(size, None) for size in (3, 5, 3, 5)))
     assert [len(p.public_rows) for p in mixed] == [3, 5, 3, 5]
     assert reads.rounds == 2
-    assert stores.read._open == {}
-    assert stores.read._newest == {}
+    assert stores.listing._open == {}
+    assert stores.listing._newest == {}
 
 
 async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores, clean: Databases):
@@ -247,18 +247,18 @@ async def test_a_request_never_gets_a_snapshot_older_than_itself(stores: Stores,
     snapshot may predate the request): it waits for the next round, which sees a row stored
     between the two."""
     await insert_rows(clean.read_url, [T0])
-    reads = CountingReads(stores.read)
+    reads = CountingReads(stores.listing)
     first_hold = reads.hold = asyncio.Event()
-    early = asyncio.create_task(stores.read.page(10, None))
+    early = asyncio.create_task(stores.listing.page(10, None))
     await asyncio.wait_for(reads.read_done.wait(), 10)  # the first round has read its snapshot
     ((_, newer_id),) = await insert_rows(clean.read_url, [T0 + timedelta(seconds=1)])
     arrived = asyncio.Event()
 
-    async def late_request() -> read_store.Page:
+    async def late_request() -> listing.Page:
         arrived.set()
         # page() runs without suspending up to its shared wait: by the time the test resumes
         # after `arrived`, this request has joined a round (the right one or not).
-        return await stores.read.page(10, None)
+        return await stores.listing.page(10, None)
 
     late = asyncio.create_task(late_request())
     await asyncio.wait_for(arrived.wait(), 10)
@@ -287,10 +287,10 @@ async def _until(cond: Callable[[], bool]) -> None:
 
 async def test_a_client_that_leaves_does_not_cancel_the_shared_read(stores: Stores, clean: Databases):
     await insert_rows(clean.read_url, [T0, T0 + timedelta(seconds=1)])
-    reads = CountingReads(stores.read)
+    reads = CountingReads(stores.listing)
     reads.hold = asyncio.Event()
-    leaving = asyncio.create_task(stores.read.page(10, None))
-    staying = asyncio.create_task(stores.read.page(10, None))
+    leaving = asyncio.create_task(stores.listing.page(10, None))
+    staying = asyncio.create_task(stores.listing.page(10, None))
     await asyncio.wait_for(reads.read_done.wait(), 10)
     leaving.cancel()
     reads.hold.set()
@@ -303,9 +303,11 @@ async def test_a_client_that_leaves_does_not_cancel_the_shared_read(stores: Stor
 async def test_an_unknown_reference_fails_every_request_sharing_it(stores: Stores, clean: Databases):
     await insert_rows(clean.read_url, [T0])
     missing = uuid.uuid4()
-    results = await asyncio.gather(*(stores.read.page(10, missing) for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(stores.listing.page(10, missing) for _ in range(5)), return_exceptions=True
+    )
     assert all(isinstance(r, UnknownReferenceError) for r in results)
-    page = await stores.read.page(10, None)  # and the store still serves
+    page = await stores.listing.page(10, None)  # and the store still serves
     assert len(page.public_rows) == 1
 
 
@@ -345,7 +347,7 @@ def _edge_orders(n_random: int) -> list[BuyOrder]:
 
 
 async def test_pages_render_each_row_exactly_as_to_public(stores: Stores, clean: Databases):
-    """The page query writes the wire form itself (ReadStore._PUBLIC): over edge values projected
+    """The page query writes the wire form itself (listing._PUBLIC): over edge values projected
     by the real projector path, every row equals BuyOrder.to_public() character for character, and
     the page's JSON equals orjson's rendering of those dicts."""
     orders = _edge_orders(300)
@@ -354,7 +356,7 @@ async def test_pages_render_each_row_exactly_as_to_public(stores: Stores, clean:
     seen = 0
     ref: uuid.UUID | None = None
     while True:
-        page = await stores.read.page(37, ref)
+        page = await stores.listing.page(37, ref)
         for row in page.public_rows:
             assert row == by_id[row["id"]], row
         assert page.public_json == orjson.dumps([by_id[r["id"]] for r in page.public_rows])

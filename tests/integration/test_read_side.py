@@ -17,16 +17,17 @@ from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import make_engine
 from pydist.adapters.messages import envelope_id
 from pydist.adapters.outbox import Outbox
+from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.publisher import BrokerPublisher
 from pydist.adapters.rabbit import QUEUE
-from pydist.adapters.read_store import ReadStore
+from pydist.bootstrap import build_sync
 from pydist.domain.events import BuyOrderCreated
-from pydist.entrypoints.workers import build_sync
-from pydist.service import read_model_admin
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
+from tests.support import read_model_admin
+from tests.support.read_model_admin import all_orders
 from tests.support.read_side import (
     CountingHandler,
     RecordingSink,
@@ -59,7 +60,7 @@ async def test_embedded_relay_projects_every_order_identically(stores: Stores, c
         await wait_until(lambda: _has(clean.read_url, 60), timeout=30, what="60 read rows", bg=bg)
         # rows are marked after the sink returns: projected first, marked a moment later
         await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="empty backlog", bg=bg)
-    projected = await stores.read.all_orders()
+    projected = await all_orders(stores.read.engine)
     assert projected == {o.id: o for o in orders}
     assert {k: v.to_public() for k, v in projected.items()} == {o.id: o.to_public() for o in orders}
     assert await backlog(clean.write_url) == 0
@@ -178,7 +179,7 @@ async def test_two_relays_share_the_outbox_without_double_publishing(stores: Sto
     await create_orders(stores, 150)
     engines = [make_engine(clean.write_url, 4, f"relay-{i}") for i in range(2)]
     read_engines = [make_engine(clean.read_url, 4, f"projector-{i}") for i in range(2)]
-    sinks = [RecordingSink(Projector(ReadStore(e))) for e in read_engines]
+    sinks = [RecordingSink(Projector(ProjectionStore(e))) for e in read_engines]
     outboxes = [Outbox(e, clean.write_url) for e in engines]
     relays = [Relay(o, s, batch=7, idle_poll_s=0.2) for o, s in zip(outboxes, sinks, strict=True)]
     try:

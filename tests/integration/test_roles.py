@@ -18,9 +18,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from pydist.adapters.listing import ListingStore
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.outbox import Outbox
-from pydist.adapters.read_store import ReadStore
+from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.write_store import WriteStore
 from pydist.config import async_url
 from pydist.domain.errors import CapExceededError
@@ -100,7 +101,7 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     # relay (embedded mode) claims and marks the outbox; sync projects (twice: idempotent).
     outbox = Outbox(engines["relay"], clean.write_url)
     assert (await store.status()).outbox_backlog == 2
-    projector = Projector(ReadStore(engines["sync"]))
+    projector = Projector(ProjectionStore(engines["sync"]))
     async with outbox.claim(100) as events:
         assert len(events) == 2
         await projector.publish(events)
@@ -112,7 +113,7 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     assert published[0]["n"] == 0
 
     # fetch: the listing, both pages.
-    reader = ReadStore(engines["fetch"])
+    reader = ListingStore(engines["fetch"])
     first = await reader.page(1, None)
     assert first.has_more
     assert len(first.public_rows) == 1

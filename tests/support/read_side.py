@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import order_from_row
+from pydist.adapters.listing import Page
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE, declare_topology
-from pydist.adapters.read_store import Page
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest

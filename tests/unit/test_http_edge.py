@@ -3,10 +3,11 @@
 The apps are the real ones from `create_app(Settings(...))`, driven through `httpx.ASGITransport`
 (which does not run the lifespan, so nothing connects at start-up). Two things keep it I/O-free:
 - every socket connect is refused and recorded (`no_network`), and the test fails if one was tried;
-- the create use case is replaced by an in-memory fake (`create_api.CreateBuyOrder` patched before
-  the app is built), so a request that *passes* the edge is answered by the fake, never by a store.
-  That is what lets the tests prove acceptance (e.g. of a quoted Idempotency-Key) and not only
-  refusals. The fetch service's store is faked the same way for its one success-path test.
+- the create use case is an in-memory fake, handed to the wiring (`bootstrap.create(settings,
+  create_order=fake)`), so a request that *passes* the edge is answered by the fake, never by a
+  store. That is what lets the tests prove acceptance (e.g. of a quoted Idempotency-Key) and not
+  only refusals. The fetch service's store is faked the same way (`bootstrap.fetch(settings,
+  pages=fake)`) for its one success-path test.
 
 Every response of every test is also checked for leaks (stack traces, driver or SQL text).
 """
@@ -28,7 +29,8 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from pydist.adapters.read_store import Page
+from pydist import bootstrap
+from pydist.adapters.listing import Page
 from pydist.config import Settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
@@ -112,9 +114,7 @@ _FAKE = FakeCreate()
 
 def build_create_app(settings: Settings) -> FastAPI:
     """The real create app, with the shared fake in place of the use case it would wire up."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(create_api, "CreateBuyOrder", lambda *_ports: _FAKE)
-        return create_api.create_app(settings)
+    return create_api.create_app(settings, graph=bootstrap.create(settings, create_order=_FAKE))
 
 
 @pytest.fixture
@@ -647,13 +647,14 @@ class FakeReadStore:
         return None
 
 
-async def test_fetch_pages_link_to_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_fetch_pages_link_to_the_next_one() -> None:
     older = stored_order(OTHER_KEY)
     store = FakeReadStore(
         [Page([stored_order().to_public()], has_more=True), Page([older.to_public()], has_more=False)]
     )
-    monkeypatch.setattr(fetch_api, "ReadStore", lambda _engine: store)
-    async with client_for(fetch_api.create_app(make_settings())) as client:
+    settings = make_settings()
+    app = fetch_api.create_app(settings, graph=bootstrap.fetch(settings, pages=store))
+    async with client_for(app) as client:
         first = await client.get("/buy_orders?page_size=1")
         assert first.status_code == 200
         assert first.json() == {"rows": [stored_order().to_public()], "last_reference": str(ORDER_ID)}

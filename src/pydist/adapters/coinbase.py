@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 
 import httpx
 import orjson
+import structlog
 
 from pydist.domain.errors import InvalidPriceError, PriceUnavailableError
 from pydist.domain.money import Currency, parse_btc_price
+from pydist.metrics import PRICE_UPSTREAM_CALLS
+
+log = structlog.get_logger()
 
 
 class CoinbaseSpot:
+    """Each call is counted in pydist_price_upstream_calls_total (ok/error), and `fetched_at`
+    keeps when each currency's newest price arrived (monotonic), for btc_price's age gauge."""
+
     def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
+        self.fetched_at: dict[Currency, float] = {}
         self._timeout_s = timeout_s
         self._client = client or httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -22,6 +31,17 @@ class CoinbaseSpot:
         )
 
     async def spot(self, currency: Currency) -> Decimal:
+        try:
+            price = await self._spot(currency)
+        except PriceUnavailableError as exc:
+            PRICE_UPSTREAM_CALLS.labels(currency.value, "error").inc()
+            log.warning("price_fetch_failed", currency=currency.value, error=str(exc))
+            raise
+        PRICE_UPSTREAM_CALLS.labels(currency.value, "ok").inc()
+        self.fetched_at[currency] = time.monotonic()
+        return price
+
+    async def _spot(self, currency: Currency) -> Decimal:
         try:
             # httpx's timeout applies to each phase (a trickling server could stretch it); this
             # bounds the whole call, so a slow feed costs at most `timeout_s`.

@@ -9,6 +9,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
+import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -22,6 +23,7 @@ from pydist.service.errors import StoreUnavailableError
 if TYPE_CHECKING:
     from alembic.config import Config
 
+log = structlog.get_logger()
 T = TypeVar("T")
 WRITE = "write"
 READ = "read"
@@ -174,3 +176,30 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[RawConnection]:
                 await sa.invalidate()
         with contextlib.suppress(Exception):
             await sa.close()
+
+
+_DISCONNECTS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a terminated idle connection, see RAW_ERRORS
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+)
+
+
+async def fetch_renewing(engine: AsyncEngine, sql: str, *args: object) -> list[asyncpg.Record]:
+    """One statement on a pooled connection of a pool without pre-ping (three round trips per
+    use). A dead connection shows here instead: its idle siblings are likely dead too (database
+    restart, backends terminated), so the pool is renewed and the statement sent once more. Only
+    for statements that are safe to repeat (the read model's page reads and idempotent upsert)."""
+    try:
+        return await _fetch_once(engine, sql, *args)
+    except _DISCONNECTS as exc:
+        log.warning("read_model_connection_lost", error=type(exc).__name__)
+        await engine.dispose(close=False)
+    return await _fetch_once(engine, sql, *args)
+
+
+async def _fetch_once(engine: AsyncEngine, sql: str, *args: object) -> list[asyncpg.Record]:
+    async with raw_connection(engine) as conn:
+        return await conn.fetch(sql, *args)

@@ -27,62 +27,7 @@ class CoinbaseStub:
         self.delay_s = 10.0
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (e.g. timed out on "slow"): nothing to answer
-
-            def do_GET(self) -> None:
-                if self.path == "/_stats":
-                    self._send(200, json.dumps({"hits": dict(stub.hits), "mode": stub.mode}).encode())
-                    return
-                prefix, suffix = "/v2/prices/BTC-", "/spot"
-                if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
-                    self._send(404, b'{"errors":[{"id":"not_found"}]}')
-                    return
-                currency = self.path[len(prefix) : -len(suffix)]
-                with stub._lock:
-                    stub.hits[currency] += 1
-                    mode, price = stub.mode, stub.prices.get(currency)
-                if price is None:
-                    self._send(404, b'{"errors":[{"id":"not_found"}]}')
-                    return
-                if mode == "down":
-                    self._send(500, b'{"errors":[{"id":"internal_server_error"}]}')
-                    return
-                if mode == "slow":
-                    time.sleep(stub.delay_s)
-                amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(mode, price)
-                if mode == "not_json":
-                    self._send(200, b"<html>maintenance</html>", "text/html")
-                    return
-                pair_currency = "JPY" if mode == "wrong_pair" else currency
-                body = {"data": {"base": "BTC", "currency": pair_currency, "amount": amount}}
-                self._send(200, json.dumps(body).encode())
-
-            def do_POST(self) -> None:
-                if self.path != "/_control":
-                    self._send(404, b"{}")
-                    return
-                length = int(self.headers.get("Content-Length", "0"))
-                data = json.loads(self.rfile.read(length) or b"{}")
-                stub.configure(**data)
-                self._send(200, b"{}")
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -125,6 +70,65 @@ class CoinbaseStub:
 
     def serve_forever(self) -> None:
         self._server.serve_forever()
+
+
+def _handler(stub: CoinbaseStub) -> type[BaseHTTPRequestHandler]:
+    """The request handler class bound to `stub` (http.server builds one handler per request)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (e.g. timed out on "slow"): nothing to answer
+
+        def do_GET(self) -> None:
+            if self.path == "/_stats":
+                self._send(200, json.dumps({"hits": dict(stub.hits), "mode": stub.mode}).encode())
+                return
+            prefix, suffix = "/v2/prices/BTC-", "/spot"
+            if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
+                self._send(404, b'{"errors":[{"id":"not_found"}]}')
+                return
+            currency = self.path[len(prefix) : -len(suffix)]
+            with stub._lock:
+                stub.hits[currency] += 1
+                mode, price = stub.mode, stub.prices.get(currency)
+            if price is None:
+                self._send(404, b'{"errors":[{"id":"not_found"}]}')
+                return
+            if mode == "down":
+                self._send(500, b'{"errors":[{"id":"internal_server_error"}]}')
+                return
+            if mode == "slow":
+                time.sleep(stub.delay_s)
+            amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(mode, price)
+            if mode == "not_json":
+                self._send(200, b"<html>maintenance</html>", "text/html")
+                return
+            pair_currency = "JPY" if mode == "wrong_pair" else currency
+            body = {"data": {"base": "BTC", "currency": pair_currency, "amount": amount}}
+            self._send(200, json.dumps(body).encode())
+
+        def do_POST(self) -> None:
+            if self.path != "/_control":
+                self._send(404, b"{}")
+                return
+            length = int(self.headers.get("Content-Length", "0"))
+            data = json.loads(self.rfile.read(length) or b"{}")
+            stub.configure(**data)
+            self._send(200, b"{}")
+
+    return Handler
 
 
 def main() -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from pydist.config import get_settings
+
+if TYPE_CHECKING:
+    from pydist.bootstrap import AdminGraph
 
 # httpx, tenacity, rich.progress and rich.table are imported by the commands that use them: every
 # process (`pydist serve …`) and admin command starts through this module, so what it imports at
@@ -94,14 +97,15 @@ def _run_admin(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(2) from None
 
 
-def _engines() -> tuple[Any, Any]:
-    from pydist.adapters.db import make_engine
+async def _with_admin(use: Callable[[AdminGraph], Awaitable[T]]) -> T:
+    """`use` the admin graph of both models (small pools, closed after)."""
+    from pydist import bootstrap
 
-    s = get_settings()
-    return (
-        make_engine(s.write_database_url.get_secret_value(), 2, "pydist-admin"),
-        make_engine(s.read_database_url.get_secret_value(), 2, "pydist-admin"),
-    )
+    graph = bootstrap.admin(get_settings())
+    try:
+        return await use(graph)
+    finally:
+        await graph.aclose()
 
 
 @read_model_app.command("check")
@@ -109,15 +113,7 @@ def read_model_check(as_json: JsonOpt = False) -> None:
     """Report orders missing from, or different in, the read model. Exit 1 if any."""
     from pydist.service.read_model_admin import check
 
-    async def run() -> Any:
-        write, read = _engines()
-        try:
-            return await check(write, read)
-        finally:
-            await write.dispose()
-            await read.dispose()
-
-    report = _run_admin(run())
+    report = _run_admin(_with_admin(lambda graph: check(graph.orders, graph.read_model)))
     summary = {
         "write_orders": report.write_count,
         "read_orders": report.read_count,
@@ -143,20 +139,15 @@ def read_model_rebuild() -> None:
     """Rebuild the read model from the write model (the source of truth), while the system runs."""
     from rich.progress import Progress
 
-    from pydist.service.read_model_admin import rebuild, write_count
+    from pydist.service.read_model_admin import rebuild
 
-    async def run() -> int:
-        write, read = _engines()
-        try:
-            total = await write_count(write)
-            with Progress(console=console, transient=False) as progress:
-                task = progress.add_task("rebuilding read model", total=total)
-                return await rebuild(write, read, lambda n: progress.advance(task, n))
-        finally:
-            await write.dispose()
-            await read.dispose()
+    async def run(graph: AdminGraph) -> int:
+        total = await graph.orders.count()
+        with Progress(console=console, transient=False) as progress:
+            task = progress.add_task("rebuilding read model", total=total)
+            return await rebuild(graph.orders, graph.read_model, lambda n: progress.advance(task, n))
 
-    walked = _run_admin(run())
+    walked = _run_admin(_with_admin(run))
     console.print(f"[green]read model rebuilt[/green] from {walked} orders")
 
 
@@ -211,19 +202,13 @@ def dlq_list(
 def dlq_replay(as_json: JsonOpt = False) -> None:
     """Project the DLQ's events into the read model (idempotent); what still fails stays. Exit 1
     if anything stayed."""
-    from pydist.adapters.db import make_engine
     from pydist.adapters.dlq import replay
-    from pydist.adapters.read_store import ReadStore
-    from pydist.service.projector import Projector
+    from pydist.bootstrap import projector
 
-    async def run() -> Any:
-        engine = make_engine(get_settings().read_database_url.get_secret_value(), 2, "pydist-admin")
-        try:
-            return await replay(_broker_url(), Projector(ReadStore(engine)).publish)
-        finally:
-            await engine.dispose()
-
-    report = _run_broker(run())
+    broker_url = _broker_url()
+    report = _run_broker(
+        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.engine).publish))
+    )
     if as_json:
         print(
             json.dumps(
@@ -258,17 +243,9 @@ def broker_migrate_queues() -> None:
 @app.command()
 def cap(as_json: JsonOpt = False) -> None:
     """BTC used and still available under the 100 BTC cap."""
-    from pydist.adapters.db import make_engine
     from pydist.adapters.write_store import WriteStore
 
-    async def run() -> Any:
-        engine = make_engine(get_settings().write_database_url.get_secret_value(), 1, "pydist-cli")
-        try:
-            return await WriteStore(engine).status()
-        finally:
-            await engine.dispose()
-
-    status = _run_admin(run())
+    status = _run_admin(_with_admin(lambda graph: WriteStore(graph.orders.engine).status()))
     data = {
         "limit_btc": f"{status.limit_btc:f}",
         "used_btc": f"{status.used_btc:f}",

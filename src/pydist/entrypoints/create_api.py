@@ -15,19 +15,16 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from pydist import telemetry
-from pydist.adapters.db import make_engine
-from pydist.adapters.order_writer import BatchingOrderWriter
-from pydist.adapters.price_client import PriceServiceClient
+from pydist import bootstrap, telemetry
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.order import OrderRequest
 from pydist.entrypoints.body import read_json_object
-from pydist.entrypoints.http_app import build_app
+from pydist.entrypoints.http_app import Lifespan, build_app
+from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
 from pydist.entrypoints.problems import ProblemError, validation_problem
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses
-from pydist.entrypoints.serve import await_dependency, cancel_tasks
 from pydist.metrics import (
     CAP_REMAINING,
     CAP_USED,
@@ -39,7 +36,6 @@ from pydist.metrics import (
     OUTBOX_OLDEST_AGE,
     expose,
 )
-from pydist.service.create_order import CreateBuyOrder
 from pydist.service.errors import StoreUnavailableError
 
 log = structlog.get_logger()
@@ -105,70 +101,88 @@ def to_request(body: BuyOrderIn, header_key: uuid.UUID | None) -> OrderRequest:
     return OrderRequest(idempotence_key=key, currency=body.currency, amount=body.amount)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, graph: bootstrap.CreateGraph | None = None) -> FastAPI:
+    """The uvicorn factory (called bare: the settings from the environment). A test passes its
+    `settings` and a `graph` built by bootstrap.create with its fakes."""
     settings = settings or get_settings()
+    graph = graph or bootstrap.create(settings)
     expose(*CREATE_METRICS)
-    engine = make_engine(
-        settings.write_database_url.get_secret_value(), settings.db_pool_size, "pydist-create"
-    )
-    store = WriteStore(engine)
-    writer = BatchingOrderWriter(store, max_batch=settings.max_batch)
-    prices = PriceServiceClient(
-        settings.price_service_url,
-        timeout_s=settings.price_timeout_s + 0.5,
-        max_age_s=settings.price_max_age_s,
-    )
-    create_order = CreateBuyOrder(store, prices, writer)
-
-    async def watch_write_model(stop: asyncio.Event) -> None:
-        """Keep the cap and outbox gauges current. The cap row is the truth (other create
-        processes write it too), so it is read rather than tracked. While the write model cannot
-        be read, nothing can be published either: the oldest unpublished event is then at most
-        the last reading plus the time since, and the age gauge says so (an upper bound, so the
-        outbox alert fires during such an outage instead of showing the last value for ever)."""
-        read_at, age = time.monotonic(), 0.0
-        while not stop.is_set():
-            try:
-                status = await store.status()
-            except Exception:
-                OUTBOX_OLDEST_AGE.set(age + time.monotonic() - read_at)
-            else:
-                read_at, age = time.monotonic(), status.outbox_oldest_age_s
-                CAP_USED.set(float(status.used_btc))
-                CAP_REMAINING.set(float(status.available_btc))
-                OUTBOX_BACKLOG.set(status.outbox_backlog)
-                OUTBOX_OLDEST_AGE.set(age)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=WATCH_S)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # No blocking wait for the database: the port opens at once and /readyz answers 503
-        # until the write model answers (requests meanwhile get a 503 problem, nothing stored).
-        stop = asyncio.Event()
-        writer.start()
-        tasks = [
-            asyncio.create_task(await_dependency("write_database", store.ping, stop), name="await-db"),
-            asyncio.create_task(watch_write_model(stop), name="write-model-gauges"),
-        ]
-        log.info("service_started", port=settings.create_buy_order_port)
-        yield
-        stop.set()
-        await writer.stop()
-        await cancel_tasks(tasks, timeout=2)
-        await prices.aclose()
-        await engine.dispose()
-        log.info("service_stopped")
-
     app = build_app(
         service="create_buy_order",
         title="pydist: create buy order",
         description="Place an idempotent BTC buy order for EUR, GBP or USD.",
         settings=settings,
-        ready=store.ping,
-        lifespan=lifespan,
+        ready=graph.store.ping,
+        lifespan=_lifespan(graph, settings.create_buy_order_port),
     )
+    _route_put_buy_order(app, graph.create_order, settings.max_body_bytes)
+    return app
 
+
+async def _watch_write_model(store: WriteStore, stop: asyncio.Event) -> None:
+    """Keep the cap and outbox gauges current. The cap row is the truth (other create processes
+    write it too), so it is read rather than tracked. While the write model cannot be read,
+    nothing can be published either: the oldest unpublished event is then at most the last
+    reading plus the time since, and the age gauge says so (an upper bound, so the outbox alert
+    fires during such an outage instead of showing the last value for ever)."""
+    read_at, age = time.monotonic(), 0.0
+    while not stop.is_set():
+        try:
+            status = await store.status()
+        except Exception:
+            OUTBOX_OLDEST_AGE.set(age + time.monotonic() - read_at)
+        else:
+            read_at, age = time.monotonic(), status.outbox_oldest_age_s
+            CAP_USED.set(float(status.used_btc))
+            CAP_REMAINING.set(float(status.available_btc))
+            OUTBOX_BACKLOG.set(status.outbox_backlog)
+            OUTBOX_OLDEST_AGE.set(age)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=WATCH_S)
+
+
+def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # No blocking wait for the database: the port opens at once and /readyz answers 503
+        # until the write model answers (requests meanwhile get a 503 problem, nothing stored).
+        stop = asyncio.Event()
+        graph.writer.start()
+        tasks = [
+            asyncio.create_task(await_dependency("write_database", graph.store.ping, stop), name="await-db"),
+            asyncio.create_task(_watch_write_model(graph.store, stop), name="write-model-gauges"),
+        ]
+        log.info("service_started", port=port)
+        yield
+        stop.set()
+        await graph.writer.stop()
+        await cancel_tasks(tasks, timeout=2)
+        await graph.aclose()
+        log.info("service_stopped")
+
+    return lifespan
+
+
+_OPENAPI_EXTRA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": BuyOrderIn.model_json_schema()}},
+    },
+    # Read by hand rather than as a FastAPI Header parameter: measured cheaper per request.
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "IETF Idempotency-Key (a UUID, bare or as a quoted sf-string); "
+            "must match idempotence_key if both are given",
+            "schema": {"type": "string", "maxLength": _MAX_KEY_HEADER},
+        }
+    ],
+}
+
+
+def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_body_bytes: int) -> None:
     @app.put(
         "/buy_order",
         tags=["orders"],
@@ -178,26 +192,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             200: {"description": "Created, or replayed (header Idempotent-Replayed: true)"},
             **problem_responses(401, 409, 413, 415, 422, 503),
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": BuyOrderIn.model_json_schema()}},
-            },
-            # Read by hand rather than as a FastAPI Header parameter: measured cheaper per request.
-            "parameters": [
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "description": "IETF Idempotency-Key (a UUID, bare or as a quoted sf-string); "
-                    "must match idempotence_key if both are given",
-                    "schema": {"type": "string", "maxLength": _MAX_KEY_HEADER},
-                }
-            ],
-        },
+        openapi_extra=_OPENAPI_EXTRA,
     )
     async def put_buy_order(request: Request) -> Response:
-        raw = await read_json_object(request, settings.max_body_bytes)
+        raw = await read_json_object(request, max_body_bytes)
         try:
             body = BuyOrderIn.model_validate(raw)
         except ValidationError as exc:
@@ -221,6 +219,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "buy_order": outcome.order.to_public(),
         }
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-
-    app.state.writer = writer
-    return app

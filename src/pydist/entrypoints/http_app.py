@@ -34,6 +34,7 @@ _MAX_REQUEST_ID = 128
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 """The `method` label's values; any other method (httptools accepts some thirty, WebDAV's among
 them) is counted as `other`, so a client cannot multiply the latency histogram's series."""
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 MAX_HEADER_BYTES = 16 * 1024
 """All request header names and values together; more is answered 431 before any routing.
 (uvicorn's httptools parser has no limit of its own: this is the application's.)"""
@@ -159,7 +160,7 @@ def build_app(
     description: str,
     settings: Settings,
     ready: Callable[[], Awaitable[None]],
-    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
+    lifespan: Lifespan,
 ) -> FastAPI:
     tracing = telemetry.setup(service)
     configure_logging(
@@ -197,6 +198,12 @@ def build_app(
     app.add_middleware(EdgeMiddleware, service=service, api_keys=api_keys)
     if api_keys:
         _declare_bearer_auth(app)
+    _route_ops(app, service, ready)
+    return app
+
+
+def _route_ops(app: FastAPI, service: str, ready: Callable[[], Awaitable[None]]) -> None:
+    """/healthcheck (liveness), /readyz (`ready` answers) and /metrics, on every process."""
 
     @app.get(
         "/healthcheck",
@@ -228,8 +235,6 @@ def build_app(
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(render(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 _STATUS_SCHEMA: dict[str, Any] = {

@@ -8,78 +8,33 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from decimal import Decimal
 
 import orjson
 import structlog
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from pydist.adapters.coinbase import CoinbaseSpot
+from pydist import bootstrap
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
-from pydist.entrypoints.http_app import build_app
+from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.schemas import problem_responses
-from pydist.metrics import PRICE_AGE, PRICE_METRICS, PRICE_UPSTREAM_CALLS, expose
+from pydist.metrics import PRICE_AGE, PRICE_METRICS, expose
 from pydist.service.price_cache import PriceCache
 
 log = structlog.get_logger()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph | None = None) -> FastAPI:
+    """The uvicorn factory (called bare: the settings from the environment)."""
     settings = settings or get_settings()
+    graph = graph or bootstrap.price(settings)
     expose(*PRICE_METRICS)
-    coinbase = CoinbaseSpot(settings.coinbase_api_url, settings.price_timeout_s)
-    fetched: dict[Currency, float] = {}
-
-    def age_of(currency: Currency) -> Callable[[], float]:
-        def age() -> float:
-            at = fetched.get(currency)
-            return math.nan if at is None else time.monotonic() - at
-
-        return age
-
     # Read at scrape time: the age of the newest quote, NaN before the first one.
     for c in Currency:
-        PRICE_AGE.labels(c.value).set_function(age_of(c))
-
-    async def fetch(currency: Currency) -> Decimal:
-        try:
-            price = await coinbase.spot(currency)
-        except PriceUnavailableError as exc:
-            PRICE_UPSTREAM_CALLS.labels(currency.value, "error").inc()
-            log.warning("price_fetch_failed", currency=currency.value, error=str(exc))
-            raise
-        PRICE_UPSTREAM_CALLS.labels(currency.value, "ok").inc()
-        fetched[currency] = time.monotonic()
-        return price
-
-    cache = PriceCache(
-        fetch,
-        max_age_s=settings.price_max_age_s,
-        min_interval_s=settings.price_min_interval_s,
-    )
-
-    async def keep_warm() -> None:
-        """Refresh each currency at half its allowed age, so orders rarely wait for Coinbase."""
-        period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
-        while True:
-            for currency in Currency:
-                with contextlib.suppress(PriceUnavailableError):
-                    await cache.refresh(currency)
-            await asyncio.sleep(period)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(keep_warm(), name="price-keep-warm")
-        log.info("service_started", port=settings.btc_price_port, upstream=settings.coinbase_api_url)
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await coinbase.aclose()
-        log.info("service_stopped")
+        PRICE_AGE.labels(c.value).set_function(_age_of(graph.coinbase.fetched_at, c))
+    cache = graph.cache
 
     async def ready() -> None:
         if not any(cache.fresh(c) for c in Currency):
@@ -91,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Cached BTC spot prices; the only client of the upstream price API.",
         settings=settings,
         ready=ready,
-        lifespan=lifespan,
+        lifespan=_lifespan(graph, settings),
     )
 
     @app.get(
@@ -111,5 +66,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
-    app.state.cache = cache
     return app
+
+
+def _age_of(fetched_at: dict[Currency, float], currency: Currency) -> Callable[[], float]:
+    def age() -> float:
+        at = fetched_at.get(currency)
+        return math.nan if at is None else time.monotonic() - at
+
+    return age
+
+
+async def _keep_warm(cache: PriceCache, settings: Settings) -> None:
+    """Refresh each currency at half its allowed age, so orders rarely wait for Coinbase."""
+    period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
+    while True:
+        for currency in Currency:
+            with contextlib.suppress(PriceUnavailableError):
+                await cache.refresh(currency)
+        await asyncio.sleep(period)
+
+
+def _lifespan(graph: bootstrap.PriceGraph, settings: Settings) -> Lifespan:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_keep_warm(graph.cache, settings), name="price-keep-warm")
+        log.info("service_started", port=settings.btc_price_port, upstream=settings.coinbase_api_url)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await graph.aclose()
+        log.info("service_stopped")
+
+    return lifespan

@@ -1,21 +1,19 @@
 """Run one process's ASGI app under uvicorn with graceful SIGTERM/SIGINT handling and exit 0.
 
-Also the start-up rule every process follows: a backing service that is down at start-up is
-waited for in the background (capped backoff, one log event per attempt), never by crashing. The
-HTTP port opens at once, so /healthcheck says the process lives and /readyz says 503 until the
-dependency answers; an orchestrator sees an unready process, not a crash loop.
+The apps are named by import string (`APPS`), not imported: uvicorn's multi-worker mode spawns
+fresh interpreters that must import the factory themselves, and a single process then builds
+its app only after the metrics directory is settled (prometheus_client reads it at import). No
+app module imports this one back (their start-up helpers live in `entrypoints/lifecycle.py`), so
+loading by string forms no cycle.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from socket import socket
 from typing import Any
@@ -50,60 +48,6 @@ MULTI_WORKER = frozenset({"create", "fetch"})
 """The processes WEB_CONCURRENCY applies to. btc_price stays one process (one cache, one bounded
 call rate to Coinbase, and a price age computed at scrape time); relay and sync scale as more
 processes sharing the outbox or the queue."""
-
-
-async def await_dependency(
-    name: str,
-    check: Callable[[], Awaitable[object]],
-    stop: asyncio.Event,
-    *,
-    attempt_timeout_s: float = 5.0,
-    max_backoff_s: float = 2.0,
-) -> bool:
-    """Retry `check` until it succeeds (True) or `stop` is set (False). Each attempt is bounded by
-    `attempt_timeout_s`, the pause between attempts by `max_backoff_s`."""
-    delay = 0.1
-    attempt = 0
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        while not stop.is_set():
-            attempt += 1
-            checking = asyncio.ensure_future(asyncio.wait_for(check(), timeout=attempt_timeout_s))
-            await asyncio.wait([checking, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if not checking.done():  # stop was set: abandon the attempt at once
-                checking.cancel()
-                with contextlib.suppress(BaseException):
-                    await checking
-                return False
-            exc = checking.exception()
-            if exc is None:
-                if attempt > 1:
-                    log.info("dependency_ready", dependency=name, attempts=attempt)
-                return True
-            log.warning(
-                "dependency_unavailable",
-                dependency=name,
-                attempt=attempt,
-                error=type(exc).__name__,
-                retry_in_s=delay,
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stopping), timeout=delay)
-            delay = min(delay * 2, max_backoff_s)
-        return False
-    finally:
-        stopping.cancel()
-
-
-async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> None:
-    """Give `tasks` `timeout` seconds to finish on their own, then cancel what is left."""
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=1)
 
 
 def multiprocess_directory(configured: str | None, service: str) -> tuple[Path, bool]:

@@ -39,3 +39,25 @@ class Projected:
     order_id: uuid.UUID
     created_at: datetime
     projected_at: datetime
+
+
+class OrderRows(Protocol):
+    """One model's buy_orders as the read-model admin walks them."""
+
+    async def after(self, cursor: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BuyOrder]:
+        """The next `limit` orders in (created_at, id) order after `cursor` (None: from the start)."""
+        ...
+
+    async def find(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, BuyOrder]: ...
+
+    async def count(self) -> int: ...
+
+
+class ReadModelRows(OrderRows, Protocol):
+    """The read model's rows, with the two repairs a rebuild makes."""
+
+    async def upsert(self, orders: list[BuyOrder]) -> None:
+        """Insert each order, or rewrite its row where its served form differs."""
+        ...
+
+    async def delete(self, ids: list[uuid.UUID]) -> None: ...

@@ -1,0 +1,61 @@
+"""The read model as the projector writes it (read_model_sync, the embedded relay, `dlq replay`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pydist.adapters.db import RAW_ERRORS, fetch_renewing, unavailable
+from pydist.domain.events import BuyOrderCreated
+from pydist.service.errors import EventRejectedError
+from pydist.service.ports import Projected
+
+# One statement, its own transaction, sent on a raw connection: no BEGIN/COMMIT round trips.
+_UPSERT = """
+    INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
+                            btc_amount, event_id)
+    SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
+           r.btc_amount, r.event_id
+    FROM jsonb_to_recordset($1::jsonb) AS r(
+        id uuid, idempotence_key uuid, created_at timestamptz, currency text,
+        currency_amount numeric, btc_rate numeric, btc_amount numeric, event_id uuid)
+    ORDER BY r.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at, projected_at
+"""
+
+
+class ProjectionStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
+        """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and
+        an event repeated within the batch is inserted once. Rows go in in id order, so two
+        appliers with overlapping batches (redeliveries, two relays) never deadlock.
+
+        Raises EventRejectedError when the database refuses the data itself (SQLSTATE class 22
+        data exception / 23 constraint): the same events would fail again. Any other database
+        failure (connection, timeout, …) is a StoreUnavailableError, worth a retry."""
+        if not events:
+            return []
+        payload = orjson.dumps(
+            [
+                {
+                    **e.order.to_public(),
+                    "idempotence_key": str(e.order.idempotence_key),
+                    "event_id": str(e.event_id),
+                }
+                for e in sorted(events, key=lambda e: e.order.id)
+            ]
+        ).decode()
+        try:
+            rows = await fetch_renewing(self.engine, _UPSERT, payload)
+        except RAW_ERRORS as exc:
+            sqlstate = str(getattr(exc, "sqlstate", "") or "")
+            if sqlstate[:2] in ("22", "23"):
+                raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
+            raise unavailable(exc) from exc
+        return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]
