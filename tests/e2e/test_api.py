@@ -9,6 +9,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -29,6 +30,7 @@ from tests.e2e.conftest import (
 from tests.support import db as testdb
 from tests.support.procs import tcp_queues
 
+PRICE_MIN_INTERVAL_S = 0.2  # base_env's PRICE_MIN_INTERVAL_S
 BUY_ORDER_FIELDS = {"id", "created_at", "currency", "currency_amount", "btc_rate", "btc_amount"}
 
 
@@ -266,6 +268,22 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     assert await embedded.written() == 1
 
 
+def _no_call_for(feed: CoinbaseStub, currency: str, seconds: float) -> Callable[[], float]:
+    """A predicate for `wait_until`: true (the seconds waited) once the stub has counted no
+    `currency` request for `seconds`. btc_price records an attempt just before sending it, so its
+    last one is then at least that old (less the ~1 ms the request takes to be counted)."""
+    started = time.monotonic()
+    seen = [feed.hits[currency], started]  # the count, and when it last changed
+
+    def quiet() -> float:
+        now = time.monotonic()
+        if feed.hits[currency] != seen[0]:
+            seen[:] = [feed.hits[currency], now]
+        return now - started if now - seen[1] >= seconds else 0.0
+
+    return quiet
+
+
 def _stub_quiet(feed: CoinbaseStub) -> bool:
     """No request bytes queued on the stub's connections and no stub thread handling one."""
     port = httpx.URL(feed.url).port
@@ -314,10 +332,16 @@ async def test_price_feed_fault_is_503_within_5s_and_writes_nothing(
     embedded = embedded_any_price
     feed.configure(mode=mode, delay_s=10.0)
     wait_price_stale(embedded)
+    # btc_price's last upstream attempt is PRICE_MIN_INTERVAL_S old: the order's own price request
+    # may go upstream (for "slow": hang there until the timeouts cut it short). Measured: 0.25 s
+    # to 0.46 s under this test's load (btc_price keeps its quotes warm meanwhile); bound 10 s.
+    wait_until(
+        _no_call_for(feed, "USD", PRICE_MIN_INTERVAL_S + 0.05),
+        timeout=10,
+        what=f"no USD call to the stub for {PRICE_MIN_INTERVAL_S + 0.05} s",
+        interval=0.01,
+    )
     feed.configure(reset_hits=True)
-    # Past btc_price's PRICE_MIN_INTERVAL_S (0.2 s) after the last attempt: the order's own price
-    # request may go upstream (for "slow": hang there until the timeouts cut it short).
-    time.sleep(0.3)
 
     started = time.monotonic()
     response = put(embedded, order_body("USD", "123.45", str(uuid.uuid4())))

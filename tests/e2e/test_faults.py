@@ -10,6 +10,8 @@ tests/support/faults.report and docs/reliability.md). PYDIST_LONG=1 also runs th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
 import uuid
@@ -45,6 +47,7 @@ from tests.support.faults import (
     wait_converged,
     wait_for,
 )
+from tests.support.procs import Proc
 
 # A safety net over each test's own bounded waits: the module's six processes start in the first
 # test's set-up, which takes tens of seconds on a busy 2-core machine.
@@ -104,11 +107,20 @@ async def test_broker_outage_loses_and_duplicates_nothing(ready: Topology, profi
     async with OrderLoad(ready.create_urls, rate=profile.rate) as load:
         await asyncio.sleep(2)
         load.phase = "outage"
+        links_lost = _events(ready.proc("sync"), "consumer_link_lost")
         ready.amqp_proxy.down()
         outage_started = time.monotonic()
-        await asyncio.sleep(1)  # whatever was already delivered settles
+        # read_model_sync projects what it already holds, then notices the cut and says so; from
+        # then on nothing reaches the read model until up(). Measured under this load: 0.48 s to
+        # 0.54 s after the cut (it checks its channel every 0.5 s); bound 15 s.
+        sync_noticed_s = await wait_for(
+            lambda: _logged_more(ready.proc("sync"), "consumer_link_lost", links_lost),
+            timeout=15,
+            interval=0.02,
+            what="read_model_sync logged consumer_link_lost after the broker link was cut",
+        )
         read_at_cut = await count(dbs.read_url, "SELECT count(*) FROM buy_orders")
-        await asyncio.sleep(profile.broker_outage_s - 1)
+        await asyncio.sleep(max(0.0, profile.broker_outage_s - (time.monotonic() - outage_started)))
         read_before_up = await count(dbs.read_url, "SELECT count(*) FROM buy_orders")
         backlog_at_up = await count(dbs.write_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL")
         ready.amqp_proxy.up()
@@ -124,6 +136,7 @@ async def test_broker_outage_loses_and_duplicates_nothing(ready: Topology, profi
         figures(
             load,
             outage_s=round(outage_s, 1),
+            sync_noticed_cut_s=round(sync_noticed_s, 2),
             accepted_during_outage=sum(a.status == 200 for a in during),
             sent_during_outage=len(during),
             projected_while_cut=read_before_up - read_at_cut,
@@ -228,6 +241,20 @@ async def test_kill9_relay_and_sync_mid_stream(ready: Topology, profile: Profile
 
 async def _above(url: str, sql: str, value: int) -> bool:
     return await count(url, sql) > value
+
+
+def _events(proc: Proc, event: str) -> int:
+    """How many times `proc` has logged `event` (its log is one JSON object per line)."""
+    n = 0
+    for line in proc.log().splitlines():
+        if event in line:
+            with contextlib.suppress(ValueError):
+                n += json.loads(line).get("event") == event
+    return n
+
+
+async def _logged_more(proc: Proc, event: str, before: int) -> bool:
+    return _events(proc, event) > before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,11 +614,14 @@ async def test_cap_storm_at_the_last_btc(ready: Topology, profile: Profile) -> N
                 for i in range(c, n, clients)
             ]
             attempts.extend(mine)
+            poised.append(c)
             await go.wait()
             await asyncio.gather(*(put_order(client, a) for a in mine))
 
+    poised: list[int] = []
     tasks = [asyncio.create_task(client_task(c)) for c in range(clients)]
-    await asyncio.sleep(0.5)
+    # Every client holds its orders, waiting for `go`. Measured (8 clients): 0.22-0.30 s.
+    await _all_poised(poised, tasks, clients)
     started = time.monotonic()
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
@@ -654,11 +684,15 @@ async def test_idempotency_storm_one_key_many_clients(ready: Topology, profile: 
         a = Attempt(key, currency, amount, "storm", ready.create_urls[i % 2], 0.0)
         attempts.append(a)
         async with httpx.AsyncClient(timeout=30) as client:
+            poised.append(i)
             await go.wait()
             await put_order(client, a)
 
+    poised: list[int] = []
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
-    await asyncio.sleep(0.5)
+    # Every client has its request ready, waiting for `go`. Measured (60 clients): 1.4-2.0 s,
+    # about 30 ms a client (each builds its own httpx client).
+    await _all_poised(poised, tasks, n)
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     rows = await testdb.fetch(
@@ -695,3 +729,19 @@ async def test_idempotency_storm_one_key_many_clients(ready: Topology, profile: 
         if a.status == 422:
             assert a.body["type"] == "/problems/idempotency-key-reused"
     assert diff.clean(), diff.examples
+
+
+async def _all_poised(poised: list[int], tasks: list[asyncio.Task[None]], n: int) -> float:
+    """Wait until all `n` client tasks wait for the start signal; one that failed before getting
+    there fails the test with its own error. Getting ready takes up to ~35 ms a client on a busy
+    2-core machine; the bound is 0.15 s a client (10 s at least): 60 clients 10 s, 200 30 s."""
+
+    async def all_there() -> bool:
+        for task in tasks:
+            if task.done():
+                task.result()  # raises what the client task raised
+        return len(poised) == n
+
+    return await wait_for(
+        all_there, timeout=max(10.0, 0.15 * n), interval=0.005, what=f"{n} clients ready to start"
+    )

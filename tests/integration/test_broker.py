@@ -151,9 +151,26 @@ async def test_consumer_reconnects_after_its_connection_is_reset(
                 await publisher.publish(events[:5])
                 await wait_until(lambda: _has(clean.read_url, 5), timeout=20, what="5 rows", bg=bg)
                 for k, chunk in enumerate((events[5:12], events[12:])):
+                    links = rabbit_proxy.connections
                     rabbit_proxy.cut()
-                    await asyncio.sleep(0.5)
-                    await publisher.publish(chunk)
+                    # Half is published once the consumer has lost its link (it waits in the
+                    # queue), half once it consumes again over a new link (the proxy carries only
+                    # the consumer's). Measured: link lost 0.46-0.51 s after the cut, consuming
+                    # again at 0.56-0.76 s; bound 20 s each.
+                    await wait_until(
+                        lambda n=links: _link_lost(consumer, rabbit_proxy, n),
+                        timeout=20,
+                        what="the consumer to notice the reset",
+                        bg=bg,
+                    )
+                    await publisher.publish(chunk[:3])
+                    await wait_until(
+                        lambda n=links: _consuming_again(consumer, rabbit_proxy, n),
+                        timeout=20,
+                        what="the consumer back on a new connection",
+                        bg=bg,
+                    )
+                    await publisher.publish(chunk[3:])
                     want = 12 if k == 0 else 20
                     await wait_until(lambda w=want: _has(clean.read_url, w), timeout=30, what="rows", bg=bg)
         finally:
@@ -526,6 +543,18 @@ async def test_unroutable_publish_is_not_confirmed_as_sent(stores: Stores, clean
 
 async def _has(url: str, n: int) -> bool:
     return await count(url) >= n
+
+
+# `consuming` is cleared when the consume loop of a lost link ends, and set again only once the
+# queue is consumed on the next link, which the proxy counts when it opens it.
+
+
+async def _link_lost(consumer: EnvelopeConsumer, proxy: TcpProxy, links_before: int) -> bool:
+    return not consumer.consuming.is_set() or proxy.connections > links_before
+
+
+async def _consuming_again(consumer: EnvelopeConsumer, proxy: TcpProxy, links_before: int) -> bool:
+    return proxy.connections > links_before and consumer.consuming.is_set()
 
 
 async def _backlog_zero(write_url: str) -> bool:
