@@ -25,13 +25,14 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+from tenacity import RetryCallState
 
 from pydist import telemetry
 from pydist.adapters.messages import CONTENT_TYPE, Decoded, Poison, decode
 from pydist.adapters.rabbit import QUEUE, TRANSIENT, BrokerLink, Topology, declare_topology
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
+from pydist.retrying import failure, until_stopped
 from pydist.service.errors import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
@@ -54,17 +55,20 @@ class EnvelopeConsumer:
         await declare_topology(await self._link.channel())
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop`, moving to another node whenever the link is lost."""
-        delay = 0.1
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-                delay = 0.1
-            except Exception as exc:  # the consumer keeps running in every case
-                log.warning("consumer_link_lost", error=type(exc).__name__, node=self._link.node)
-                await self._link.reset()
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, 3.0)
+        """Consume until `stop`, moving to another node whenever the link is lost: the consumer
+        keeps running in every case (any exception is retried; once stopping, it ends)."""
+        with contextlib.suppress(Exception):
+            async for attempt in until_stopped(stop, first_s=0.1, max_s=3.0, on_retry=self._link_lost):
+                with attempt:
+                    try:
+                        await self._consume(stop)
+                    except Exception:
+                        await self._link.reset()  # the next attempt starts on the next node
+                        raise
+
+    def _link_lost(self, state: RetryCallState, wait_s: float) -> None:
+        error = type(failure(state)).__name__
+        log.warning("consumer_link_lost", error=error, node=self._link.node, retry_in_s=wait_s)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         channel = await self._link.channel()
@@ -147,17 +151,12 @@ class EnvelopeConsumer:
 
     async def _retrying(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> None:
         """The handler, retried while the read model is unavailable (until `stop`)."""
-
-        def stopping(_: RetryCallState) -> bool:
-            return stop.is_set()
-
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailableError),
-            wait=wait_exponential(multiplier=0.1, max=5),
-            stop=stopping,
-            sleep=lambda s: _sleep_unless(stop, s),
-            before_sleep=lambda state: log.warning("read_model_unavailable", attempt=state.attempt_number),
-            reraise=True,
+        async for attempt in until_stopped(
+            stop,
+            retry_on=StoreUnavailableError,
+            first_s=0.1,
+            max_s=5,
+            on_retry=lambda state, _: log.warning("read_model_unavailable", attempt=state.attempt_number),
         ):
             with attempt:
                 await self._handler(events)
@@ -195,8 +194,3 @@ async def _dead_letter(
         reason=poison.reason,
         body_prefix=poison.body[:200].decode("utf-8", "replace"),
     )
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

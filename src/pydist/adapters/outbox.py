@@ -16,10 +16,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import asyncpg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import RetryCallState
 
 from pydist.adapters.db import RawConnection, order_from_row, raw_connection
 from pydist.adapters.write_store import LINGER_S
 from pydist.domain.events import BuyOrderCreated
+from pydist.retrying import failure, until_stopped
 
 log = structlog.get_logger()
 CHANNEL = "pydist_outbox"
@@ -95,26 +97,36 @@ class Outbox:
             await stack.aclose()
 
     async def listen(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
-        """Call `on_notify` on every NOTIFY from place_orders(); reconnect if the link drops."""
-        while not stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
-                await conn.add_listener(CHANNEL, lambda *_: on_notify())
-                on_notify()  # catch up on anything committed while not listening
-                while not stop.is_set() and not conn.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=5)
-                    if not stop.is_set():
-                        await conn.execute("SELECT 1", timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                log.warning("outbox_listen_lost", error=type(exc).__name__)
+        """Call `on_notify` on every NOTIFY from place_orders() until `stop`; reconnect (0.5 s,
+        doubling up to 5 s) whenever the link drops. A lost NOTIFY costs nothing but time: the
+        relay also polls every second."""
+        lost = (OSError, asyncpg.PostgresError, TimeoutError)
+        with contextlib.suppress(*lost):  # raised only once stopping
+            async for attempt in until_stopped(
+                stop, retry_on=lost, first_s=0.5, max_s=5, on_retry=_listen_lost
+            ):
+                with attempt:
+                    await self._listen_once(on_notify, stop)
+
+    async def _listen_once(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=5)
+        try:
+            await conn.add_listener(CHANNEL, lambda *_: on_notify())
+            on_notify()  # catch up on anything committed while not listening
+            while not stop.is_set() and not conn.is_closed():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=1)
+                    await asyncio.wait_for(stop.wait(), timeout=5)
+                if not stop.is_set():
+                    await conn.execute("SELECT 1", timeout=5)
+            if not stop.is_set():
+                raise ConnectionResetError("the listening connection closed")
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)
+
+
+def _listen_lost(state: RetryCallState, wait_s: float) -> None:
+    log.warning("outbox_listen_lost", error=type(failure(state)).__name__, retry_in_s=wait_s)
 
 
 @asynccontextmanager

@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
+from tenacity import RetryCallState
+
+from pydist.retrying import failure, until_stopped
 
 log = structlog.get_logger()
 
@@ -30,38 +33,50 @@ async def await_dependency(
     max_backoff_s: float = 2.0,
 ) -> bool:
     """Retry `check` until it succeeds (True) or `stop` is set (False). Each attempt is bounded by
-    `attempt_timeout_s`, the pause between attempts by `max_backoff_s`."""
-    delay = 0.1
-    attempt = 0
+    `attempt_timeout_s`, the pause between attempts by `max_backoff_s`; a stop abandons an attempt
+    in flight at once (a shutdown never waits for a dependency's timeout)."""
+
+    def unavailable(state: RetryCallState, wait_s: float) -> None:
+        error = type(failure(state)).__name__
+        log.warning(
+            "dependency_unavailable",
+            dependency=name,
+            attempt=state.attempt_number,
+            error=error,
+            retry_in_s=wait_s,
+        )
+
+    if stop.is_set():
+        return False
+    try:
+        async for attempt in until_stopped(stop, first_s=0.1, max_s=max_backoff_s, on_retry=unavailable):
+            with attempt:  # a failure is recorded here, and retried
+                await _unless_stopped(check(), stop, attempt_timeout_s)
+                if (attempts := attempt.retry_state.attempt_number) > 1:
+                    log.info("dependency_ready", dependency=name, attempts=attempts)
+                return True
+    except Exception:  # raised only once stopping
+        return False
+    return False
+
+
+class _Stopped(Exception):
+    pass
+
+
+async def _unless_stopped(check: Awaitable[object], stop: asyncio.Event, timeout: float) -> None:
+    checking = asyncio.ensure_future(asyncio.wait_for(check, timeout=timeout))
     stopping = asyncio.ensure_future(stop.wait())
     try:
-        while not stop.is_set():
-            attempt += 1
-            checking = asyncio.ensure_future(asyncio.wait_for(check(), timeout=attempt_timeout_s))
-            await asyncio.wait([checking, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if not checking.done():  # stop was set: abandon the attempt at once
-                checking.cancel()
-                with contextlib.suppress(BaseException):
-                    await checking
-                return False
-            exc = checking.exception()
-            if exc is None:
-                if attempt > 1:
-                    log.info("dependency_ready", dependency=name, attempts=attempt)
-                return True
-            log.warning(
-                "dependency_unavailable",
-                dependency=name,
-                attempt=attempt,
-                error=type(exc).__name__,
-                retry_in_s=delay,
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stopping), timeout=delay)
-            delay = min(delay * 2, max_backoff_s)
-        return False
+        await asyncio.wait([checking, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
+    if not checking.done():
+        checking.cancel()
+        with contextlib.suppress(BaseException):
+            await checking
+        raise _Stopped
+    checking.result()
 
 
 async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> None:

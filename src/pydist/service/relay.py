@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import structlog
+from tenacity import RetryCallState
 
 from pydist.domain.events import BuyOrderCreated
 from pydist.metrics import EVENTS_PUBLISHED
+from pydist.retrying import failure, until_stopped
 from pydist.service.ports import EventSink
 
 log = structlog.get_logger()
@@ -56,29 +57,26 @@ class Relay:
             await self._loop(stop)
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        backoff = 0.05
         while not stop.is_set():
             self.wake.clear()
             try:
-                published = await self.relay_once()
-            except Exception as exc:
-                log.warning(
-                    "relay_failed",
-                    error=type(exc).__name__,
-                    detail=str(exc)[:200],
-                    retry_in_s=backoff,
-                )
-                await _sleep_unless(stop, backoff)
-                backoff = min(backoff * 2, self._max_backoff_s)
-                continue
-            backoff = 0.05
+                published = await self._relay_until_it_works(stop)
+            except Exception:
+                return  # raised only once stopping: every failure before that is retried
             if published < self._batch:
                 await _wait_any(stop, self.wake, self._idle_poll_s)
 
+    async def _relay_until_it_works(self, stop: asyncio.Event) -> int:
+        """One batch, retried (0.05 s, doubling up to `max_backoff_s`) while it fails."""
+        async for attempt in until_stopped(stop, first_s=0.05, max_s=self._max_backoff_s, on_retry=_failed):
+            with attempt:
+                return await self.relay_once()
+        raise AssertionError("until_stopped() makes an attempt or raises")
 
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+def _failed(state: RetryCallState, wait_s: float) -> None:
+    exc = failure(state)
+    log.warning("relay_failed", error=type(exc).__name__, detail=str(exc)[:200], retry_in_s=wait_s)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
