@@ -4,20 +4,29 @@
 (Grafana's `$__rate_interval` and friends replaced by concrete durations), so an e2e test can run
 the dashboard against a live Prometheus. `metric_names()` lists the metric names an expression
 selects. `promtool()` finds the real promtool, failing (never skipping) when it is missing.
+`Receiver` is an OTLP/HTTP trace receiver (the e2e trace test's collector, the benchmark's sink).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -217,3 +226,92 @@ def dashboard_queries() -> list[DashboardQuery]:
 def dashboard_expressions() -> list[str]:
     """Every dashboard query as PromQL for a real Prometheus (for unit and e2e tests)."""
     return [query.promql for query in dashboard_queries()]
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any]
+    links: list[tuple[str, str]]
+
+
+def _value(v: Any) -> Any:
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, which) if which else None
+
+
+def _spans(request: ExportTraceServiceRequest) -> Iterator[Span]:
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for s in scope_spans.spans:
+                yield Span(
+                    service=str(resource.get("service.name")),
+                    name=s.name,
+                    kind=s.kind,
+                    trace_id=s.trace_id.hex(),
+                    span_id=s.span_id.hex(),
+                    parent_span_id=s.parent_span_id.hex(),
+                    attributes={a.key: _value(a.value) for a in s.attributes},
+                    links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                )
+
+
+@dataclass
+class Receiver:
+    """An OTLP/HTTP trace receiver: POST /v1/traces with an ExportTraceServiceRequest."""
+
+    discard: bool = False
+    """Answer every export without decoding or keeping it (the benchmark's sink)."""
+    spans: list[Span] = field(default_factory=list)
+    exports: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                request = ExportTraceServiceRequest()
+                if not receiver.discard:
+                    request.ParseFromString(body)
+                with receiver.lock:
+                    receiver.exports += 1
+                    receiver.spans.extend(_spans(request))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def snapshot(self) -> list[Span]:
+        with self.lock:
+            return list(self.spans)
