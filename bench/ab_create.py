@@ -1,120 +1,82 @@
-"""A/B of the create (or fetch) path: two processes built from different source trees, on the same
-databases, broker and workers, loaded in turn (ABAB...) so that machine noise hits both alike.
+"""A/B runs: variants loaded in turn (A, B, A, B, …) so that machine noise hits all alike. The loop
+is `ab_rounds`; ./bench/run.sh uses it for the first/deep page runs and for tracing on/off. Run as
+a program, it compares two create (or fetch) processes built from different source trees, on the
+same databases, broker and workers:
 
     uv run python -m bench.ab_create --a-src /tmp/old/src --b-src src --rounds 4 --seconds 5
 
-A source tree is put first on PYTHONPATH of its create process (an empty value: the installed one).
+A source tree is put first on PYTHONPATH of its process (an empty value: the installed one).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import statistics
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from tests.support.procs import System
-
-from bench.harness import (
-    PG_ADMIN_URL,
-    Resources,
-    WaitSampler,
-    log,
-    make_log_dir,
-    metric_sum,
-    pg_val,
-    run_wrk,
-    spawn_service,
-    start_procs,
-    system_env,
-)
+from bench.harness import NAN, WrkResult, log, processes, resources, run_wrk, spawn, stat
 from bench.workload import BulkLoader
-from pydist.devtools.coinbase_stub import CoinbaseStub
 
-_SESSIONS = "SELECT sessions FROM pg_stat_database WHERE datname = $1"
+
+def wrk_json(results: list[WrkResult]) -> dict[str, Any]:
+    """Runs as their medians and spreads (harness.stat), CPU by process included."""
+    out = {k: stat([getattr(x, k) for x in results]) for k in ("rps", "p50_ms", "p99_ms", "wrk_cpu")}
+    out["cpu"] = {k: stat([x.cpu.get(k, NAN) for x in results]) for k in results[0].cpu}
+    return out | {"errors": sum(x.errors for x in results), "requests": sum(x.requests for x in results)}
+
+
+def ab_rounds(
+    urls: dict[str, str],
+    script: str,
+    connections: int,
+    rounds: tuple[int, float],
+    meters: dict[str, dict[str, int]],
+    pg_dbs: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """A warm-up run of each variant (url), then `rounds` = (n, seconds): n rounds of one wrk run
+    per variant in turn. `meters` names the processes whose CPU each variant's runs measure."""
+    for url in urls.values():
+        run_wrk(url, script, connections, 1)
+    out: dict[str, list[WrkResult]] = {label: [] for label in urls}
+    for _ in range(rounds[0]):
+        for label, url in urls.items():
+            out[label].append(r := run_wrk(url, script, connections, rounds[1], meters.get(label), pg_dbs))
+            ms, busy = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms", 100 * r.cpu["machine_busy"]
+            cpu = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in r.cpu.items() if k.endswith("_cpu") and v >= 0.01)
+            log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cpu}; {busy:.0f}% busy")
+    return {label: wrk_json(results) for label, results in out.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--a-src", default="", help="source tree for A (empty: installed)")
     parser.add_argument("--b-src", default="", help="source tree for B (empty: installed)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rows", type=int, default=100_000, help="bulk rows in both models first")
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both creates")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both variants")
     parser.add_argument("--service", choices=("create", "fetch"), default="create")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.env)
-    stub = CoinbaseStub().start()
-    res = Resources.create()
-    system = System(system_env(res, stub.url), log_dir=make_log_dir())
-    procs = []
-    try:
-        start_procs(system, "price")
-        start_procs(system, "relay", "sync")
+    create = args.service == "create"
+    path, script = ("/buy_order", "create.lua") if create else ("/buy_orders?page_size=10", "get.lua")
+    srcs = {"A": args.a_src, "B": args.b_src}
+    with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
-        variants = {}
-        for label, src in (("A", args.a_src), ("B", args.b_src)):
-            env = {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""}
-            proc = spawn_service(system, args.service, f"{args.service}-{label}", env)
-            procs.append(proc)
-            variants[label] = proc
-        results: dict[str, list[tuple[float, float, float, float, float]]] = {"A": [], "B": []}
-        path, script = ("/buy_order", "create.lua")
-        if args.service == "fetch":
-            path, script = ("/buy_orders?page_size=10", "get.lua")
-        for proc in variants.values():  # warm-up
-            run_wrk(proc.url + path, script, connections=args.connections, duration_s=1)
-        for _ in range(args.rounds):
-            for label, proc in variants.items():
-                b0 = metric_sum(proc.url, "pydist_write_batch_orders")
-                s0 = pg_val(PG_ADMIN_URL, _SESSIONS, res.write_db)
-                with WaitSampler([res.write_db, res.read_db]) as waits:
-                    r = run_wrk(
-                        proc.url + path,
-                        script,
-                        connections=args.connections,
-                        duration_s=args.seconds,
-                        meter={"create": proc.popen.pid},
-                        pg_dbs=[res.write_db, res.read_db],
-                    )
-                b1 = metric_sum(proc.url, "pydist_write_batch_orders")
-                opened = (pg_val(PG_ADMIN_URL, _SESSIONS, res.write_db) - s0) / args.seconds
-                count, total = "pydist_write_batch_orders_count", "pydist_write_batch_orders_sum"
-                n = b1.get(count, 0) - b0.get(count, 0)
-                o = b1.get(total, 0) - b0.get(total, 0)
-                results[label].append(
-                    (r.rps, r.p99_ms, r.cpu["create_cpu"], r.cpu["postgres_cpu"], o / n if n else 0.0)
-                )
-                log(
-                    f"{label}: {r.rps:,.0f} req/s p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms, errors "
-                    f"{r.errors}; create {r.cpu['create_cpu']:.2f} core, postgres "
-                    f"{r.cpu['postgres_cpu']:.2f}, machine {100 * r.cpu['machine_busy']:.0f}%; "
-                    f"batch {o / n if n else 0:.1f}; {opened:.0f} connections opened/s"
-                )
-                log("   waits: " + "; ".join(f"{k} {v:.2f}" for k, v in waits.top(6)))
-        for label, rows in results.items():
-            med = [statistics.median(col) for col in zip(*rows, strict=True)]
-            log(
-                f"{label} median: {med[0]:,.0f} req/s, p99 {med[1]:.1f} ms, create {med[2]:.2f} core, "
-                f"postgres {med[3]:.2f} core, batch {med[4]:.1f}"
-            )
-        a = statistics.median(r[0] for r in results["A"])
-        b = statistics.median(r[0] for r in results["B"])
-        log(f"B / A = {b / a:.2f}")
-    finally:
-        for proc in procs:
-            proc.stop()
-        system.stop_all()
-        res.close()
-        stub.stop()
-        if args.keep_logs:
-            log(f"process logs kept in {system.log_dir}")
-        else:
-            shutil.rmtree(system.log_dir, ignore_errors=True)
+        envs = {
+            k: {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""} for k, src in srcs.items()
+        }
+        procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
+        urls = {k: p.url + path for k, p in procs.items()}
+        meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}
+        runs = ab_rounds(urls, script, args.connections, (args.rounds, args.seconds), meters, res.dbs)
+    for label, r in runs.items():
+        cores = r["cpu"][f"{args.service}_cpu"]["median"]
+        log(f"{label}: {r['rps']['median']:,.0f} req/s, p99 {r['p99_ms']['median']:.1f} ms, {cores:.2f} core")
+    log(f"B / A = {runs['B']['rps']['median'] / runs['A']['rps']['median']:.2f}")
 
 
 if __name__ == "__main__":

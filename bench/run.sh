@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # pydist benchmark: one command, against real Postgres + RabbitMQ + the real processes.
-#   ./bench/run.sh            full run (< 10 minutes), writes the table into docs/benchmarks.md
-#   ./bench/run.sh --smoke    ~1 minute check that it all runs (writes bench/out/smoke.md)
+#   ./bench/run.sh            full run (~12 minutes), writes the table into docs/benchmarks.md
+#   ./bench/run.sh --smoke    ~1-2 minute check that it all runs (writes bench/out/smoke.md)
 #   ./bench/run.sh --help     every option (e.g. --wait-load 1.0 to start on a quiet machine)
 # Needs: uv, wrk (installed with apt-get if missing), pgbench, Postgres on 127.0.0.1:5432 (trust,
 # user postgres) and RabbitMQ on 127.0.0.1:5672 with rabbitmqctl. It creates and drops its own
-# databases (pydist_bench_*) and vhost, and touches nothing else.
+# databases (pydist_t_bench*) and vhost, and touches nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
