@@ -155,13 +155,6 @@ def price(settings: Settings) -> PriceGraph:
     return PriceGraph(coinbase, cache)
 
 
-def relay_engine(write_url: str) -> AsyncEngine:
-    """The relay's write-model engine (bench/pipeline_cpu.py builds the relay with it too)."""
-    from pydist.adapters.db import make_engine
-
-    return make_engine(write_url, 4, "pydist-relay")
-
-
 @dataclass
 class RelayGraph:
     engine: AsyncEngine
@@ -187,7 +180,7 @@ def relay(settings: Settings) -> RelayGraph:
     from pydist.adapters.outbox import Outbox
 
     write_url = settings.write_database_url.get_secret_value()
-    engine = relay_engine(write_url)
+    engine = make_engine(write_url, 4, "pydist-relay")
     outbox = Outbox(engine, plain_url(write_url))
     if settings.broker_url is not None:
         from pydist.adapters.publisher import BrokerPublisher
@@ -202,7 +195,7 @@ def relay(settings: Settings) -> RelayGraph:
 
 
 def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[AsyncEngine, EnvelopeConsumer]:
-    """read_model_sync's engine and consumer, as the process runs them (and bench/pipeline_cpu.py).
+    """read_model_sync's engine and consumer, as the process runs them (and the integration tests).
 
     No pool pre-ping: it cost three round trips per batch (~10% of the process's CPU); a dead
     connection is renewed and retried by the projection store itself."""

@@ -20,6 +20,7 @@ FIGURES = (
     "read-model lag p50 / p99",
     "relay throughput",
     "peak RSS per process",
+    "create orders/s, tracing on",
 )
 
 

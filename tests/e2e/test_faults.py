@@ -35,6 +35,7 @@ from tests.support.faults import (
     OrderLoad,
     Profile,
     Topology,
+    all_poised,
     bad_answers,
     compare_models,
     count,
@@ -46,6 +47,7 @@ from tests.support.faults import (
     topology,
     wait_converged,
     wait_for,
+    wait_priced,
 )
 from tests.support.procs import Proc
 
@@ -74,19 +76,7 @@ async def ready(topo: Topology, stub: CoinbaseStub) -> AsyncIterator[Topology]:
     """Every link up, every process alive, empty models and cap, fresh prices."""
     topo.healthy()
     await settle_and_reset(topo)
-    async with httpx.AsyncClient(timeout=2) as client:
-
-        async def priced() -> bool:
-            for currency in ("USD", "EUR", "GBP"):
-                try:
-                    r = await client.get(f"{topo.system.url('price')}/prices/{currency}")
-                except httpx.HTTPError:
-                    return False
-                if r.status_code != 200:
-                    return False
-            return True
-
-        await wait_for(priced, timeout=10, what="btc_price serves every currency")
+    await wait_priced(topo.system.url("price"), timeout=10)
     stub.configure(reset_hits=True)
     yield topo
     dead = [p.name for p in topo.all_procs() if not p.alive()]
@@ -621,7 +611,7 @@ async def test_cap_storm_at_the_last_btc(ready: Topology, profile: Profile) -> N
     poised: list[int] = []
     tasks = [asyncio.create_task(client_task(c)) for c in range(clients)]
     # Every client holds its orders, waiting for `go`. Measured (8 clients): 0.22-0.30 s.
-    await _all_poised(poised, tasks, clients)
+    await all_poised(poised, tasks, clients)
     started = time.monotonic()
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
@@ -692,7 +682,7 @@ async def test_idempotency_storm_one_key_many_clients(ready: Topology, profile: 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     # Every client has its request ready, waiting for `go`. Measured (60 clients): 1.4-2.0 s,
     # about 30 ms a client (each builds its own httpx client).
-    await _all_poised(poised, tasks, n)
+    await all_poised(poised, tasks, n)
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     rows = await testdb.fetch(
@@ -729,19 +719,3 @@ async def test_idempotency_storm_one_key_many_clients(ready: Topology, profile: 
         if a.status == 422:
             assert a.body["type"] == "/problems/idempotency-key-reused"
     assert diff.clean(), diff.examples
-
-
-async def _all_poised(poised: list[int], tasks: list[asyncio.Task[None]], n: int) -> float:
-    """Wait until all `n` client tasks wait for the start signal; one that failed before getting
-    there fails the test with its own error. Getting ready takes up to ~35 ms a client on a busy
-    2-core machine; the bound is 0.15 s a client (10 s at least): 60 clients 10 s, 200 30 s."""
-
-    async def all_there() -> bool:
-        for task in tasks:
-            if task.done():
-                task.result()  # raises what the client task raised
-        return len(poised) == n
-
-    return await wait_for(
-        all_there, timeout=max(10.0, 0.15 * n), interval=0.005, what=f"{n} clients ready to start"
-    )

@@ -202,6 +202,17 @@ class Prometheus:
                 return found
         return None
 
+    async def firing(self, name: str, *, timeout: float, **labels: str) -> dict[str, Any]:
+        """Wait until alert `name` (with `labels`) is firing; returns it."""
+        _, alert = await poll(
+            lambda: self.alert(name, **labels),
+            lambda a: a is not None and a["state"] == "firing",
+            timeout=timeout,
+            what=f"{name} {labels or ''} firing",
+        )
+        assert alert is not None
+        return alert
+
     async def state(self, name: str, **labels: str) -> str | None:
         alert = await self.alert(name, **labels)
         return None if alert is None else str(alert["state"])
@@ -583,14 +594,8 @@ async def test_outbox_alert_fires_while_the_relay_is_stopped_and_resolves(
         stopped_at = time.monotonic()
         assert relay.stop() == 0
         try:
-            _, alert = await poll(
-                lambda: prom.alert(OUTBOX_ALERT),
-                lambda a: a is not None and a["state"] == "firing",
-                timeout=OUTBOX_FIRING_S,
-                what=f"{OUTBOX_ALERT} firing",
-            )
+            alert = await prom.firing(OUTBOX_ALERT, timeout=OUTBOX_FIRING_S)
             to_outbox_firing = time.monotonic() - stopped_at
-            assert alert is not None
             assert alert["labels"]["severity"] == "critical"
             assert alert["annotations"]["runbook"] == "README.md#pydistoutboxeventstuck"
             # The age comes from create_buy_order: the relay's target is down.
@@ -600,14 +605,8 @@ async def test_outbox_alert_fires_while_the_relay_is_stopped_and_resolves(
             backlog, age = await outbox_backlog(brokered)
             assert backlog > 0
             assert age > outbox.threshold_s + outbox.for_s, age
-            _, down = await poll(
-                lambda: prom.alert(PROCESS_DOWN, job="relay"),
-                lambda a: a is not None and a["state"] == "firing",
-                timeout=PROCESS_DOWN_FIRING_S,
-                what=f"{PROCESS_DOWN} firing for the relay",
-            )
+            down = await prom.firing(PROCESS_DOWN, timeout=PROCESS_DOWN_FIRING_S, job="relay")
             to_down_firing = time.monotonic() - stopped_at
-            assert down is not None
             assert down["annotations"]["runbook"] == "README.md#pydistprocessdown"
         finally:
             brokered.healthy()  # the relay again, on its port
@@ -683,14 +682,8 @@ async def test_outbox_alert_fires_while_the_relay_cannot_publish_and_resolves(
                 timeout=OUTBOX_FIRING_S,
                 what=f"{OUTBOX_ALERT} pending",
             )
-            _, alert = await poll(
-                lambda: prom.alert(OUTBOX_ALERT),
-                lambda a: a is not None and a["state"] == "firing",
-                timeout=OUTBOX_FIRING_S,
-                what=f"{OUTBOX_ALERT} firing",
-            )
+            alert = await prom.firing(OUTBOX_ALERT, timeout=OUTBOX_FIRING_S)
             to_firing = time.monotonic() - cut_at
-            assert alert is not None
             assert alert["labels"]["severity"] == "critical"
             assert alert["annotations"]["runbook"] == "README.md#pydistoutboxeventstuck"
             described = re.fullmatch(

@@ -39,15 +39,18 @@ from pydist.devtools.coinbase_stub import CoinbaseStub
 from tests.faults.conftest import Timings
 from tests.support import db as testdb
 from tests.support.faults import (
+    CLIENT_LIMITS,
     PROBLEM_JSON,
     Attempt,
     OrderLoad,
+    all_poised,
     bad_answers,
     compare_models,
     put_order,
     tally,
     wait_converged,
     wait_for,
+    wait_priced,
 )
 from tests.support.private_services import (
     MissingBinaryError,
@@ -56,10 +59,8 @@ from tests.support.private_services import (
 )
 from tests.support.private_services import wait_for as wait_for_sync
 from tests.support.real_stack import (
-    CLIENT_LIMITS,
     Books,
     RealStack,
-    SteadyLoad,
     books,
     no_answers,
     real_stack,
@@ -147,19 +148,7 @@ async def ready(stack: RealStack, stub: CoinbaseStub) -> AsyncIterator[RealStack
     await asyncio.to_thread(_heal, stack.cluster)
     await asyncio.to_thread(stack.healthy)
     await stack.settle_and_reset()
-    async with httpx.AsyncClient(timeout=2) as client:
-
-        async def priced() -> bool:
-            for currency in ("USD", "EUR", "GBP"):
-                try:
-                    r = await client.get(f"{stack.url('price')}/prices/{currency}")
-                except httpx.HTTPError:
-                    return False
-                if r.status_code != 200:
-                    return False
-            return True
-
-        await wait_for(priced, timeout=30, what="btc_price serves every currency")
+    await wait_priced(stack.url("price"), timeout=30)
     yield stack
     assert not stack.dead(), f"processes died during the test: {stack.dead()}\n{stack.logs()}"
 
@@ -319,7 +308,7 @@ async def test_quorum_leader_killed(
     }
     pids = stack.pids("relay", "sync")
 
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         await asyncio.sleep(WARM_S)
         load.phase = "fault"
         kill_wall = time.time()
@@ -397,7 +386,7 @@ async def test_whole_broker_restarted(
     themselves (same PIDs), nothing lost or duplicated."""
     stack, cluster = ready, cluster_all_up
     pids = stack.pids("relay", "sync")
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         await asyncio.sleep(WARM_S)
         load.phase = "stopping"
         _, stop_s = await timed(cluster.stop_all)
@@ -480,7 +469,7 @@ async def test_write_model_postgres_crash(ready: RealStack, emit: Callable[..., 
     create processes and the relay recover by themselves."""
     stack = ready
     pids = stack.pids()
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         await asyncio.sleep(WARM_S)
         load.phase = "crash"
         crash_at = load.now()
@@ -552,7 +541,7 @@ async def test_read_model_postgres_crash(ready: RealStack, emit: Callable[..., d
     stack = ready
     pids = stack.pids()
     stop = asyncio.Event()
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         fetches = Fetches(stack.url("fetch") + "/buy_orders?page_size=20", load, [])
         poller = asyncio.create_task(fetches.run(stop))
         await asyncio.sleep(WARM_S)
@@ -644,7 +633,7 @@ async def test_btc_price_killed_then_frozen(ready: RealStack, emit: Callable[...
                 i += 1
                 await asyncio.sleep(0.1)  # 10 replays/s: pacing
 
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         await asyncio.sleep(WARM_S)
         for fault in ("killed", "frozen"):
             originals = [a for a in load.attempts if a.status == 200 and a.phase != "replay"][-20:]
@@ -751,7 +740,7 @@ async def test_listing_walk_during_inserts(ready: RealStack, emit: Callable[...,
     stack = ready
     preload, page_size = 600, 10
     fetch = stack.url("fetch")
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         # A listing long enough for many pages: a burst of orders on top of the steady load.
         gate = asyncio.Semaphore(24)
 
@@ -859,8 +848,10 @@ async def test_races_across_four_create_processes(
                 )
             raced.append(Raced(key, currency, amt, stack.create_urls[(k + j) % len(stack.create_urls)]))
     go = asyncio.Event()
+    poised: list[Raced] = []
 
     async def fire(client: httpx.AsyncClient, r: Raced) -> None:
+        poised.append(r)
         await go.wait()
         try:
             resp = await client.put(
@@ -875,13 +866,13 @@ async def test_races_across_four_create_processes(
         with contextlib.suppress(ValueError):
             r.body = resp.json()
 
-    async with SteadyLoad(stack.create_urls, rate=RATE) as load:
+    async with OrderLoad(stack.create_urls, rate=RATE) as load:
         await asyncio.sleep(WARM_S)
         load.phase = "race"
         clients = [httpx.AsyncClient(timeout=30, limits=CLIENT_LIMITS) for _ in range(8)]
         try:
             tasks = [asyncio.create_task(fire(clients[i % 8], r)) for i, r in enumerate(raced)]
-            await asyncio.sleep(0.5)  # every task parked on the gate: they go at once
+            await all_poised(poised, tasks, len(raced))  # every task parked on the gate: they go at once
             t0 = time.monotonic()
             go.set()
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)

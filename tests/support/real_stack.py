@@ -32,12 +32,11 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import httpx
 
 from pydist.adapters.db import READ, WRITE, migrate
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE
 from tests.support import db as testdb
-from tests.support.faults import CURRENCIES, Attempt, OrderLoad, stop_together, wait_converged
+from tests.support.faults import Attempt, stop_together, wait_converged
 from tests.support.private_services import PrivatePostgres, RabbitCluster, free_port
 from tests.support.procs import COMMANDS, PORT_FIELDS, READY_PATHS, Proc, base_env, wait_ready
 from tests.support.services import Databases
@@ -250,70 +249,6 @@ def real_stack(
 # ------------------------------------------------------------------------------------ the load
 
 
-CLIENT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=2)
-"""The load clients' pool. Idle connections expire well before uvicorn's 5 s keep-alive timeout.
-As many may be kept alive as opened: httpcore 1.0.9 closes "surplus" idle connections (its count
-includes the busy ones) in a pass that can reach a connection another request was just given and
-has started using, and that request fails with ReadError(ClosedResourceError) whether or not the
-server processed it (encode/httpcore#1110). Seen twice here in the broker-restart test, under
-bursts of the load with max_keepalive_connections=50 (tests/support/faults.OrderLoad)."""
-
-
-class SteadyLoad(OrderLoad):
-    """tests/support/faults.OrderLoad with CLIENT_LIMITS, recording a request that got no HTTP
-    answer in full (the exception, its cause, when and where), not only its type."""
-
-    async def __aenter__(self) -> SteadyLoad:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=CLIENT_LIMITS)
-        self._t0 = time.monotonic()
-        self._ticker = asyncio.create_task(self._tick())
-        return self
-
-    async def send(
-        self,
-        i: int,
-        *,
-        key: uuid.UUID | None = None,
-        currency: str | None = None,
-        amount: str | None = None,
-        url: str | None = None,
-    ) -> Attempt:
-        assert self._client is not None, "use `async with SteadyLoad(...)`"
-        attempt = Attempt(
-            key=key or uuid.uuid4(),
-            currency=currency or CURRENCIES[i % len(CURRENCIES)],
-            amount=amount or self.amount(i),
-            phase=self.phase,
-            url=url or self.urls[i % len(self.urls)],
-            started=self.now(),
-        )
-        self.attempts.append(attempt)
-        await put_order_detailed(self._client, attempt)
-        return attempt
-
-
-async def put_order_detailed(client: httpx.AsyncClient, attempt: Attempt) -> None:
-    started = time.monotonic()
-    try:
-        response = await client.put(
-            attempt.url + "/buy_order",
-            json={
-                "currency": attempt.currency,
-                "amount": attempt.amount,
-                "idempotence_key": str(attempt.key),
-            },
-        )
-    except httpx.HTTPError as exc:
-        attempt.error = f"{type(exc).__name__}: {exc!r} (cause: {exc.__cause__!r})"
-    else:
-        attempt.status = response.status_code
-        attempt.content_type = response.headers.get("content-type", "")
-        attempt.replayed = response.headers.get("idempotent-replayed") == "true"
-        with contextlib.suppress(ValueError):
-            attempt.body = response.json()
-    attempt.elapsed = time.monotonic() - started
-
-
 def no_answers(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
     """Every request that got no HTTP answer: what, where, when (load time) and why."""
     return [
@@ -324,6 +259,7 @@ def no_answers(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
             "started": round(a.started, 3),
             "elapsed": round(a.elapsed, 3),
             "error": a.error,
+            "detail": a.detail,
         }
         for a in attempts
         if a.status is None
