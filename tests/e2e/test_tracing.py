@@ -85,14 +85,23 @@ async def test_one_order_is_one_trace_across_the_queue(traced: TracedStack) -> N
     order_id = response.json()["buy_order"]["id"]
 
     def complete() -> list[Span] | None:
+        """Every process's spans for the order are in: each process exports on its own schedule,
+        so the projection span can arrive before create's server span (seen after test_api)."""
         spans = traced.receiver.snapshot()
-        done = any(
-            s.service == "read_model_sync" and order_id in s.attributes.get("pydist.order_ids", [])
+        of_order = {
+            (s.service, s.kind)
             for s in spans
-        )
-        return spans if done else None
+            if s.attributes.get("pydist.order_id") == order_id
+            or order_id in s.attributes.get("pydist.order_ids", [])
+        }
+        wanted = {("create_buy_order", SERVER), ("relay", PRODUCER), ("read_model_sync", CONSUMER)}
+        if not wanted <= of_order:
+            return None
+        trace_ids = {s.trace_id for s in spans if s.service == "create_buy_order" and s.kind == SERVER}
+        in_trace = {(s.service, s.kind) for s in spans if s.trace_id in trace_ids}
+        return spans if {("create_buy_order", CLIENT), ("btc_price", SERVER)} <= in_trace else None
 
-    spans = wait_until(complete, timeout=EXPORT_WAIT_S, what="the projection span", interval=0.05)
+    spans = wait_until(complete, timeout=EXPORT_WAIT_S, what="every span of the order", interval=0.05)
     print(f"every span exported {time.monotonic() - started:.2f} s after the request was sent")
 
     create = _one(spans, "the create span", service="create_buy_order", kind=SERVER)
