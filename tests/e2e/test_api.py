@@ -247,7 +247,10 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     price_proc.pause()
     try:
         # Any upstream call already on the wire reaches the stub and is counted first.
-        wait_until(lambda: _stub_quiet(feed), timeout=5, what="no price call in flight to the stub")
+        try:
+            wait_until(lambda: not _stub_busy(feed), timeout=5, what="no price call in flight to the stub")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_stub_busy(feed)}") from None
         hits = Counter(feed.hits)
         replays = [
             put(embedded, order_body("USD", "123.45", key)),
@@ -284,18 +287,26 @@ def _no_call_for(feed: CoinbaseStub, currency: str, seconds: float) -> Callable[
     return quiet
 
 
-def _stub_quiet(feed: CoinbaseStub) -> bool:
-    """No request bytes queued on the stub's connections and no stub thread handling one."""
+def _stub_busy(feed: CoinbaseStub) -> list[str]:
+    """What keeps a price call in flight: request bytes on their way to the stub (unsent by a
+    client, or unread by the stub), or a stub thread handling one. An answer the client has not
+    read yet does not count: the stub counted that call already, and a frozen btc_price never
+    reads it (with it counted, a call in flight at the SIGSTOP kept the wait failing for the
+    whole freeze). Empty: quiet."""
     port = httpx.URL(feed.url).port
     assert port is not None
-    if any(tx or rx for _, _, tx, rx in tcp_queues(port)):
-        return False
-    busy = {"parse_request", "do_GET", "_send"}
-    return not any(
-        frame.f_code.co_name in busy
+    busy = [
+        f"socket {local}->{remote}: {unread if local == port else unacked} bytes"
+        for local, remote, unacked, unread in tcp_queues(port)
+        if (unread if local == port else unacked)  # the stub's side: unread; a client's: unsent
+    ]
+    handling = {"parse_request", "do_GET", "_send"}
+    return busy + [
+        f"thread in {frame.f_code.co_name}"
         for top in sys._current_frames().values()
         for frame, _ in traceback.walk_stack(top)
-    )
+        if frame.f_code.co_name in handling
+    ]
 
 
 # ------------------------------------------------------------------------------ the cap
