@@ -128,11 +128,18 @@ def _pipeline_rows(r: dict[str, Any]) -> list[Row]:
         figure = f"create latency at a constant {_n(run['rate'])} orders/s ({run['share']:.0%} of the max "
         figure += f"create rate), open loop, pipeline running, {run['seconds']:.0f} s"
         value = f"p50 {_n(run['p50_ms'], 1)} / p99 {_n(run['p99_ms'], 1)} / max {_n(run['max_ms'])} ms; "
-        value += f"{run['errors']} errors; generator {_n(run['client_cpu'], 2)} core, "
+        value += f"{_errors(run)}; generator {_n(run['client_cpu'], 2)} core, "
         value += f"fired late p99 {_n(run['late_p99_ms'], 1)} ms"
         verdict = _verdict(run["p99_ms"], 50) if half else "-"
         rows.append(_plain(figure, value, "p99 < 50 ms" if half else "(reported)", verdict))
     return rows
+
+
+def _errors(run: dict[str, Any]) -> str:
+    """'0 errors', or '3 errors (ConnectionResetError 2, 503 1)'."""
+    kinds = run.get("error_kinds") or {}
+    detail = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return f"{run['errors']} errors" + (f" ({detail})" if detail else "")
 
 
 def _read_rows(r: dict[str, Any]) -> list[Row]:

@@ -221,7 +221,8 @@ class Bench:
                 [sys.executable, "-m", "bench.open_loop", *args], cwd=ROOT, capture_output=True, check=True
             )
         r: dict[str, Any] = {**json.loads(done.stdout), "share": share}
-        ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms; {r['errors']} errors"
+        ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
+        ms += f"; {r['errors']} errors {r['error_kinds']}"
         log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
         return r
 
