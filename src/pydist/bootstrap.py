@@ -1,4 +1,4 @@
-"""The one place each process's object graph is built from Settings: engines, stores, clients,
+"""The one place each process's object graph is built from Settings: databases, stores, clients,
 use cases, relay, consumer, publisher.
 
 The app factories, the CLI's admin commands, the benchmark and the integration tests all take
@@ -8,7 +8,7 @@ argument: only the outermost entries (a factory called bare by uvicorn, the CLI)
 environment.
 
 Builders import their adapters themselves, so a process loads only what it runs (btc_price needs
-neither SQLAlchemy nor asyncpg: ~20 MB of RSS). Building opens nothing (connections are made on
+no asyncpg: ~20 MB of RSS). Building opens nothing (connections are made on
 first use), so a graph is built with its backing services down, as every process starts, and
 released with `aclose()`.
 """
@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pydist.config import Settings, plain_url
+from pydist.config import Settings
 from pydist.domain.order import OrderRequest
 from pydist.service.create_order import CreateBuyOrder, Outcome
 from pydist.service.price_cache import PriceCache
@@ -29,10 +29,9 @@ from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from pydist.adapters.coinbase import CoinbaseSpot
     from pydist.adapters.consumer import EnvelopeConsumer
+    from pydist.adapters.db import Database
     from pydist.adapters.listing import Page
     from pydist.adapters.order_tables import OrderTable, ReadModelTable
     from pydist.adapters.order_writer import BatchingOrderWriter
@@ -54,11 +53,11 @@ class Pages(Protocol):
     async def ping(self) -> None: ...
 
 
-def projector(read_engine: AsyncEngine) -> Projector:
+def projector(read_db: Database) -> Projector:
     """The projector on the read model: read_model_sync's, the embedded relay's, `dlq replay`'s."""
     from pydist.adapters.projection import ProjectionStore
 
-    return Projector(ProjectionStore(read_engine))
+    return Projector(ProjectionStore(read_db))
 
 
 @dataclass
@@ -72,19 +71,19 @@ class CreateGraph:
         """Finish the orders already queued, then close the price client and the pool."""
         await self.writer.stop()
         await self.prices.aclose()
-        await self.store.engine.dispose()
+        await self.store.db.close()
 
 
 def create(settings: Settings, *, create_order: CreateOrder | None = None) -> CreateGraph:
     """create_buy_order: the write store, the batching writer, the client of btc_price, and the
     use case over them."""
-    from pydist.adapters.db import make_engine
+    from pydist.adapters.db import Database
     from pydist.adapters.order_writer import BatchingOrderWriter
     from pydist.adapters.price_client import PriceServiceClient
     from pydist.adapters.write_store import WriteStore
 
     url = settings.write_database_url.get_secret_value()
-    store = WriteStore(make_engine(url, settings.db_pool_size, "pydist-create"))
+    store = WriteStore(Database(url, settings.db_pool_size, "pydist-create"))
     writer = BatchingOrderWriter(store, max_batch=settings.max_batch)
     prices = PriceServiceClient(
         settings.price_service_url,
@@ -94,35 +93,26 @@ def create(settings: Settings, *, create_order: CreateOrder | None = None) -> Cr
     return CreateGraph(store, writer, prices, create_order or CreateBuyOrder(store, prices, writer))
 
 
-def fetch_engine(read_url: str, pool_size: int) -> AsyncEngine:
+def fetch_db(read_url: str, pool_size: int) -> Database:
     """The read model's pool as the fetch process uses it."""
-    from pydist.adapters.db import make_engine
+    from pydist.adapters.db import Database
 
-    return make_engine(
-        read_url,
-        pool_size,
-        "pydist-fetch",
-        pre_ping=False,
-        # No overflow: at high concurrency requests wait a moment for one of the pool's warm
-        # connections instead of opening (a backend fork) and closing one each (measured).
-        max_overflow=0,
-        # The page statements are prepared once per connection, but Postgres' default `auto` mode
-        # kept re-planning them on every call (custom plans: 0 generic / 2,020 custom in 2,020
-        # calls), which cost the deep page ~0.25 ms more than the first. The generic plans are
-        # the same index-only scans (tests/integration/test_keyset.py); measured in
-        # docs/benchmarks.md: deep page 445-523 -> 221-233 us per call.
-        server_settings={"plan_cache_mode": "force_generic_plan"},
-    )
+    # The page statements are prepared once per connection, but Postgres' default `auto` mode
+    # kept re-planning them on every call (custom plans: 0 generic / 2,020 custom in 2,020 calls),
+    # which cost the deep page ~0.25 ms more than the first. The generic plans are the same
+    # index-only scans (tests/integration/test_keyset.py); measured in docs/benchmarks.md: deep
+    # page 445-523 -> 221-233 us per call.
+    return Database(read_url, pool_size, "pydist-fetch", settings={"plan_cache_mode": "force_generic_plan"})
 
 
 @dataclass
 class FetchGraph:
     pages: Pages
-    engine: AsyncEngine | None = None
+    db: Database | None = None
 
     async def aclose(self) -> None:
-        if self.engine is not None:
-            await self.engine.dispose()
+        if self.db is not None:
+            await self.db.close()
 
 
 def fetch(settings: Settings, *, pages: Pages | None = None) -> FetchGraph:
@@ -131,8 +121,8 @@ def fetch(settings: Settings, *, pages: Pages | None = None) -> FetchGraph:
         return FetchGraph(pages)
     from pydist.adapters.listing import ListingStore
 
-    engine = fetch_engine(settings.read_database_url.get_secret_value(), settings.db_pool_size)
-    return FetchGraph(ListingStore(engine), engine)
+    db = fetch_db(settings.read_database_url.get_secret_value(), settings.db_pool_size)
+    return FetchGraph(ListingStore(db), db)
 
 
 @dataclass
@@ -157,58 +147,53 @@ def price(settings: Settings) -> PriceGraph:
 
 @dataclass
 class RelayGraph:
-    engine: AsyncEngine
+    db: Database
     outbox: Outbox
     relay: Relay
     publisher: BrokerPublisher | None = None
     """Broker mode: where the relay publishes."""
-    read_engine: AsyncEngine | None = None
+    read_db: Database | None = None
     """Embedded mode (no BROKER_URL): the read model the relay projects into directly."""
 
     async def aclose(self) -> None:
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 await self.publisher.close()
-        await self.engine.dispose()
-        if self.read_engine is not None:
-            await self.read_engine.dispose()
+        await self.db.close()
+        if self.read_db is not None:
+            await self.read_db.close()
 
 
 def relay(settings: Settings) -> RelayGraph:
     """The relay: outbox → broker, or with no BROKER_URL outbox → projector → read model."""
-    from pydist.adapters.db import make_engine
+    from pydist.adapters.db import Database
     from pydist.adapters.outbox import Outbox
 
-    write_url = settings.write_database_url.get_secret_value()
-    engine = make_engine(write_url, 4, "pydist-relay")
-    outbox = Outbox(engine, plain_url(write_url))
+    db = Database(settings.write_database_url.get_secret_value(), 4, "pydist-relay")
+    outbox = Outbox(db)
     if settings.broker_url is not None:
         from pydist.adapters.publisher import BrokerPublisher
 
         publisher = BrokerPublisher(settings.broker_url.get_secret_value())
-        return RelayGraph(engine, outbox, Relay(outbox, publisher, batch=settings.relay_batch), publisher)
-    read_engine = make_engine(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
-    sink = projector(read_engine)
-    return RelayGraph(
-        engine, outbox, Relay(outbox, sink, batch=settings.relay_batch), read_engine=read_engine
-    )
+        return RelayGraph(db, outbox, Relay(outbox, publisher, batch=settings.relay_batch), publisher)
+    read_db = Database(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
+    relay = Relay(outbox, projector(read_db), batch=settings.relay_batch)
+    return RelayGraph(db, outbox, relay, read_db=read_db)
 
 
-def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[AsyncEngine, EnvelopeConsumer]:
-    """read_model_sync's engine and consumer, as the process runs them (and the integration tests).
-
-    No pool pre-ping: it cost three round trips per batch (~10% of the process's CPU); a dead
-    connection is renewed and retried by the projection store itself."""
+def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[Database, EnvelopeConsumer]:
+    """read_model_sync's database and consumer, as the process runs them (and the integration
+    tests)."""
     from pydist.adapters.consumer import EnvelopeConsumer
-    from pydist.adapters.db import make_engine
+    from pydist.adapters.db import Database
 
-    engine = make_engine(read_url, 4, "pydist-sync", pre_ping=False)
-    return engine, EnvelopeConsumer(broker_url, projector(engine).publish, prefetch=prefetch)
+    db = Database(read_url, 4, "pydist-sync")
+    return db, EnvelopeConsumer(broker_url, projector(db).publish, prefetch=prefetch)
 
 
 @dataclass
 class SyncGraph:
-    engine: AsyncEngine
+    db: Database
     consumer: EnvelopeConsumer
     dlq_link: BrokerLink
     """A link of its own for measuring the DLQ's depth."""
@@ -217,7 +202,7 @@ class SyncGraph:
         for link in (self.consumer, self.dlq_link):
             with contextlib.suppress(Exception):
                 await link.close()
-        await self.engine.dispose()
+        await self.db.close()
 
 
 def sync(settings: Settings) -> SyncGraph:
@@ -227,10 +212,10 @@ def sync(settings: Settings) -> SyncGraph:
     if settings.broker_url is None:
         raise SystemExit("read_model_sync needs BROKER_URL (without it the relay projects directly)")
     broker_url = settings.broker_url.get_secret_value()
-    engine, consumer = build_sync(
+    db, consumer = build_sync(
         settings.read_database_url.get_secret_value(), broker_url, prefetch=settings.sync_prefetch
     )
-    return SyncGraph(engine, consumer, BrokerLink(broker_url, publisher_confirms=False))
+    return SyncGraph(db, consumer, BrokerLink(broker_url, publisher_confirms=False))
 
 
 @dataclass
@@ -242,15 +227,15 @@ class AdminGraph:
     read_model: ReadModelTable
 
     async def aclose(self) -> None:
-        await self.orders.engine.dispose()
-        await self.read_model.engine.dispose()
+        await self.orders.db.close()
+        await self.read_model.db.close()
 
 
 def admin(settings: Settings) -> AdminGraph:
-    from pydist.adapters.db import make_engine
+    from pydist.adapters.db import Database
     from pydist.adapters.order_tables import OrderTable, ReadModelTable
 
     return AdminGraph(
-        OrderTable(make_engine(settings.write_database_url.get_secret_value(), 2, "pydist-admin")),
-        ReadModelTable(make_engine(settings.read_database_url.get_secret_value(), 2, "pydist-admin")),
+        OrderTable(Database(settings.write_database_url.get_secret_value(), 2, "pydist-admin")),
+        ReadModelTable(Database(settings.read_database_url.get_secret_value(), 2, "pydist-admin")),
     )

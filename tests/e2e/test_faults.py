@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pydist.adapters.db import make_engine
+from pydist.adapters.db import Database
 from pydist.adapters.listing import ListingStore as ReadStore
 from pydist.devtools.coinbase_stub import CoinbaseStub
 from pydist.service.errors import StoreUnavailableError
@@ -471,20 +471,17 @@ async def test_write_db_partition_without_resets(ready: Topology, profile: Profi
 
 async def test_exhausted_pool_is_unavailable_not_a_crash(topo: Topology) -> None:
     """Every pooled connection busy past the pool timeout: the store says 'unavailable' (503),
-    it does not raise SQLAlchemy's own TimeoutError (which the edge would turn into a 500)."""
-    engine = make_engine(topo.dbs.read_url, 1, "pydist-fault-pool", pool_timeout_s=0.5)
-    store = ReadStore(engine)
-    held = [await engine.connect() for _ in range(2)]  # pool_size 1 + max_overflow 1
-    try:
+    it does not raise the pool's own TimeoutError (which the edge would turn into a 500)."""
+    db = Database(topo.dbs.read_url, 1, "pydist-fault-pool", acquire_timeout_s=0.5)
+    store = ReadStore(db)
+    async with contextlib.AsyncExitStack() as held:
+        await held.enter_async_context(db.connection())  # the pool's only connection
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             await store.page(10, None)
         waited = time.monotonic() - started
-    finally:
-        for conn in held:
-            await conn.close()
     page = await store.page(10, None)  # and it serves again once a connection is free
-    await engine.dispose()
+    await db.close()
     report("pool_exhausted", SHORT, {"waited_s": round(waited, 2), "rows_after": len(page.public_rows)})
     assert waited < 5
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from pydist import bootstrap
-from pydist.adapters.db import make_engine
+from pydist.adapters.db import Database
 from pydist.adapters.listing import ListingStore
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.projection import ProjectionStore
@@ -40,9 +40,9 @@ async def stores(clean: Databases) -> AsyncIterator[Stores]:
     create = bootstrap.create(settings)
     fetch = bootstrap.fetch(settings)
     assert isinstance(fetch.pages, ListingStore)
-    read_engine = make_engine(clean.read_url, 5, "pydist-test")
+    read_db = Database(clean.read_url, 5, "pydist-test")
     create.writer.start()
-    yield Stores(create.store, ProjectionStore(read_engine), create.writer, fetch.pages)
+    yield Stores(create.store, ProjectionStore(read_db), create.writer, fetch.pages)
     await create.aclose()
     await fetch.aclose()
-    await read_engine.dispose()
+    await read_db.close()

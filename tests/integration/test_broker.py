@@ -73,7 +73,7 @@ async def test_broker_link_cut_mid_stream_loses_and_duplicates_nothing(
         handler = CountingHandler(Projector(stores.read).publish)
         consumer = EnvelopeConsumer(url, handler, prefetch=100)
         relay = Relay(
-            Outbox(stores.write.engine, clean.write_url),
+            Outbox(stores.write.db),
             publisher,
             batch=50,
             idle_poll_s=0.1,
@@ -128,7 +128,7 @@ async def test_broker_link_cut_mid_stream_loses_and_duplicates_nothing(
     )
     assert during_down > 0, "orders must be accepted while the broker is unreachable"
     assert rabbit_proxy.connections >= connections_before + 2  # relay and consumer reconnected
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report  # 0 lost, 0 different, 0 extra
     assert report.write_count == report.read_count == total  # 0 duplicated
 
@@ -178,7 +178,7 @@ async def test_consumer_reconnects_after_its_connection_is_reset(
             await publisher.close()
         assert await probe.depth(QUEUE) == 0
     assert rabbit_proxy.connections >= 3
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
 
 
@@ -259,7 +259,7 @@ async def test_poison_messages_go_to_the_dlq_whole_and_consumption_continues(
     lettered = [e for e in logs if e["event"] == "event_dead_lettered"]
     assert len(lettered) == len(POISON)
     assert all(e["log_level"] == "error" for e in lettered)
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert await count(clean.read_url) == 6
 
@@ -284,7 +284,7 @@ async def test_invalid_events_inside_an_envelope_are_dead_lettered_alone(
     items: list[object] = list(good)
     for index in sorted(bad):
         items.insert(index, bad[index])
-    engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
+    db, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
     async with broker_probe(amqp_url) as probe:
         try:
             async with background() as bg:
@@ -294,7 +294,7 @@ async def test_invalid_events_inside_an_envelope_are_dead_lettered_alone(
                 await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=10, what="acked")
         finally:
             await consumer.close()
-            await engine.dispose()
+            await db.close()
         dead = await probe.get_all(DEAD_LETTER_QUEUE, 4, timeout=2)
     assert await count(clean.read_url) == 8
     assert sorted(orjson.loads(m.body)["event_id"] for m in dead) == sorted(
@@ -365,7 +365,7 @@ async def test_v1_messages_and_envelopes_mixed_project_each_order_once(
             await consumer.close()
             await publisher.close()
         assert await probe.depth(DEAD_LETTER_QUEUE) == 0
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert report.read_count == 40
 
@@ -401,7 +401,7 @@ async def test_dlq_replay_projects_once_the_cause_is_fixed(stores: Stores, clean
     await testdb.fetch(
         clean.read_url, "ALTER TABLE buy_orders ADD CONSTRAINT no_gbp CHECK (currency <> 'GBP')"
     )
-    engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
+    db, consumer = build_sync(clean.read_url, amqp_url, prefetch=4)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url, max_events=8)
         try:
@@ -425,11 +425,11 @@ async def test_dlq_replay_projects_once_the_cause_is_fixed(stores: Stores, clean
         finally:
             await consumer.close()
             await publisher.close()
-            await engine.dispose()
+            await db.close()
         assert await probe.depth(DEAD_LETTER_QUEUE) == 0
     assert (first.replayed_messages, first.replayed_events, first.kept) == (gbp, gbp, [])
     assert (again.replayed_messages, again.kept) == (0, [])
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert report.read_count == 30
 
@@ -477,7 +477,7 @@ async def test_classic_queues_move_to_quorum_with_nothing_lost(
     finally:
         await connection.close()
         _delete_vhost(vhost_url)
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert report.read_count == 20
 
@@ -527,7 +527,7 @@ async def test_unroutable_publish_is_not_confirmed_as_sent(stores: Stores, clean
     await create_orders(stores, 3)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=10)
+        relay = Relay(Outbox(stores.write.db), publisher, batch=10)
         try:
             await publisher.start()
             await probe.channel.queue_delete(QUEUE)

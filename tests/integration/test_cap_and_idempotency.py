@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from pydist.adapters.db import make_engine
+from pydist.adapters.db import Database
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
@@ -118,11 +118,11 @@ async def test_cap_storm_from_several_connections_never_exceeds_100(clean: Datab
     await testdb.reset_cap_only(clean.write_url, Decimal("98.5"))
     prices = FixedPrice("1000.00")
     order_btc = Decimal("0.03")  # 30.00 fiat at 1000 → 0.03 BTC; 1.5 BTC left → room for 50
-    engines = [make_engine(clean.write_url, 10, f"storm-{i}") for i in range(4)]
-    writers = [BatchingOrderWriter(WriteStore(e), max_batch=8) for e in engines]
+    dbs = [Database(clean.write_url, 10, f"storm-{i}") for i in range(4)]
+    writers = [BatchingOrderWriter(WriteStore(d), max_batch=8) for d in dbs]
     for w in writers:
         w.start()
-    use_cases = [CreateBuyOrder(WriteStore(e), prices, w) for e, w in zip(engines, writers, strict=True)]
+    use_cases = [CreateBuyOrder(WriteStore(d), prices, w) for d, w in zip(dbs, writers, strict=True)]
 
     async def one(i: int) -> str:
         try:
@@ -136,8 +136,8 @@ async def test_cap_storm_from_several_connections_never_exceeds_100(clean: Datab
     finally:
         for w in writers:
             await w.stop()
-        for e in engines:
-            await e.dispose()
+        for d in dbs:
+            await d.close()
     accepted = results.count("ok")
     total = await testdb.order_sum(clean.write_url)
     used = await testdb.cap_used(clean.write_url)

@@ -18,7 +18,6 @@ import pytest
 
 from pydist import bootstrap
 from pydist.adapters import listing
-from pydist.adapters.db import raw_connection
 from pydist.adapters.listing import ListingStore
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
@@ -185,21 +184,21 @@ async def test_fetch_pool_reuses_generic_plans_for_pages(clean: Databases):
     """The fetch process's connections plan each page statement once (generic plans), where
     Postgres' default kept re-planning them on every call."""
     await insert_rows(clean.read_url, [T0 + timedelta(seconds=i) for i in range(30)])
-    engine = bootstrap.fetch_engine(clean.read_url, 1)  # one connection: the statements stay on it
+    db = bootstrap.fetch_db(clean.read_url, 1)  # one connection: the statements stay on it
     try:
-        store = ListingStore(engine)
+        store = ListingStore(db)
         first = await store.page(10, None)
         for _ in range(12):
             await store.page(10, None)
             await store.page(10, page_ids(first)[-1])
-        async with raw_connection(engine) as conn:
+        async with db.connection() as conn:
             assert await conn.fetch("SHOW plan_cache_mode") == [("force_generic_plan",)]
             plans = await conn.fetch(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = ANY($1)",
                 [listing._FIRST_PAGE, listing._NEXT_PAGE],
             )
     finally:
-        await engine.dispose()
+        await db.close()
     assert len(plans) == 2
     assert all(r["custom_plans"] == 0 and r["generic_plans"] >= 12 for r in plans), plans
 

@@ -28,7 +28,7 @@ from tests.support.services import Databases
 
 
 async def project_all(stores: Stores, clean: Databases) -> None:
-    relay = Relay(Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=500)
+    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=500)
     while await relay.relay_once():
         pass
     assert await backlog(clean.write_url) == 0
@@ -54,7 +54,7 @@ async def test_check_reports_missing_different_and_extra_exactly(
 ):
     orders = await create_orders(stores, 40)
     await project_all(stores, clean)
-    assert (await read_model_admin.check(stores.write.engine, stores.read.engine, chunk=chunk)).clean
+    assert (await read_model_admin.check(stores.write.db, stores.read.db, chunk=chunk)).clean
 
     by_age = sorted(orders, key=lambda o: (o.created_at, o.id))
     missing, amount, rate, when = by_age[3].id, by_age[10].id, by_age[20].id, by_age[30].id
@@ -72,19 +72,19 @@ async def test_check_reports_missing_different_and_extra_exactly(
     old_extra = await insert_extra(clean.read_url, by_age[0].created_at - timedelta(days=1))
     new_extra = await insert_extra(clean.read_url, datetime.now(UTC) + timedelta(days=1))
 
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine, chunk=chunk)
+    report = await read_model_admin.check(stores.write.db, stores.read.db, chunk=chunk)
     assert report.missing == [missing]
     assert sorted(report.different) == sorted([amount, rate, when])
     assert sorted(report.extra) == sorted([old_extra, new_extra])
     assert (report.write_count, report.read_count) == (40, 41)
     assert not report.clean
 
-    walked = await read_model_admin.rebuild(stores.write.engine, stores.read.engine, chunk=chunk)
+    walked = await read_model_admin.rebuild(stores.write.db, stores.read.db, chunk=chunk)
     assert walked == 40
-    after = await read_model_admin.check(stores.write.engine, stores.read.engine, chunk=chunk)
+    after = await read_model_admin.check(stores.write.db, stores.read.db, chunk=chunk)
     assert after.clean, after
     assert (after.write_count, after.read_count) == (40, 40)
-    projected = await read_model_admin.all_orders(stores.read.engine)
+    projected = await read_model_admin.all_orders(stores.read.db)
     assert projected == {o.id: o for o in orders}
     assert {o.id: o.to_public() for o in projected.values()} == {o.id: o.to_public() for o in orders}
 
@@ -93,7 +93,7 @@ async def test_rebuild_of_a_clean_model_changes_nothing(stores: Stores, clean: D
     await create_orders(stores, 25)
     await project_all(stores, clean)
     before = await read_snapshot(clean.read_url)
-    assert await read_model_admin.rebuild(stores.write.engine, stores.read.engine, chunk=4) == 25
+    assert await read_model_admin.rebuild(stores.write.db, stores.read.db, chunk=4) == 25
     assert await read_snapshot(clean.read_url) == before  # projected_at, event_id untouched
 
 
@@ -102,11 +102,11 @@ async def test_rebuild_from_an_empty_read_model(stores: Stores, clean: Databases
     await project_all(stores, clean)
     before = await read_snapshot(clean.read_url)
     await testdb.fetch(clean.read_url, "TRUNCATE buy_orders")
-    assert not (await read_model_admin.check(stores.write.engine, stores.read.engine)).clean
-    assert await read_model_admin.rebuild(stores.write.engine, stores.read.engine, chunk=5) == 12
+    assert not (await read_model_admin.check(stores.write.db, stores.read.db)).clean
+    assert await read_model_admin.rebuild(stores.write.db, stores.read.db, chunk=5) == 12
     after = await read_snapshot(clean.read_url)
     assert [r[:7] for r in after] == [r[:7] for r in before]  # every column but event_id, projected_at
-    assert (await read_model_admin.check(stores.write.engine, stores.read.engine)).clean
+    assert (await read_model_admin.check(stores.write.db, stores.read.db)).clean
 
 
 async def test_rebuild_while_orders_are_created_and_projected_deletes_nothing_new(
@@ -118,9 +118,7 @@ async def test_rebuild_while_orders_are_created_and_projected_deletes_nothing_ne
     await create_orders(stores, 300)
     await project_all(stores, clean)
     extra = await insert_extra(clean.read_url, datetime.now(UTC) - timedelta(days=3))
-    relay = Relay(
-        Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=20, idle_poll_s=0.05
-    )
+    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=20, idle_poll_s=0.05)
 
     async def creating(stop: asyncio.Event) -> None:
         i = 300
@@ -134,13 +132,13 @@ async def test_rebuild_while_orders_are_created_and_projected_deletes_nothing_ne
         async with background() as load:
             load.start(creating, "orders")
             for _ in range(3):
-                await read_model_admin.rebuild(stores.write.engine, stores.read.engine, chunk=25)
+                await read_model_admin.rebuild(stores.write.db, stores.read.db, chunk=25)
                 load.check()
                 bg.check()
         total = await count(clean.write_url)
         assert total > 300
         await wait_until(lambda: _settled(clean, total), timeout=30, what="read model settled", bg=bg)
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert report.read_count == report.write_count == total
     rows = await testdb.fetch(clean.read_url, "SELECT count(*) AS n FROM buy_orders WHERE id = $1", extra)

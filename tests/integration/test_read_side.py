@@ -10,11 +10,9 @@ from decimal import Decimal
 import orjson
 import pytest
 import structlog
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist.adapters.consumer import EnvelopeConsumer
-from pydist.adapters.db import make_engine
+from pydist.adapters.db import Database
 from pydist.adapters.messages import envelope_id
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.projection import ProjectionStore
@@ -45,7 +43,7 @@ from tests.support.services import Databases
 
 
 async def assert_models_agree(stores: Stores, expected: int) -> None:
-    report = await read_model_admin.check(stores.write.engine, stores.read.engine)
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
     assert report.clean, report
     assert (report.write_count, report.read_count) == (expected, expected)
 
@@ -54,13 +52,13 @@ async def test_embedded_relay_projects_every_order_identically(stores: Stores, c
     """No broker: relay → projector → read model. Each read row equals the order the create path
     returned, field for field, and in the wire form the listing serves."""
     orders = await create_orders(stores, 60)
-    relay = Relay(Outbox(stores.write.engine, clean.write_url), Projector(stores.read), batch=25)
+    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=25)
     async with background() as bg:
         bg.start(relay.run, "relay")
         await wait_until(lambda: _has(clean.read_url, 60), timeout=30, what="60 read rows", bg=bg)
         # rows are marked after the sink returns: projected first, marked a moment later
         await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="empty backlog", bg=bg)
-    projected = await all_orders(stores.read.engine)
+    projected = await all_orders(stores.read.db)
     assert projected == {o.id: o for o in orders}
     assert {k: v.to_public() for k, v in projected.items()} == {o.id: o.to_public() for o in orders}
     assert await backlog(clean.write_url) == 0
@@ -72,7 +70,7 @@ async def test_broker_mode_500_orders_all_arrive(stores: Stores, clean: Database
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
         consumer = EnvelopeConsumer(amqp_url, Projector(stores.read).publish, prefetch=200)
-        relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=100, idle_poll_s=0.2)
+        relay = Relay(Outbox(stores.write.db), publisher, batch=100, idle_poll_s=0.2)
         await consumer.start()
         try:
             async with background() as bg:
@@ -134,7 +132,7 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
         publisher = BrokerPublisher(amqp_url)
         handler = CountingHandler(Projector(stores.read).publish)
         consumer = EnvelopeConsumer(amqp_url, handler, prefetch=50)
-        relay = Relay(Outbox(stores.write.engine, clean.write_url), publisher, batch=10, idle_poll_s=0.1)
+        relay = Relay(Outbox(stores.write.db), publisher, batch=10, idle_poll_s=0.1)
         await consumer.start()
         try:
             async with background() as bg:
@@ -173,14 +171,14 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
 
 
 async def test_two_relays_share_the_outbox_without_double_publishing(stores: Stores, clean: Databases):
-    """Two relays (own engines, like two processes) on one outbox while orders keep coming:
+    """Two relays (own pools, like two processes) on one outbox while orders keep coming:
     the claimed sets are disjoint (SKIP LOCKED), every row is published once, each order is
     in the read model once."""
     await create_orders(stores, 150)
-    engines = [make_engine(clean.write_url, 4, f"relay-{i}") for i in range(2)]
-    read_engines = [make_engine(clean.read_url, 4, f"projector-{i}") for i in range(2)]
-    sinks = [RecordingSink(Projector(ProjectionStore(e))) for e in read_engines]
-    outboxes = [Outbox(e, clean.write_url) for e in engines]
+    dbs = [Database(clean.write_url, 4, f"relay-{i}") for i in range(2)]
+    read_dbs = [Database(clean.read_url, 4, f"projector-{i}") for i in range(2)]
+    sinks = [RecordingSink(Projector(ProjectionStore(d))) for d in read_dbs]
+    outboxes = [Outbox(d) for d in dbs]
     relays = [Relay(o, s, batch=7, idle_poll_s=0.2) for o, s in zip(outboxes, sinks, strict=True)]
     try:
         async with background() as bg:
@@ -191,8 +189,8 @@ async def test_two_relays_share_the_outbox_without_double_publishing(stores: Sto
             await wait_until(lambda: _has(clean.read_url, 400), timeout=60, what="400 rows", bg=bg)
             await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="empty backlog")
     finally:
-        for e in (*engines, *read_engines):
-            await e.dispose()
+        for d in (*dbs, *read_dbs):
+            await d.close()
     a, b = (set(s.event_ids) for s in sinks)
     all_events = {e.event_id for e in await outbox_events(clean.write_url)}
     assert len(sinks[0].event_ids) == len(a)  # no relay published a row twice …
@@ -209,7 +207,7 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
     """With a 30 s idle poll, an order still reaches the read model at once: the NOTIFY sent by
     place_orders() wakes the relay (< 5 s is a correctness bound, not a timing target)."""
     wakes = 0
-    passes = CountingClaims(Outbox(stores.write.engine, clean.write_url))
+    passes = CountingClaims(Outbox(stores.write.db))
     relay = Relay(passes, Projector(stores.read), batch=10, idle_poll_s=30)
 
     def on_notify() -> None:
@@ -217,7 +215,7 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
         wakes += 1
         relay.wake.set()
 
-    outbox = Outbox(stores.write.engine, clean.write_url)
+    outbox = Outbox(stores.write.db)
     async with background() as bg:
         bg.start(relay.run, "relay")
         bg.start(lambda stop: outbox.listen(on_notify, stop), "listen")
@@ -260,9 +258,6 @@ class CountingClaims:
         finally:
             self.ended += 1
 
-    def keeping_connection(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.inner.keeping_connection()
-
 
 class FlakySink:
     """A real projector behind a fault: the first `fail_before` calls raise before projecting,
@@ -290,7 +285,7 @@ async def test_relay_marks_nothing_it_could_not_confirm(stores: Stores, clean: D
     publish is confirmed, then each order is in the read model exactly once."""
     await create_orders(stores, 40)
     sink = FlakySink(Projector(stores.read), fail_before=2, fail_after=2)
-    relay = Relay(Outbox(stores.write.engine, clean.write_url), sink, batch=40, max_backoff_s=0.2)
+    relay = Relay(Outbox(stores.write.db), sink, batch=40, max_backoff_s=0.2)
     for _ in range(4):
         with pytest.raises((ConnectionError, TimeoutError)):
             await relay.relay_once()
@@ -307,7 +302,7 @@ async def test_relay_survives_losing_its_database_connection_after_publishing(
     """The claim transaction is killed (pg_terminate_backend) after the sink confirmed: the
     mark is lost, so the rows are relayed again; the projector ignores the repeats."""
     await create_orders(stores, 30)
-    engine = make_engine(clean.write_url, 2, "relay-victim")
+    db = Database(clean.write_url, 2, "relay-victim")
 
     class KillAfterPublish:
         def __init__(self) -> None:
@@ -327,8 +322,8 @@ async def test_relay_survives_losing_its_database_connection_after_publishing(
                 self.kills += rows[0]["n"]
 
     sink = KillAfterPublish()
-    relay = Relay(Outbox(engine, clean.write_url), sink, batch=50, idle_poll_s=0.1, max_backoff_s=0.2)
-    await _relay_until_drained(relay, engine, clean.write_url)
+    relay = Relay(Outbox(db), sink, batch=50, idle_poll_s=0.1, max_backoff_s=0.2)
+    await _relay_until_drained(relay, db, clean.write_url)
     assert sink.kills == 1
     assert sink.published == 60  # everything went out twice …
     await assert_models_agree(stores, 30)  # … and is in the read model once
@@ -361,32 +356,12 @@ async def _terminate(url: str, app: str) -> int:
     return int(rows[0]["n"])
 
 
-async def test_relay_keeps_one_connection_while_batches_keep_coming(stores: Stores, clean: Databases):
-    """Relay.run claims on one kept connection: a handful of pool checkouts (each with its
-    pre-ping) for dozens of claims, not one per claim."""
-    await create_orders(stores, 300)
-    engine = make_engine(clean.write_url, 4, "relay-kept")
-    checkouts = 0
-
-    def on_checkout(*_: object) -> None:
-        nonlocal checkouts
-        checkouts += 1
-
-    event.listen(engine.sync_engine.pool, "checkout", on_checkout)
-    sink = RecordingSink(Projector(stores.read))
-    relay = Relay(Outbox(engine, clean.write_url), sink, batch=10, idle_poll_s=0.1)
-    await _relay_until_drained(relay, engine, clean.write_url)
-    assert len(sink.calls) >= 30
-    assert checkouts <= 5, checkouts
-    await assert_models_agree(stores, 300)
-
-
 async def test_a_failed_publish_rolls_back_and_keeps_the_connection(stores: Stores, clean: Databases):
     """The claim's transaction is rolled back when the publish fails (nothing marked, no session
-    left idle in transaction) and the kept connection serves the next claim."""
+    left idle in transaction) and the same pooled connection serves the next claim."""
     await create_orders(stores, 5)
-    engine = make_engine(clean.write_url, 2, "relay-rollback")
-    outbox = Outbox(engine, clean.write_url)
+    db = Database(clean.write_url, 2, "relay-rollback")
+    outbox = Outbox(db)
     claimed: list[BuyOrderCreated] = []
 
     async def failed_publish() -> None:
@@ -395,27 +370,26 @@ async def test_a_failed_publish_rolls_back_and_keeps_the_connection(stores: Stor
             raise ConnectionError("broker down")
 
     try:
-        async with outbox.keeping_connection():
-            with pytest.raises(ConnectionError):
-                await failed_publish()
-            assert len(claimed) == 5
-            before = await _backends(clean.write_url, "relay-rollback")
-            assert [state for _, state in before] == ["idle"]
-            assert await backlog(clean.write_url) == 5
-            async with outbox.claim(10) as events:
-                assert len(events) == 5  # the same rows again: they were not marked
-            assert await _backends(clean.write_url, "relay-rollback") == before  # same backend
+        with pytest.raises(ConnectionError):
+            await failed_publish()
+        assert len(claimed) == 5
+        before = await _backends(clean.write_url, "relay-rollback")
+        assert [state for _, state in before] == ["idle"]
+        assert await backlog(clean.write_url) == 5
+        async with outbox.claim(10) as events:
+            assert len(events) == 5  # the same rows again: they were not marked
+        assert await _backends(clean.write_url, "relay-rollback") == before  # same backend
         assert await backlog(clean.write_url) == 0
     finally:
-        await engine.dispose()
+        await db.close()
 
 
-async def test_relay_replaces_a_kept_connection_killed_while_idle(stores: Stores, clean: Databases):
-    """The relay's kept connection is terminated between two claims: the next claim fails on it,
-    the relay retries on a fresh connection and nothing is lost."""
+async def test_relay_replaces_a_pooled_connection_killed_while_idle(stores: Stores, clean: Databases):
+    """The relay's pooled connection is terminated between two claims: the pool replaces it (or
+    the next claim fails on it and the relay retries), and nothing is lost."""
     await create_orders(stores, 20)
-    engine = make_engine(clean.write_url, 4, "relay-idle-victim")
-    outbox = Outbox(engine, clean.write_url)
+    db = Database(clean.write_url, 4, "relay-idle-victim")
+    outbox = Outbox(db)
     relay = Relay(outbox, Projector(stores.read), batch=50, idle_poll_s=0.05, max_backoff_s=0.2)
     try:
         async with background() as bg:
@@ -427,21 +401,21 @@ async def test_relay_replaces_a_kept_connection_killed_while_idle(stores: Stores
             await wait_until(lambda: _has(clean.read_url, 40), timeout=30, what="40 rows", bg=bg)
             await wait_until(lambda: _backlog_zero(clean.write_url), timeout=10, what="backlog", bg=bg)
     finally:
-        await engine.dispose()
+        await db.close()
     await assert_models_agree(stores, 40)
 
 
-async def test_sync_without_pre_ping_renews_its_pool_when_connections_die(
+async def test_sync_replaces_connections_that_died_while_idle(
     stores: Stores, clean: Databases, amqp_url: str
 ):
-    """read_model_sync as the process builds it (no pool pre-ping): its read-model connections are
-    terminated between two batches; the next batch is applied on a renewed pool at the first
-    redelivery-free attempt (no projection_failed, nothing requeued), and every row arrives."""
+    """read_model_sync as the process builds it: its read-model connections are terminated
+    between two batches; the pool sees them closed and opens new ones, so the next batch is
+    applied at its first attempt (no projection_failed, nothing requeued), and every row arrives."""
     await create_orders(stores, 20)
     events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        engine, consumer = build_sync(clean.read_url, amqp_url, prefetch=50)
+        db, consumer = build_sync(clean.read_url, amqp_url, prefetch=50)
         await consumer.start()
         try:
             with structlog.testing.capture_logs() as logs:
@@ -456,9 +430,8 @@ async def test_sync_without_pre_ping_renews_its_pool_when_connections_die(
         finally:
             await consumer.close()
             await publisher.close()
-            await engine.dispose()
+            await db.close()
     names = [e["event"] for e in logs]
-    assert "read_model_connection_lost" in names
     assert "projection_failed" not in names
     await assert_models_agree(stores, 20)
 
@@ -475,14 +448,14 @@ async def _depth_zero(probe, name: str) -> bool:  # type: ignore[no-untyped-def]
     return await probe.depth(name) == 0
 
 
-async def _relay_until_drained(relay: Relay, engine: AsyncEngine, write_url: str) -> None:
-    """Run `relay` until the outbox backlog is empty, then dispose of its engine."""
+async def _relay_until_drained(relay: Relay, db: Database, write_url: str) -> None:
+    """Run `relay` until the outbox backlog is empty, then close its pool."""
     try:
         async with background() as bg:
             bg.start(relay.run, "relay")
             await wait_until(lambda: _backlog_zero(write_url), timeout=30, what="backlog", bg=bg)
     finally:
-        await engine.dispose()
+        await db.close()
 
 
 async def _backlog_zero(write_url: str) -> bool:

@@ -15,15 +15,13 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 
+from pydist.adapters.db import Database
 from pydist.adapters.listing import ListingStore
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.write_store import WriteStore
-from pydist.config import async_url
 from pydist.domain.errors import CapExceededError
 from pydist.domain.money import Currency
 from pydist.domain.order import OrderRequest
@@ -39,12 +37,8 @@ READ_ROLES = ("pydist_sync", "pydist_fetch")
 ALL_ROLES = (*WRITE_ROLES, *READ_ROLES, "pydist_place_orders")
 
 
-def role_engine(url: str, role: str) -> AsyncEngine:
-    return create_async_engine(
-        async_url(url),
-        poolclass=NullPool,
-        connect_args={"server_settings": {"role": role, "application_name": "pydist-test-roles"}},
-    )
+def role_db(url: str, role: str) -> Database:
+    return Database(url, 2, "pydist-test-roles", settings={"role": role})
 
 
 async def as_role(url: str, role: str) -> asyncpg.Connection:
@@ -59,26 +53,26 @@ class FixedPrice:
 
 
 @pytest.fixture
-async def engines(clean: Databases) -> AsyncIterator[dict[str, AsyncEngine]]:
+async def dbs(clean: Databases) -> AsyncIterator[dict[str, Database]]:
     made = {
-        "create": role_engine(clean.write_url, "pydist_create"),
-        "relay": role_engine(clean.write_url, "pydist_relay"),
-        "sync": role_engine(clean.read_url, "pydist_sync"),
-        "fetch": role_engine(clean.read_url, "pydist_fetch"),
+        "create": role_db(clean.write_url, "pydist_create"),
+        "relay": role_db(clean.write_url, "pydist_relay"),
+        "sync": role_db(clean.read_url, "pydist_sync"),
+        "fetch": role_db(clean.read_url, "pydist_fetch"),
     }
     yield made
-    for engine in made.values():
-        await engine.dispose()
+    for db in made.values():
+        await db.close()
 
 
 # ------------------------------------------------------------------------------ each does its job
 
 
 async def test_each_role_does_its_job_through_the_real_adapters(
-    engines: dict[str, AsyncEngine], clean: Databases
+    dbs: dict[str, Database], clean: Databases
 ) -> None:
     # create: the whole use case (replay lookup, place_orders(), cap refusal, cap status).
-    store = WriteStore(engines["create"])
+    store = WriteStore(dbs["create"])
     writer = BatchingOrderWriter(store, max_batch=64)
     writer.start()
     try:
@@ -99,9 +93,9 @@ async def test_each_role_does_its_job_through_the_real_adapters(
         await writer.stop()
 
     # relay (embedded mode) claims and marks the outbox; sync projects (twice: idempotent).
-    outbox = Outbox(engines["relay"], clean.write_url)
+    outbox = Outbox(dbs["relay"])
     assert (await store.status()).outbox_backlog == 2
-    projector = Projector(ProjectionStore(engines["sync"]))
+    projector = Projector(ProjectionStore(dbs["sync"]))
     async with outbox.claim(100) as events:
         assert len(events) == 2
         await projector.publish(events)
@@ -113,7 +107,7 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     assert published[0]["n"] == 0
 
     # fetch: the listing, both pages.
-    reader = ListingStore(engines["fetch"])
+    reader = ListingStore(dbs["fetch"])
     first = await reader.page(1, None)
     assert first.has_more
     assert len(first.public_rows) == 1

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import RAW_ERRORS, fetch_renewing, ping, unavailable
+from pydist.adapters.db import Database
 from pydist.service.errors import UnknownReferenceError
 
 # Each row in its wire form, exactly as BuyOrder.to_public() writes it (tests/integration/
@@ -29,7 +28,7 @@ _PUBLIC = """
 """
 # One round trip for any page. With a reference: the LEFT JOIN yields no row at all when the
 # reference is unknown, and one all-NULL row when it is known but nothing is older.
-# Sent with asyncpg directly (one round trip, a prepared statement per connection).
+# One round trip, a prepared statement per connection.
 _FIRST_PAGE = f"SELECT {_PUBLIC} FROM buy_orders o ORDER BY o.created_at DESC, o.id DESC LIMIT $1"
 _NEXT_PAGE = f"""
     SELECT b.*
@@ -57,8 +56,8 @@ class Page:
 
 
 class ListingStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
         # Page reads by (page_size, last_reference): the round still open to newcomers, and the
         # newest round (open or running), which the next round waits for.
         self._open: dict[PageKey, asyncio.Task[Page]] = {}
@@ -92,20 +91,17 @@ class ListingStore:
                 del self._newest[key]
 
     async def _read_page(self, page_size: int, last_reference: uuid.UUID | None) -> Page:
-        try:
-            if last_reference is None:
-                rows = await fetch_renewing(self.engine, _FIRST_PAGE, page_size + 1)
-            else:
-                rows = await fetch_renewing(self.engine, _NEXT_PAGE, page_size + 1, last_reference)
-        except RAW_ERRORS as exc:
-            raise unavailable(exc) from exc
+        if last_reference is None:
+            rows = await self.db.fetch(_FIRST_PAGE, page_size + 1)
+        else:
+            rows = await self.db.fetch(_NEXT_PAGE, page_size + 1, last_reference)
         if last_reference is not None and not rows:
             raise UnknownReferenceError(f"no buy order with id {last_reference}")
         public = [dict(r) for r in rows if r["id"] is not None]
         return Page(public[:page_size], has_more=len(public) > page_size)
 
     async def ping(self) -> None:
-        await ping(self.engine)
+        await self.db.ping()
 
 
 def _retrieve(task: asyncio.Task[Page]) -> None:

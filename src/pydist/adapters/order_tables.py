@@ -9,33 +9,28 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import order_from_row
+from pydist.adapters.db import ORDER_COLUMNS, ORDER_RECORD, Database, order_from_row
 from pydist.domain.order import BuyOrder
 
-_COLS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
-_FIRST = text(f"SELECT {_COLS} FROM buy_orders ORDER BY created_at, id LIMIT :n")
-_AFTER = text(
-    f"SELECT {_COLS} FROM buy_orders WHERE (created_at, id) > (:ca, :id) ORDER BY created_at, id LIMIT :n"
-)
-_BY_ID = text(f"SELECT {_COLS} FROM buy_orders WHERE id = ANY(:ids)")
-_COUNT = text("SELECT count(*) FROM buy_orders")
-_DELETE = text("DELETE FROM buy_orders WHERE id = ANY(:ids)")
+_FIRST = f"SELECT {ORDER_COLUMNS} FROM buy_orders ORDER BY created_at, id LIMIT $1"
+_AFTER = f"""
+    SELECT {ORDER_COLUMNS} FROM buy_orders WHERE (created_at, id) > ($2, $3)
+    ORDER BY created_at, id LIMIT $1
+"""
+_BY_ID = f"SELECT {ORDER_COLUMNS} FROM buy_orders WHERE id = ANY($1::uuid[])"
+_COUNT = "SELECT count(*) FROM buy_orders"
+_DELETE = "DELETE FROM buy_orders WHERE id = ANY($1::uuid[])"
 # Rows go in in id order (like the projector's), so a rebuild and the projector writing the same
 # new rows at once never deadlock. A row is rewritten only if its served form differs: btc_rate is
 # an unconstrained NUMERIC, compared as text so that its scale counts too. Rows the rebuild adds
 # get a fresh event_id (the outbox has no index by order to look the original up cheaply).
-_UPSERT = text(
-    """
+_UPSERT = f"""
     INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
                             btc_amount, event_id)
     SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
            r.btc_amount, gen_random_uuid()
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
-        id uuid, idempotence_key uuid, created_at timestamptz, currency text,
-        currency_amount numeric, btc_rate numeric, btc_amount numeric)
+    FROM jsonb_to_recordset($1::jsonb) AS r({ORDER_RECORD})
     ORDER BY r.id
     ON CONFLICT (id) DO UPDATE SET
         idempotence_key = EXCLUDED.idempotence_key, created_at = EXCLUDED.created_at,
@@ -46,31 +41,28 @@ _UPSERT = text(
           IS DISTINCT FROM
           (EXCLUDED.idempotence_key, EXCLUDED.created_at, EXCLUDED.currency,
            EXCLUDED.currency_amount::text, EXCLUDED.btc_rate::text, EXCLUDED.btc_amount::text)
-    """
-)
+"""
 
 
 class OrderTable:
     """One model's buy_orders (implements service.ports.OrderRows)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     async def after(self, cursor: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BuyOrder]:
         if cursor is None:
-            return await self._orders(_FIRST, {"n": limit})
-        return await self._orders(_AFTER, {"ca": cursor[0], "id": cursor[1], "n": limit})
+            return await self._orders(_FIRST, limit)
+        return await self._orders(_AFTER, limit, *cursor)
 
     async def find(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, BuyOrder]:
-        return {o.id: o for o in await self._orders(_BY_ID, {"ids": ids})}
+        return {o.id: o for o in await self._orders(_BY_ID, ids)}
 
     async def count(self) -> int:
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(_COUNT)).scalar_one())
+        return int((await self.db.fetch(_COUNT))[0][0])
 
-    async def _orders(self, sql: Any, params: dict[str, Any]) -> list[BuyOrder]:
-        async with self.engine.connect() as conn:
-            return [order_from_row(r) for r in (await conn.execute(sql, params)).all()]
+    async def _orders(self, sql: str, *args: Any) -> list[BuyOrder]:
+        return [order_from_row(r) for r in await self.db.fetch(sql, *args)]
 
 
 class ReadModelTable(OrderTable):
@@ -78,9 +70,7 @@ class ReadModelTable(OrderTable):
 
     async def upsert(self, orders: list[BuyOrder]) -> None:
         rows = [{**o.to_public(), "idempotence_key": str(o.idempotence_key)} for o in orders]
-        async with self.engine.begin() as conn:
-            await conn.execute(_UPSERT, {"rows": orjson.dumps(rows).decode()})
+        await self.db.fetch(_UPSERT, orjson.dumps(rows).decode())
 
     async def delete(self, ids: list[uuid.UUID]) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(_DELETE, {"ids": ids})
+        await self.db.fetch(_DELETE, ids)

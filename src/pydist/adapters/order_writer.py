@@ -1,8 +1,7 @@
 """Micro-batching in front of place_orders(): many concurrent orders share one transaction.
 
 Requests that arrive while a batch is being committed wait for the next one, as in a database's
-group commit. Each order still gets its own cap check and idempotency outcome. The writer keeps one
-connection while batches keep coming, and gives it back after LINGER_S without work.
+group commit. Each order still gets its own cap check and idempotency outcome.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import contextlib
 import structlog
 
 from pydist import telemetry
-from pydist.adapters.db import RawConnection, within_deadline
-from pydist.adapters.write_store import LINGER_S, WriteStore
+from pydist.adapters.db import within_deadline
+from pydist.adapters.write_store import WriteStore
 from pydist.domain.order import Placed, PlaceResult, PricedOrder
 from pydist.metrics import WRITE_BATCH_SIZE
 from pydist.service.errors import StoreUnavailableError
@@ -60,38 +59,22 @@ class BatchingOrderWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            self._fill(batch)
             try:
-                async with self._store.raw_connection() as conn:
-                    while batch:
-                        self._fill(batch)
-                        await self._commit(batch, conn)
-                        batch = []
-                        if not conn.broken:
-                            batch = await self._next(LINGER_S)
+                await self._commit(batch)
             except asyncio.CancelledError:
                 self._fail(batch, StoreUnavailableError("shutting down"))
                 raise
-            except Exception as exc:  # no connection to be had: this batch fails, the next retries
-                self._fail(batch, _unavailable(exc))
-
-    async def _next(self, linger_s: float) -> list[_Item]:
-        """The first item of the next batch, waiting up to `linger_s` for one; [] if none came."""
-        if not self._queue.empty():
-            return [self._queue.get_nowait()]
-        try:
-            return [await asyncio.wait_for(self._queue.get(), linger_s)]
-        except TimeoutError:
-            return []
 
     def _fill(self, batch: list[_Item]) -> None:
         while len(batch) < self._max_batch and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
-    async def _commit(self, batch: list[_Item], conn: RawConnection) -> None:
+    async def _commit(self, batch: list[_Item]) -> None:
         """Store one batch and settle every one of its futures (a failure fails them all)."""
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
-            results = await self._traced_place(batch, conn)
+            results = await self._traced_place(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -106,18 +89,18 @@ class BatchingOrderWriter:
                 future.set_result(result)
         self._done(len(batch))
 
-    async def _traced_place(self, batch: list[_Item], conn: RawConnection) -> list[PlaceResult]:
+    async def _traced_place(self, batch: list[_Item]) -> list[PlaceResult]:
         """place_orders() for the batch; with tracing on, inside the write-transaction span (in
         the first order's trace, linked to every order's), which names the orders it created."""
         orders = [(o, rid) for o, rid, _, _ in batch]
         traceparents = [tp for _, _, tp, _ in batch]
         if not telemetry.ENABLED:
-            return await self._store.place_batch(orders, conn)
+            return await self._store.place_batch(orders)
         attrs = {"db.system.name": "postgresql", "db.operation.name": "place_orders"}
         with telemetry.batch_span(
             "write_transaction place_orders", "INTERNAL", traceparents, attrs, first_order_parent=True
         ) as span:
-            results = await self._store.place_batch(orders, conn, traceparents)
+            results = await self._store.place_batch(orders, traceparents)
             if span is not None:
                 created = [r.order.id for r in results if isinstance(r, Placed)]
                 span.set_attributes(telemetry.order_attributes(created))

@@ -1,25 +1,20 @@
 """The outbox side of the write model: claim unpublished events, mark them published, wake up.
 
-The claim runs on asyncpg directly, on a connection borrowed from the SQLAlchemy pool and kept
-while claims keep coming (as the create path's writer does, adapters/write_store.py): BEGIN, the
-claim, the mark and COMMIT are four round trips, where SQLAlchemy added a checkout pre-ping
-(three more) and its result processing to every batch (~8% of the relay's CPU)."""
+A claim is one transaction of four round trips (BEGIN, the claim, the mark, COMMIT) around the
+publish, on a pooled connection; the LISTEN has a connection of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import RetryCallState
 
-from pydist.adapters.db import RawConnection, order_from_row, raw_connection
-from pydist.adapters.write_store import LINGER_S
+from pydist.adapters.db import Database, order_from_row
 from pydist.domain.events import BuyOrderCreated
 from pydist.retrying import failure, until_stopped
 
@@ -41,60 +36,22 @@ _MARK = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::b
 
 
 class Outbox:
-    def __init__(self, engine: AsyncEngine, dsn: str) -> None:
-        self.engine = engine
-        self._dsn = dsn
-        self._keep = False
-        self._kept: RawConnection | None = None
-        self._kept_stack: AsyncExitStack | None = None
-        self._kept_busy = False
-        self._kept_used_at = 0.0
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @asynccontextmanager
     async def claim(self, limit: int) -> AsyncIterator[list[BuyOrderCreated]]:
         """Yield up to `limit` unpublished events, locked; they are marked published only if the
-        block exits cleanly, so a failed publish leaves them for the next attempt."""
-        if not self._keep or self._kept_busy:  # a claim alongside the relay's gets its own
-            async with raw_connection(self.engine) as conn, _claimed(conn, limit) as events:
-                yield events
-            return
-        conn = await self._keep_connection()
-        self._kept_busy = True
-        try:
-            async with _claimed(conn, limit) as events:
-                yield events
-        finally:
-            self._kept_busy = False
-            self._kept_used_at = time.monotonic()
-            if conn.broken:
-                await self._release()
-
-    @asynccontextmanager
-    async def keeping_connection(self) -> AsyncIterator[None]:
-        """Claims made within this block (the relay's loop) reuse one pooled connection: no
-        checkout and pre-ping per batch. One left idle longer than LINGER_S goes back to the pool
-        before the next claim, which borrows a fresh one, checked by the pool's pre-ping; one that
-        failed is thrown away."""
-        self._keep = True
-        try:
-            yield
-        finally:
-            self._keep = False
-            await self._release()
-
-    async def _keep_connection(self) -> RawConnection:
-        if self._kept is not None and time.monotonic() - self._kept_used_at > LINGER_S:
-            await self._release()
-        if self._kept is None:
-            stack = AsyncExitStack()
-            self._kept = await stack.enter_async_context(raw_connection(self.engine))
-            self._kept_stack = stack
-        return self._kept
-
-    async def _release(self) -> None:
-        stack, self._kept_stack, self._kept = self._kept_stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        block exits cleanly, so a failed publish (or a lost connection) rolls the claim back and
+        leaves them for the next attempt."""
+        async with self.db.connection() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, limit)
+            yield [
+                BuyOrderCreated(r["event_id"], order_from_row(r), r["request_id"], r["traceparent"])
+                for r in rows
+            ]
+            if rows:
+                await conn.execute(_MARK, [r["outbox_id"] for r in rows])
 
     async def listen(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
         """Call `on_notify` on every NOTIFY from place_orders() until `stop`; reconnect (0.5 s,
@@ -109,7 +66,7 @@ class Outbox:
                     await self._listen_once(on_notify, stop)
 
     async def _listen_once(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=5)
+        conn = await asyncpg.connect(self.db.dsn, timeout=5)
         try:
             await conn.add_listener(CHANNEL, lambda *_: on_notify())
             on_notify()  # catch up on anything committed while not listening
@@ -127,38 +84,3 @@ class Outbox:
 
 def _listen_lost(state: RetryCallState, wait_s: float) -> None:
     log.warning("outbox_listen_lost", error=type(failure(state)).__name__, retry_in_s=wait_s)
-
-
-@asynccontextmanager
-async def _claimed(conn: RawConnection, limit: int) -> AsyncIterator[list[BuyOrderCreated]]:
-    """One claim transaction on `conn`. The connection is never handed back inside it: a failed
-    publish rolls it back; a failed statement or a cancellation marks it broken (thrown away, and
-    the server rolls back)."""
-    driver = conn.driver
-    try:
-        await driver.execute("BEGIN")
-        rows = await driver.fetch(_CLAIM, limit)
-    except BaseException:
-        conn.broken = True
-        raise
-    try:
-        yield [
-            BuyOrderCreated(r["event_id"], order_from_row(r), r["request_id"], r["traceparent"]) for r in rows
-        ]
-    except Exception:
-        try:
-            await driver.execute("ROLLBACK")
-        except BaseException:
-            conn.broken = True
-            raise
-        raise
-    except BaseException:
-        conn.broken = True
-        raise
-    try:
-        if rows:
-            await driver.execute(_MARK, [r["outbox_id"] for r in rows])
-        await driver.execute("COMMIT")
-    except BaseException:
-        conn.broken = True
-        raise

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pydist.adapters.db import RAW_ERRORS, fetch_renewing, unavailable
+from pydist.adapters.db import ORDER_RECORD, Database
 from pydist.domain.events import BuyOrderCreated
 from pydist.service.errors import EventRejectedError
 from pydist.service.ports import Projected
 
-# One statement, its own transaction, sent on a raw connection: no BEGIN/COMMIT round trips.
-_UPSERT = """
+# One statement, its own transaction: no BEGIN/COMMIT round trips.
+_UPSERT = f"""
     INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
                             btc_amount, event_id)
     SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
            r.btc_amount, r.event_id
-    FROM jsonb_to_recordset($1::jsonb) AS r(
-        id uuid, idempotence_key uuid, created_at timestamptz, currency text,
-        currency_amount numeric, btc_rate numeric, btc_amount numeric, event_id uuid)
+    FROM jsonb_to_recordset($1::jsonb) AS r({ORDER_RECORD}, event_id uuid)
     ORDER BY r.id
     ON CONFLICT (id) DO NOTHING
     RETURNING id, created_at, projected_at
@@ -28,8 +26,8 @@ _UPSERT = """
 
 
 class ProjectionStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
         """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and
@@ -52,10 +50,7 @@ class ProjectionStore:
             ]
         ).decode()
         try:
-            rows = await fetch_renewing(self.engine, _UPSERT, payload)
-        except RAW_ERRORS as exc:
-            sqlstate = str(getattr(exc, "sqlstate", "") or "")
-            if sqlstate[:2] in ("22", "23"):
-                raise EventRejectedError(f"read model refused the data (SQLSTATE {sqlstate})") from exc
-            raise unavailable(exc) from exc
+            rows = await self.db.fetch(_UPSERT, payload)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise EventRejectedError(f"read model refused the data (SQLSTATE {exc.sqlstate})") from exc
         return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]

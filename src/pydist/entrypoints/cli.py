@@ -207,7 +207,7 @@ def dlq_replay(as_json: JsonOpt = False) -> None:
 
     broker_url = _broker_url()
     report = _run_broker(
-        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.engine).publish))
+        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.db).publish))
     )
     if as_json:
         print(
@@ -242,10 +242,10 @@ def broker_migrate_queues() -> None:
 
 @app.command()
 def cap(as_json: JsonOpt = False) -> None:
-    """BTC used and still available under the 100 BTC cap."""
+    """BTC used and still available under the cap (domain.money.BTC_CAP)."""
     from pydist.adapters.write_store import WriteStore
 
-    status = _run_admin(_with_admin(lambda graph: WriteStore(graph.orders.engine).status()))
+    status = _run_admin(_with_admin(lambda graph: WriteStore(graph.orders.db).status()))
     data = {
         "limit_btc": f"{status.limit_btc:f}",
         "used_btc": f"{status.used_btc:f}",

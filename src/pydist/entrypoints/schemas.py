@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from pydist.domain.money import Currency, parse_fiat_amount
+from pydist.domain.money import BTC_CAP, Currency, parse_fiat_amount
 
 # Exactly what parse_fiat_amount accepts, so a schema-driven client (or fuzzer) and the server agree:
 # a decimal string of at most 10 integer digits and 2 decimals, not zero, below 1,000,000,000; or a
@@ -143,7 +143,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         401: "Missing or wrong API key (only when API_KEYS is set)",
         404: "Unknown last_reference",
-        409: "The order would take the total past 100 BTC",
+        409: f"The order would take the total past {BTC_CAP} BTC",
         413: "Body larger than the limit",
         415: "Body is not JSON",
         422: "Invalid request, or idempotency key reused with a different request",

@@ -15,10 +15,8 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pydist import bootstrap
-from pydist.adapters.db import ping
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, depth
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import build_app
@@ -99,13 +97,6 @@ def _worker_app(settings: Settings, worker: _Worker) -> FastAPI:
     )
 
 
-def _pinger(engine: AsyncEngine) -> Check:
-    async def check() -> None:
-        await ping(engine)
-
-    return check
-
-
 async def _every(stop: asyncio.Event, seconds: float, measure: Check) -> None:
     """Run `measure` every `seconds` until `stop`; a failed measurement waits for the next."""
     while not stop.is_set():
@@ -125,9 +116,9 @@ def create_relay_app(
     g = graph or bootstrap.relay(settings)
     expose(*RELAY_METRICS, *(BROKER_RELAY_METRICS if g.publisher else PROJECTION_METRICS))
     mode = "broker" if g.publisher else "embedded"
-    pings = {"write_database": _pinger(g.engine)}
-    if g.read_engine is not None:
-        pings["read_database"] = _pinger(g.read_engine)
+    pings: dict[str, Check] = {"write_database": g.db.ping}
+    if g.read_db is not None:
+        pings["read_database"] = g.read_db.ping
     dependencies = [(name, check, DATABASE_ATTEMPT_S) for name, check in pings.items()]
     if g.publisher is not None:
         dependencies.append(("broker", g.publisher.start, BROKER_ATTEMPT_S))
@@ -162,7 +153,7 @@ def create_sync_app(settings: Settings | None = None, *, graph: bootstrap.SyncGr
         log.info("sync_consuming")
         await asyncio.gather(g.consumer.run(stop), _every(stop, WATCH_S, measure_dlq))
 
-    database = (lambda: ping(g.engine),)
+    database = (g.db.ping,)
     dependencies = [("read_database", database[0], 5.0), ("broker", g.consumer.start, BROKER_ATTEMPT_S)]
     description = "Projects events into the read model."
     return _worker_app(

@@ -20,10 +20,6 @@ log = structlog.get_logger()
 class ClaimsEvents(Protocol):
     def claim(self, limit: int) -> AbstractAsyncContextManager[list[BuyOrderCreated]]: ...
 
-    def keeping_connection(self) -> AbstractAsyncContextManager[None]:
-        """Claims inside may share one database connection (held while batches keep coming)."""
-        ...
-
 
 class Relay:
     def __init__(
@@ -53,10 +49,6 @@ class Relay:
         return len(events)
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with self._outbox.keeping_connection():
-            await self._loop(stop)
-
-    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.wake.clear()
             try:
