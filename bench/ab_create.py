@@ -4,8 +4,11 @@ a program, it compares two create (or fetch) processes built from different sour
 same databases, broker and workers:
 
     uv run python -m bench.ab_create --a-src /tmp/old/src --b-src src --rounds 4 --seconds 5
+    uv run python -m bench.ab_create --src A=/tmp/old/src --src B=src --src C=/tmp/c/src
 
 A source tree is put first on PYTHONPATH of its process (an empty value: the installed one).
+With `--src LABEL=PATH` (repeated) any number of variants take their turns; each is compared
+with the first.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--a-src", default="", help="source tree for A (empty: installed)")
     parser.add_argument("--b-src", default="", help="source tree for B (empty: installed)")
+    parser.add_argument("--src", action="append", default=[], help="LABEL=PATH: variants instead of A/B")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
@@ -63,7 +67,7 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.env)
     create = args.service == "create"
     path, script = ("/buy_order", "create.lua") if create else ("/buy_orders?page_size=10", "get.lua")
-    srcs = {"A": args.a_src, "B": args.b_src}
+    srcs = dict(kv.split("=", 1) for kv in args.src) if args.src else {"A": args.a_src, "B": args.b_src}
     with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
         envs = {
@@ -76,7 +80,9 @@ def main() -> None:
     for label, r in runs.items():
         cores = r["cpu"][f"{args.service}_cpu"]["median"]
         log(f"{label}: {r['rps']['median']:,.0f} req/s, p99 {r['p99_ms']['median']:.1f} ms, {cores:.2f} core")
-    log(f"B / A = {runs['B']['rps']['median'] / runs['A']['rps']['median']:.2f}")
+    first, *others = runs
+    for label in others:
+        log(f"{label} / {first} = {runs[label]['rps']['median'] / runs[first]['rps']['median']:.2f}")
 
 
 if __name__ == "__main__":
