@@ -1,12 +1,12 @@
 """The write model: the source of truth for orders, the cap and the outbox.
 
-Each call on the create path is one statement (its own transaction, one round trip): the lookup
-of an idempotency key, and place_orders() for a batch of orders (adapters/order_writer.py).
+Each call on the create path is one statement (its own transaction, one round trip): the
+idempotency-key lookups of all concurrent requests together (pydist/shared_rounds.py), and
+place_orders() for a batch of orders (adapters/order_writer.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +16,9 @@ import orjson
 
 from pydist.adapters.db import ORDER_COLUMNS, Database, order_from_row, within_deadline
 from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, PricedOrder
+from pydist.shared_rounds import SharedRounds
 
-_FIND_KEY = f"SELECT {ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = $1"
+_FIND_KEYS = f"SELECT {ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = ANY($1::uuid[])"
 _PLACE = "SELECT * FROM place_orders($1::jsonb)"
 
 
@@ -52,11 +53,16 @@ _STATUS = """
 class WriteStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._lookups = SharedRounds(self._find_keys, name="order-lookups")
 
     async def find_by_key(self, key: uuid.UUID) -> BuyOrder | None:
-        """The order stored under `key`, if any, within STORE_DEADLINE_S."""
-        rows = await within_deadline(asyncio.ensure_future(self.db.fetch(_FIND_KEY, key)))
-        return order_from_row(rows[0]) if rows else None
+        """The order stored under `key`, if any, within STORE_DEADLINE_S. Concurrent calls share
+        one query."""
+        return await within_deadline(self._lookups.ask(key))
+
+    async def _find_keys(self, keys: list[uuid.UUID]) -> dict[uuid.UUID, BuyOrder | None]:
+        found = {r["idempotence_key"]: order_from_row(r) for r in await self.db.fetch(_FIND_KEYS, keys)}
+        return {key: found.get(key) for key in keys}
 
     async def place_batch(
         self,

@@ -66,13 +66,10 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.FetchGraph 
     async def get_buy_orders(request: Request) -> Response:
         query = PageQuery.model_validate(request.query_params)  # ValidationError: a 422 problem
         page = await store.page(query.page_size, query.last_reference)
-        last = page.public_rows[-1]["id"] if page.public_rows else None
         headers = None
         if page.has_more:  # a uuid and an int: nothing to escape in the next page's URL
-            next_page = f"{request.scope['path']}?page_size={query.page_size}&last_reference={last}"
-            headers = {"Link": f'<{next_page}>; rel="next"'}
-        last_json = b'"%s"' % last.encode() if last else b"null"
-        body = b'{"rows":%b,"last_reference":%b}' % (page.public_json, last_json)
-        return Response(body, media_type="application/json", headers=headers)
+            next_page = f"{request.scope['path']}?page_size={query.page_size}"
+            headers = {"Link": f'<{next_page}&last_reference={page.last_reference}>; rel="next"'}
+        return Response(page.body, media_type="application/json", headers=headers)
 
     return app
