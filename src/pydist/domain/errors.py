@@ -22,6 +22,18 @@ class IdempotencyKeyReusedError(DomainError):
         super().__init__("idempotency key reused with a different request")
 
 
+class IdempotencyKeyMissingError(DomainError):
+    def __init__(self) -> None:
+        super().__init__(
+            "an idempotency key is required: idempotence_key in the body or the Idempotency-Key header"
+        )
+
+
+class IdempotencyKeysDifferError(DomainError):
+    def __init__(self) -> None:
+        super().__init__("idempotence_key in the body and the Idempotency-Key header differ")
+
+
 class CapExceededError(DomainError):
     def __init__(self, requested_btc: Decimal, available_btc: Decimal) -> None:
         self.requested_btc = requested_btc

@@ -19,7 +19,7 @@ from pydist import bootstrap, telemetry
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
-from pydist.domain.order import OrderRequest
+from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.body import read_json_object
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
@@ -80,25 +80,6 @@ def _header_key(raw: str | None) -> uuid.UUID | None:
             "Idempotency-Key header must be a UUID",
             errors=[{"field": "Idempotency-Key", "message": "must be a UUID"}],
         ) from None
-
-
-def to_request(body: BuyOrderIn, header_key: uuid.UUID | None) -> OrderRequest:
-    if body.idempotence_key and header_key and body.idempotence_key != header_key:
-        raise ProblemError(
-            422,
-            "validation-error",
-            "idempotence_key in the body and the Idempotency-Key header differ",
-            errors=[{"field": "idempotence_key", "message": "differs from Idempotency-Key"}],
-        )
-    key = body.idempotence_key or header_key
-    if key is None:
-        raise ProblemError(
-            422,
-            "validation-error",
-            "an idempotency key is required: idempotence_key in the body or the Idempotency-Key header",
-            errors=[{"field": "idempotence_key", "message": "required"}],
-        )
-    return OrderRequest(idempotence_key=key, currency=body.currency, amount=body.amount)
 
 
 def create_app(settings: Settings | None = None, *, graph: bootstrap.CreateGraph | None = None) -> FastAPI:
@@ -200,7 +181,8 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_
             body = BuyOrderIn.model_validate(raw)
         except ValidationError as exc:
             return validation_problem(list(exc.errors()))
-        order_request = to_request(body, _header_key(request.headers.get("idempotency-key")))
+        key = idempotency_key(body.idempotence_key, _header_key(request.headers.get("idempotency-key")))
+        order_request = OrderRequest(key, body.currency, body.amount)
         structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))
         try:
             outcome = await create_order(order_request, request.state.request_id)

@@ -14,7 +14,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
+from pydist.domain.errors import (
+    CapExceededError,
+    IdempotencyKeyMissingError,
+    IdempotencyKeyReusedError,
+    IdempotencyKeysDifferError,
+    PriceUnavailableError,
+)
 from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
 
 log = structlog.get_logger()
@@ -106,7 +112,7 @@ class ProblemType:
     slug: str
     title: str | None = None
     detail: str | None = None
-    extensions: Callable[[Any], dict[str, str]] | None = None
+    extensions: Callable[[Any], dict[str, Any]] | None = None
 
     def response(self, exc: Exception) -> Response:
         headers = None
@@ -116,6 +122,11 @@ class ProblemType:
         extensions = self.extensions(exc) if self.extensions else {}
         detail = str(exc) if self.detail is None else self.detail
         return problem(self.status, self.slug, detail, title=self.title, headers=headers, **extensions)
+
+
+def _field_error(field: str, message: str) -> dict[str, Any]:
+    """The `errors` list of a validation problem, for one field."""
+    return {"errors": [{"field": field, "message": message}]}
 
 
 PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
@@ -134,6 +145,14 @@ PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
         "Idempotency key reused with a different request",
         "idempotency key reused with a different request: the first request with this key "
         "had another currency or amount",
+    ),
+    IdempotencyKeyMissingError: ProblemType(
+        422, "validation-error", extensions=lambda _: _field_error("idempotence_key", "required")
+    ),
+    IdempotencyKeysDifferError: ProblemType(
+        422,
+        "validation-error",
+        extensions=lambda _: _field_error("idempotence_key", "differs from Idempotency-Key"),
     ),
     PriceUnavailableError: ProblemType(
         503,
