@@ -5,6 +5,7 @@ same databases, broker and workers:
 
     uv run python -m bench.ab_create --a-src /tmp/old/src --b-src src --rounds 4 --seconds 5
     uv run python -m bench.ab_create --src A=/tmp/old/src --src B=src --src C=/tmp/c/src
+    uv run python -m bench.ab_create --src off=src --src on=src --env-for off:WRITE_WINDOW_S=0
 
 A source tree is put first on PYTHONPATH of its process (an empty value: the installed one).
 With `--src LABEL=PATH` (repeated) any number of variants take their turns; each is compared
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import NAN, WrkResult, log, processes, resources, run_wrk, spawn, stat
+from bench.harness import NAN, WrkResult, histogram, log, processes, resources, run_wrk, spawn, stat
 from bench.workload import BulkLoader
 
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rows", type=int, default=100_000, help="bulk rows in both models first")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both variants")
+    parser.add_argument("--env-for", action="append", default=[], help="LABEL:NAME=VALUE for one")
     parser.add_argument("--service", choices=("create", "fetch"), default="create")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.env)
@@ -73,10 +75,16 @@ def main() -> None:
         envs = {
             k: {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""} for k, src in srcs.items()
         }
+        for spec in args.env_for:
+            label, kv = spec.split(":", 1)
+            envs[label].update([kv.split("=", 1)])
         procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
         urls = {k: p.url + path for k, p in procs.items()}
         meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}
         runs = ab_rounds(urls, script, args.connections, (args.rounds, args.seconds), meters, res.dbs)
+        for label, p in procs.items() if create else ():
+            h = histogram(p.url, "pydist_write_batch_orders")
+            log(f"{label}: {h['sum'] / max(h['count'], 1):.1f} orders per write batch (mean, all runs)")
     for label, r in runs.items():
         cores = r["cpu"][f"{args.service}_cpu"]["median"]
         log(f"{label}: {r['rps']['median']:,.0f} req/s, p99 {r['p99_ms']['median']:.1f} ms, {cores:.2f} core")

@@ -84,7 +84,7 @@ def create(settings: Settings, *, create_order: CreateOrder | None = None) -> Cr
 
     url = settings.write_database_url.get_secret_value()
     store = WriteStore(Database(url, settings.db_pool_size, "pydist-create"))
-    writer = BatchingOrderWriter(store, max_batch=settings.max_batch)
+    writer = BatchingOrderWriter(store, max_batch=settings.max_batch, window_s=settings.write_window_s)
     prices = PriceServiceClient(
         settings.price_service_url,
         timeout_s=settings.price_timeout_s + 0.5,

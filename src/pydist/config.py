@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(default=10, ge=1)
     max_batch: int = Field(default=256, ge=1, le=5000, description="orders per write transaction")
+    write_window_s: float = Field(
+        default=0.002,
+        ge=0,
+        le=0.05,
+        description="under load, how long a write batch waits for company after its first order",
+    )
     relay_batch: int = Field(default=500, ge=1)
     sync_prefetch: int = Field(default=16, ge=1, description="unacked envelopes held by read_model_sync")
     max_body_bytes: int = 16 * 1024

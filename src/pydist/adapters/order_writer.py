@@ -2,6 +2,12 @@
 
 Requests that arrive while a batch is being committed wait for the next one, as in a database's
 group commit. Each order still gets its own cap check and idempotency outcome.
+
+Under load the writer also holds a short commit window (WRITE_WINDOW_S) after a batch's first
+order, like Postgres' commit_delay with commit_siblings: the orders whose key lookups finish a
+moment later share the transaction instead of each opening the next one. Measured in
+docs/benchmarks.md ("The commit window"). After a batch of one (an idle service) it does not wait,
+so a lone order pays nothing for it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ _Item = tuple[PricedOrder, str | None, str | None, "asyncio.Future[PlaceResult]"
 
 
 class BatchingOrderWriter:
-    def __init__(self, store: WriteStore, *, max_batch: int) -> None:
+    def __init__(self, store: WriteStore, *, max_batch: int, window_s: float = 0.0) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._window_s = window_s
+        self._busy = False
+        """Whether the last batch had company: the window applies only then."""
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -47,6 +56,11 @@ class BatchingOrderWriter:
             await self._task
         self._task = None
 
+    @property
+    def queued(self) -> int:
+        """Orders waiting for a batch (not yet taken by the writer)."""
+        return self._queue.qsize()
+
     async def place(self, order: PricedOrder, request_id: str | None) -> PlaceResult:
         if self._task is None:
             raise StoreUnavailableError("order writer is not running")
@@ -59,7 +73,10 @@ class BatchingOrderWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._busy and self._window_s > 0:
+                await asyncio.sleep(self._window_s)
             self._fill(batch)
+            self._busy = len(batch) > 1
             try:
                 await self._commit(batch)
             except asyncio.CancelledError:

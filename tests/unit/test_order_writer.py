@@ -1,0 +1,81 @@
+"""The batching writer's commit window: under load a batch waits for company after its first
+order; after a batch of one (an idle service) a lone order is written at once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any, cast
+
+from pydist.adapters.order_writer import BatchingOrderWriter
+from pydist.adapters.write_store import WriteStore
+from pydist.domain.money import Currency
+from pydist.domain.order import CapRefused, OrderRequest, PlaceResult, PricedOrder
+
+BOUND_S = 10.0
+"""How long a test waits for a condition: far above the milliseconds each takes."""
+
+
+class Store:
+    """A fake write store that records the size of every batch it is handed."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    async def place_batch(self, orders: Sequence[Any], traceparents: Any = None) -> list[PlaceResult]:
+        self.batches.append(len(orders))
+        return [CapRefused(Decimal(0)) for _ in orders]
+
+
+def order() -> PricedOrder:
+    return OrderRequest(uuid.uuid4(), Currency.EUR, Decimal(10)).priced(Decimal(50_000))
+
+
+def writer(store: Store, window_s: float) -> BatchingOrderWriter:
+    w = BatchingOrderWriter(cast(WriteStore, store), max_batch=64, window_s=window_s)
+    w.start()
+    return w
+
+
+async def until_taken(w: BatchingOrderWriter) -> None:
+    """Until the writer has taken every queued order (it is in its window, or committing)."""
+    async with asyncio.timeout(BOUND_S):
+        while w.queued:
+            await asyncio.sleep(0.001)
+
+
+async def late_company(window_s: float) -> list[int]:
+    """Two orders at once (a busy writer), then one, then another after the writer took the first."""
+    store = Store()
+    w = writer(store, window_s)
+    await asyncio.gather(w.place(order(), None), w.place(order(), None))
+    first = asyncio.ensure_future(w.place(order(), None))
+    await asyncio.sleep(0)  # tasks run in the order they were made: `first` has queued its order
+    assert w.queued == 1
+    await until_taken(w)
+    second = asyncio.ensure_future(w.place(order(), None))
+    async with asyncio.timeout(BOUND_S):
+        await asyncio.gather(first, second)
+    await w.stop()
+    return store.batches
+
+
+async def test_under_load_a_late_order_joins_the_batch_in_its_window() -> None:
+    assert await late_company(window_s=1.0) == [2, 2]
+
+
+async def test_without_a_window_the_late_order_takes_the_next_batch() -> None:
+    """The control: the same arrivals with no window make a batch each."""
+    assert await late_company(window_s=0.0) == [2, 1, 1]
+
+
+async def test_a_lone_order_on_an_idle_writer_does_not_wait_for_the_window() -> None:
+    store = Store()
+    w = writer(store, window_s=60.0)  # a window the bound below would notice
+    async with asyncio.timeout(BOUND_S):
+        for _ in range(3):
+            await w.place(order(), None)
+    await w.stop()
+    assert store.batches == [1, 1, 1]
