@@ -173,6 +173,14 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def runq_seconds(pid: int) -> float:
+    """How long the process's main thread (an event loop) has waited on a run queue: runnable,
+    but with no core to run on (/proc/PID/schedstat, second field, ns)."""
+    with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
@@ -213,10 +221,12 @@ SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[])
 class CpuMeter:
     """CPU used over one window, in cores (1.0 = one core busy): by named process trees, by the
     Postgres backends of `pg_dbs` with the WAL writer, checkpointer and background writer, and by
-    the whole machine. Counted per pid, so processes started during the window count from zero."""
+    the whole machine. Counted per pid, so processes started during the window count from zero.
+    Also, per named process, the share of the window its main thread waited for a core (`_runq`)."""
 
     def __init__(self, pids: dict[str, int], pg_dbs: Sequence[str] = ()) -> None:
         self.pids, self.pg_dbs = pids, list(pg_dbs)
+        self.q0 = {n: runq_seconds(p) for n, p in pids.items()}
         self.t0, self.m0, self.c0 = time.monotonic(), machine_jiffies(), self._snap()
 
     def _snap(self) -> dict[str, dict[int, float]]:
@@ -232,7 +242,8 @@ class CpuMeter:
             n: sum(max(0.0, s - self.c0[n].get(p, 0.0)) for p, s in pids.items()) for n, pids in after.items()
         }
         busy = (m1[0] - self.m0[0]) / max(m1[1] - self.m0[1], 1.0)
-        return {f"{n}_cpu": v / wall for n, v in cores.items()} | {"machine_busy": busy}
+        runq = {f"{n}_runq": (runq_seconds(p) - self.q0[n]) / wall for n, p in self.pids.items()}
+        return {f"{n}_cpu": v / wall for n, v in cores.items()} | {"machine_busy": busy} | runq
 
 
 @dataclass

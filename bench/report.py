@@ -245,7 +245,11 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
     """CPU by process: create alone (pipeline paused) and the sustained run (pipeline running)."""
     create, sus, hello = r["stages"][-1]["create"], r["stages"][-1]["sustained"], r["hello_get"]
     c, s = _m(create, "rps"), _m(sus, "rps")
-    procs = [(k.removesuffix("_cpu"), _m(create["cpu"], k), _m(sus["cpu"], k)) for k in create["cpu"]]
+    procs = [
+        (k.removesuffix("_cpu"), _m(create["cpu"], k), _m(sus["cpu"], k))
+        for k in create["cpu"]
+        if "_cpu" in k
+    ]
     rows = [
         [name, _n(a, 2), _cores_us(a, c, ""), _n(b, 2), _cores_us(b, s, "")]
         for name, a, b in [*procs, ("wrk", _m(create, "wrk_cpu"), _m(sus, "wrk_cpu"))]
@@ -264,6 +268,23 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
         f"Load generator check: against hello-world GET, {wrk}; during create it used "
         f"{_n(_m(create, 'wrk_cpu'), 2)} core for {_n(c)} req/s. It can generate several times the create "
         "rate, so it is not the limit.",
+        "",
+        *_waits(create, sus),
+    ]
+
+
+def _waits(create: dict[str, Any], sus: dict[str, Any]) -> list[str]:
+    """The share of the run each process's main thread (its event loop) was runnable with no core."""
+    names = [k.removesuffix("_runq") for k in sus["cpu"] if k.endswith("_runq") and k != "rabbitmq_runq"]
+    if not names:  # a result file from before the run-queue reading
+        return []
+    cells = [
+        f"{n} {_n(100 * _m(create['cpu'], f'{n}_runq'), 1)}% / {_n(100 * _m(sus['cpu'], f'{n}_runq'), 1)}%"
+        for n in names
+    ]
+    return [
+        "Waiting for a core (main thread runnable but not running, /proc/PID/schedstat; share of the run, "
+        f"pipeline paused / running): {', '.join(cells)}.",
         "",
     ]
 

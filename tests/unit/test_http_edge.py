@@ -36,6 +36,7 @@ from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, Pr
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
 from pydist.entrypoints import create_api, fetch_api
+from pydist.entrypoints.create_api import _refusal_reason
 from pydist.entrypoints.http_app import _api_routes_first
 from pydist.service.create_order import Outcome
 from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
@@ -694,3 +695,17 @@ def test_fastapi_native_telemetry_is_off_unless_asked_for() -> None:
     flags = ("tracing", "metrics", "logs")
     assert [off._telemetry[f] for f in flags] == [False, False, False]
     assert [on._telemetry[f] for f in flags] == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (CapExceededError(Decimal(1), Decimal(0)), "cap_exceeded"),
+        (IdempotencyKeyReusedError(), "idempotency_key_reused"),
+        (PriceUnavailableError("down"), "price_unavailable"),
+        (StoreUnavailableError("down"), "store_unavailable"),
+    ],
+)
+def test_each_refusal_is_counted_under_its_problem_slug(error: Exception, reason: str) -> None:
+    """pydist_orders_refused_total's `reason` values are a contract (alerts, dashboards)."""
+    assert _refusal_reason(error) == reason

@@ -24,7 +24,7 @@ from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.body import read_json_object
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
-from pydist.entrypoints.problems import ProblemError, validation_problem
+from pydist.entrypoints.problems import ProblemError, problem_type, validation_problem
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses
 from pydist.metrics import (
     CAP_REMAINING,
@@ -45,17 +45,13 @@ WATCH_S = 1.0
 """How often the cap and outbox gauges are read from the write model (WriteStore.status: the cap
 row and the outbox's partial index of unpublished rows)."""
 REFUSALS = (CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError, StoreUnavailableError)
-"""What the use case may refuse an order with: each counted in pydist_orders_refused_total."""
+"""What the use case may refuse an order with: each counted in pydist_orders_refused_total under
+its problem type's slug (cap_exceeded, idempotency_key_reused, price_unavailable,
+store_unavailable)."""
 
 
 def _refusal_reason(exc: Exception) -> str:
-    if isinstance(exc, CapExceededError):
-        return "cap_exceeded"
-    if isinstance(exc, IdempotencyKeyReusedError):
-        return "idempotency_key_reused"
-    if isinstance(exc, PriceUnavailableError):
-        return "price_unavailable"
-    return "store_unavailable"
+    return problem_type(exc).slug.replace("-", "_")
 
 
 def _header_key(raw: str | None) -> uuid.UUID | None:

@@ -171,6 +171,11 @@ PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
 """The one table from exception to problem type (besides validation, HTTP and crash handlers)."""
 
 
+def problem_type(exc: Exception) -> ProblemType:
+    """The problem type of `exc`: its class's, or its nearest base class's, in PROBLEM_TYPES."""
+    return next(PROBLEM_TYPES[c] for c in type(exc).__mro__ if c in PROBLEM_TYPES)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemError)
@@ -187,8 +192,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(exc.status_code, slug, detail, headers=exc.headers)
 
     async def on_mapped(_: Request, exc: Exception) -> Response:
-        kind = next(PROBLEM_TYPES[c] for c in type(exc).__mro__ if c in PROBLEM_TYPES)
-        return kind.response(exc)
+        return problem_type(exc).response(exc)
 
     async def on_crash(_: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error_type=type(exc).__name__)
