@@ -130,6 +130,9 @@ def _pipeline_rows(r: dict[str, Any]) -> list[Row]:
         value = f"p50 {_n(run['p50_ms'], 1)} / p99 {_n(run['p99_ms'], 1)} / max {_n(run['max_ms'])} ms; "
         value += f"{_errors(run)}; generator {_n(run['client_cpu'], 2)} core, "
         value += f"fired late p99 {_n(run['late_p99_ms'], 1)} ms"
+        if "create_runq" in run.get("cpu", {}):
+            value += f"; create {_n(run['cpu']['create_cpu'], 2)} core, its loop waited for a core "
+            value += f"{_n(100 * run['cpu']['create_runq'], 1)}% of the run"
         verdict = _verdict(run["p99_ms"], 50) if half else "-"
         rows.append(_plain(figure, value, "p99 < 50 ms" if half else "(reported)", verdict))
     return rows

@@ -217,13 +217,16 @@ class Bench:
         log(f"open loop: {rate:,.0f} orders/s ({share:.0%} of max) for {seconds:.0f}s")
         args = ["--url", self.system.url("create"), "--rate", f"{rate:.1f}", "--seconds", str(seconds)]
         with self.drained():
+            meter = harness.CpuMeter(self.pids(), self.res.dbs)
             done = subprocess.run(
                 [sys.executable, "-m", "bench.open_loop", *args], cwd=ROOT, capture_output=True, check=True
             )
-        r: dict[str, Any] = {**json.loads(done.stdout), "share": share}
+            usage = meter.stop()
+        r: dict[str, Any] = {**json.loads(done.stdout), "share": share, "cpu": usage}
         ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
         ms += f"; {r['errors']} errors {r['error_kinds']}"
         log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
+        log(f"  create {usage['create_cpu']:.2f} core, its loop waited for a core {usage['create_runq']:.1%}")
         return r
 
     def sustained(self, connections: int, seconds: float) -> dict[str, Any]:

@@ -9,10 +9,13 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, cast
 
+import pytest
+
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.money import Currency
 from pydist.domain.order import CapRefused, OrderRequest, PlaceResult, PricedOrder
+from pydist.service.errors import StoreUnavailableError
 
 BOUND_S = 10.0
 """How long a test waits for a condition: far above the milliseconds each takes."""
@@ -79,3 +82,20 @@ async def test_a_lone_order_on_an_idle_writer_does_not_wait_for_the_window() -> 
             await w.place(order(), None)
     await w.stop()
     assert store.batches == [1, 1, 1]
+
+
+async def test_an_order_in_the_window_fails_fast_when_the_writer_is_cancelled() -> None:
+    """Cancelled while it waits out the window (a shutdown), the writer fails the orders it holds
+    instead of leaving their requests to their 4 s deadline."""
+    store = Store()
+    w = writer(store, window_s=60.0)
+    await asyncio.gather(w.place(order(), None), w.place(order(), None))  # busy: the window applies
+    pending = asyncio.ensure_future(w.place(order(), None))
+    await asyncio.sleep(0)  # `pending` has queued its order
+    await until_taken(w)
+    assert w._task is not None
+    w._task.cancel()
+    async with asyncio.timeout(BOUND_S):
+        with pytest.raises(StoreUnavailableError, match="shutting down"):
+            await pending
+    assert store.batches == [2]

@@ -73,19 +73,20 @@ class BatchingOrderWriter:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            if self._busy and self._window_s > 0:
-                await asyncio.sleep(self._window_s)
-            self._fill(batch)
-            self._busy = len(batch) > 1
             try:
+                await self._fill(batch)
                 await self._commit(batch)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # in the window or the commit: no order is left waiting
                 self._fail(batch, StoreUnavailableError("shutting down"))
                 raise
 
-    def _fill(self, batch: list[_Item]) -> None:
+    async def _fill(self, batch: list[_Item]) -> None:
+        """The orders queued behind the first, after the commit window if the writer is busy."""
+        if self._busy and self._window_s > 0:
+            await asyncio.sleep(self._window_s)
         while len(batch) < self._max_batch and not self._queue.empty():
             batch.append(self._queue.get_nowait())
+        self._busy = len(batch) > 1
 
     async def _commit(self, batch: list[_Item]) -> None:
         """Store one batch and settle every one of its futures (a failure fails them all)."""
