@@ -226,7 +226,8 @@ class Bench:
         ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
         ms += f"; {r['errors']} errors {r['error_kinds']}"
         log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
-        log(f"  create {usage['create_cpu']:.2f} core, its loop waited for a core {usage['create_runq']:.1%}")
+        cores = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in usage.items() if k.endswith("_cpu") and v >= 0.01)
+        log(f"  cores: {cores}; {usage['machine_busy']:.0%} busy; create's loop waited {usage['create_runq']:.1%}")
         return r
 
     def sustained(self, connections: int, seconds: float) -> dict[str, Any]:
