@@ -227,7 +227,8 @@ class Bench:
         ms += f"; {r['errors']} errors {r['error_kinds']}"
         log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
         cores = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in usage.items() if k.endswith("_cpu") and v >= 0.01)
-        log(f"  cores: {cores}; {usage['machine_busy']:.0%} busy; create's loop waited {usage['create_runq']:.1%}")
+        waited = f"create's loop waited {usage['create_runq']:.1%}"
+        log(f"  cores: {cores}; {usage['machine_busy']:.0%} busy; {waited}")
         return r
 
     def sustained(self, connections: int, seconds: float) -> dict[str, Any]:
