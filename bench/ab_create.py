@@ -20,7 +20,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import NAN, WrkResult, histogram, log, processes, resources, run_wrk, spawn, stat
+from bench.harness import (
+    NAN,
+    WrkResult,
+    cores_text,
+    histogram,
+    log,
+    processes,
+    resources,
+    run_wrk,
+    spawn,
+    stat,
+)
 from bench.workload import BulkLoader
 
 
@@ -48,7 +59,7 @@ def ab_rounds(
         for label, url in urls.items():
             out[label].append(r := run_wrk(url, script, connections, rounds[1], meters.get(label), pg_dbs))
             ms, busy = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms", 100 * r.cpu["machine_busy"]
-            cpu = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in r.cpu.items() if k.endswith("_cpu") and v >= 0.01)
+            cpu = cores_text(r.cpu)
             log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cpu}; {busy:.0f}% busy")
     return {label: wrk_json(results) for label, results in out.items()}
 

@@ -12,28 +12,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support.procs import Proc, free_port, wait_ready
+from tests.support.procs import Proc
 
 from bench.ab_create import ab_rounds
-from bench.harness import BENCH_DIR, log, processes, resources, spawn, start_hello
+from bench.harness import log, processes, resources, spawn, start_hello, start_server
 from bench.workload import BulkLoader
 
 
 def start_granian(label: str, target: str, env: dict[str, str] | None, log_dir: Path) -> Proc:
     """`target` (module:app, or module:factory when `env` is given: a pydist process) under granian."""
-    port = free_port()
-    opts = f"--interface asgi --host 127.0.0.1 --port {port} --loop uvloop --workers 1 --backlog 4096"
+    opts = "--interface asgi --host 127.0.0.1 --loop uvloop --workers 1 --backlog 4096 --no-ws --http 1"
     factory = ["--factory"] if env is not None else []
-    cmd = [sys.executable, "-m", "granian", *opts.split(), "--no-ws", "--http", "1", *factory, target]
-    with (log_dir / f"{label}-{port}.log").open("wb") as out:
-        popen = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent)
-    proc = Proc(label, port, popen, Path(out.name))
-    wait_ready(proc, timeout=180, path="/healthcheck" if env is None else "/readyz")
-    return proc
+
+    def argv(port: int) -> list[str]:
+        return ["granian", *opts.split(), "--port", str(port), *factory, target]
+
+    return start_server(label, argv, log_dir, env)
 
 
 def main() -> None:

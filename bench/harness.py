@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,16 +111,26 @@ def processes(res: Resources, *names: str, keep_logs: bool = False) -> Iterator[
         log(f"process logs kept in {system.log_dir}") if keep_logs else shutil.rmtree(system.log_dir, True)
 
 
+def start_server(
+    label: str, argv: Callable[[int], list[str]], log_dir: Path, env: dict[str, str] | None = None
+) -> Proc:
+    """`python -m <argv(port)>` (an ASGI server) on a free port, logged to `log_dir`; returned once
+    it answers /healthcheck (bench/hello_app.py) or, given a pydist `env`, /readyz."""
+    port = free_port()
+    with (log_dir / f"{label}-{port}.log").open("wb") as out:
+        cmd = [sys.executable, "-m", *argv(port)]
+        popen = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent)
+    proc = Proc(label, port, popen, Path(out.name))
+    wait_ready(proc, timeout=180, path="/healthcheck" if env is None else "/readyz")
+    return proc
+
+
 def start_hello(log_dir: Path) -> Proc:
     """bench/hello_app.py under uvicorn, with the settings of pydist's HTTP processes."""
-    port = free_port()
-    opts = f"--port {port} --loop uvloop --http httptools --no-access-log --no-server-header --backlog 4096"
-    with (log_dir / f"hello-{port}.log").open("wb") as out:
-        cmd = [sys.executable, "-m", "uvicorn", "bench.hello_app:app", *opts.split()]
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent)
-    proc = Proc("hello", port, popen, Path(out.name))
-    wait_ready(proc, timeout=180, path="/healthcheck")
-    return proc
+    opts = "--loop uvloop --http httptools --no-access-log --no-server-header --backlog 4096"
+    return start_server(
+        "hello", lambda port: ["uvicorn", "bench.hello_app:app", "--port", str(port), *opts.split()], log_dir
+    )
 
 
 def stop_procs(system: System, *names: str) -> None:
@@ -244,6 +254,11 @@ class CpuMeter:
         busy = (m1[0] - self.m0[0]) / max(m1[1] - self.m0[1], 1.0)
         runq = {f"{n}_runq": (runq_seconds(p) - self.q0[n]) / wall for n, p in self.pids.items()}
         return {f"{n}_cpu": v / wall for n, v in cores.items()} | {"machine_busy": busy} | runq
+
+
+def cores_text(cpu: dict[str, float]) -> str:
+    """A CpuMeter reading as 'create 0.74, postgres 0.30' (processes using at least 0.01 core)."""
+    return ", ".join(f"{k[:-4]} {v:.2f}" for k, v in cpu.items() if k.endswith("_cpu") and v >= 0.01)
 
 
 @dataclass

@@ -251,12 +251,11 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
     procs = [
         (k.removesuffix("_cpu"), _m(create["cpu"], k), _m(sus["cpu"], k))
         for k in create["cpu"]
-        if "_cpu" in k
+        if k.endswith("_cpu")
     ]
     rows = [
         [name, _n(a, 2), _cores_us(a, c, ""), _n(b, 2), _cores_us(b, s, "")]
         for name, a, b in [*procs, ("wrk", _m(create, "wrk_cpu"), _m(sus, "wrk_cpu"))]
-        if name != "machine_busy"
     ]
     busy = [f"{_n(100 * _m(x['cpu'], 'machine_busy'))}%" for x in (create, sus)]
     rows.append(["machine busy", busy[0], "", busy[1], ""])

@@ -226,7 +226,7 @@ class Bench:
         ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
         ms += f"; {r['errors']} errors {r['error_kinds']}"
         log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
-        cores = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in usage.items() if k.endswith("_cpu") and v >= 0.01)
+        cores = harness.cores_text(usage)
         waited = f"create's loop waited {usage['create_runq']:.1%}"
         log(f"  cores: {cores}; {usage['machine_busy']:.0%} busy; {waited}")
         return r
