@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -62,7 +63,9 @@ PROFILES = [
 PRICE_MAX_AGE_S = 2.0  # base_env's PRICE_MAX_AGE_S
 PRICE_MIN_INTERVAL_S = 0.2  # base_env's PRICE_MIN_INTERVAL_S
 CREATE_PRICE_TIMEOUT_S = 1.5  # base_env's PRICE_TIMEOUT_S + 0.5 (create_api's price client)
-RELAY_BATCH = 50  # small, so a backlog takes several batches and a kill lands mid-stream
+RELAY_BATCH = 10
+"""Small, so the kill -9 test's backlog (~150 events) takes ~15 claims: at 50 a restarted relay
+once drained all three before the test saw the first one marked (relay_backlog_at_kill 0)."""
 
 
 @pytest.fixture(scope="module")
@@ -172,18 +175,23 @@ async def test_kill9_relay_and_sync_mid_stream(ready: Topology, profile: Profile
 
         # relay: restart on a backlog of several batches (RELAY_BATCH), kill -9 as soon as its
         # first batch is marked published, while the next one is claimed and in flight.
-        published = await count(dbs.write_url, published_sql)
-        await ready.astart("relay", wait=False)
-        mark("start relay")
-        await wait_for(
-            lambda: _above(dbs.write_url, published_sql, published),
-            timeout=90,
-            interval=0.005,
-            what="relay started publishing",
-        )
-        kills["relay_backlog_at_kill"] = await count(dbs.write_url, backlog_sql)
-        ready.kill9("relay")
-        mark("kill9 relay")
+        # One kept connection for the watch, so seeing the first mark costs a query, not a connect.
+        watch = await asyncpg.connect(dbs.write_url)
+        try:
+            published = await watch.fetchval(published_sql)
+            await ready.astart("relay", wait=False)
+            mark("start relay")
+            await wait_for(
+                lambda: _fetched_above(watch, published_sql, published),
+                timeout=90,
+                interval=0.001,
+                what="relay started publishing",
+            )
+            kills["relay_backlog_at_kill"] = await watch.fetchval(backlog_sql)
+            ready.kill9("relay")
+            mark("kill9 relay")
+        finally:
+            await watch.close()
         kills["relay_batches_marked_before_kill"] = (
             await count(dbs.write_url, published_sql) - published
         ) / RELAY_BATCH
@@ -227,6 +235,10 @@ async def test_kill9_relay_and_sync_mid_stream(ready: Topology, profile: Profile
     assert kills["sync_read_rows_at_kill"] < kills["write_rows_at_sync_kill"]
     assert diff.write_orders == len(load.accepted())
     assert diff.clean(), diff.examples
+
+
+async def _fetched_above(conn: asyncpg.Connection, sql: str, value: int) -> bool:
+    return int(await conn.fetchval(sql)) > value
 
 
 async def _above(url: str, sql: str, value: int) -> bool:
