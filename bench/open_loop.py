@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,6 +114,26 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
         **figures,
         **mine,
     }
+
+
+def measured(
+    url: str, rate: float, seconds: float, pids: dict[str, int], dbs: Sequence[str]
+) -> dict[str, Any]:
+    """This generator in its own process against create at `url`, with the CPU of `pids` and of
+    the Postgres backends of `dbs` over the run (harness.CpuMeter, under "cpu"), and the run's
+    wall-clock start and end ("t0", "t1": for workload.lag_between)."""
+    from bench.harness import CpuMeter  # the generator's own process needs none of the harness
+
+    args = ["--url", url, "--rate", f"{rate:.1f}", "--seconds", str(seconds)]
+    meter, t0 = CpuMeter(pids, dbs), time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.open_loop", *args],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        check=True,
+    )
+    usage, t1 = meter.stop(), time.time()
+    return {**json.loads(done.stdout), "cpu": usage, "t0": t0, "t1": t1}
 
 
 def main() -> None:

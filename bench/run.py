@@ -30,7 +30,7 @@ from typing import Any
 from tests.support.observability import Receiver
 from tests.support.procs import System
 
-from bench import harness, report, workload
+from bench import harness, open_loop, report, workload
 from bench.ab_create import ab_rounds, wrk_json
 from bench.harness import NAN, Resources, log, pg_fetch, run_wrk, stat
 from bench.workload import BulkLoader, lag_between, outbox_mark, wait_projected
@@ -215,21 +215,10 @@ class Bench:
         from bench/open_loop.py (its own process): latency counted from each request's due time."""
         rate, seconds = share * max_rate, self.plan.open_loop_s
         log(f"open loop: {rate:,.0f} orders/s ({share:.0%} of max) for {seconds:.0f}s")
-        args = ["--url", self.system.url("create"), "--rate", f"{rate:.1f}", "--seconds", str(seconds)]
         with self.drained():
-            meter = harness.CpuMeter(self.pids(), self.res.dbs)
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.open_loop", *args], cwd=ROOT, capture_output=True, check=True
-            )
-            usage = meter.stop()
-        r: dict[str, Any] = {**json.loads(done.stdout), "share": share, "cpu": usage}
-        ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
-        ms += f"; {r['errors']} errors {r['error_kinds']}"
-        log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
-        cores = harness.cores_text(usage)
-        waited = f"create's loop waited {usage['create_runq']:.1%}"
-        log(f"  cores: {cores}; {usage['machine_busy']:.0%} busy; {waited}")
-        return r
+            r = open_loop.measured(self.system.url("create"), rate, seconds, self.pids(), self.res.dbs)
+        log_open_loop(r)
+        return r | {"share": share}
 
     def sustained(self, connections: int, seconds: float) -> dict[str, Any]:
         """create at c=`connections` for `seconds` with the whole pipeline running: the rate, the
@@ -295,6 +284,16 @@ class Bench:
         finally:
             sink.stop()
         self.r["tracing"]["exports"] = sink.exports
+
+
+def log_open_loop(r: dict[str, Any]) -> None:
+    """An open-loop run's latencies, errors, generator and CPU, as two log lines."""
+    ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
+    ms += f"; {r['errors']} errors {r['error_kinds']}"
+    log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
+    cpu = r["cpu"]
+    waited = f"create's loop waited {cpu['create_runq']:.1%}"
+    log(f"  cores: {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy; {waited}")
 
 
 def versions(res: Resources) -> dict[str, str]:

@@ -19,6 +19,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from pydist.config import Settings
@@ -171,14 +172,14 @@ def relay(settings: Settings) -> RelayGraph:
 
     db = Database(settings.write_database_url.get_secret_value(), 4, "pydist-relay")
     outbox = Outbox(db)
+    relay_to = partial(Relay, outbox, batch=settings.relay_batch, pace_s=settings.relay_pace_s)
     if settings.broker_url is not None:
         from pydist.adapters.publisher import BrokerPublisher
 
         publisher = BrokerPublisher(settings.broker_url.get_secret_value())
-        return RelayGraph(db, outbox, Relay(outbox, publisher, batch=settings.relay_batch), publisher)
+        return RelayGraph(db, outbox, relay_to(publisher), publisher)
     read_db = Database(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
-    relay = Relay(outbox, projector(read_db), batch=settings.relay_batch)
-    return RelayGraph(db, outbox, relay, read_db=read_db)
+    return RelayGraph(db, outbox, relay_to(projector(read_db)), read_db=read_db)
 
 
 def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[Database, EnvelopeConsumer]:

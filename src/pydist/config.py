@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="under load, how long a write batch waits for company after its first order",
     )
     relay_batch: int = Field(default=500, ge=1)
+    relay_pace_s: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.1,
+        description="while events keep coming, the least time between two outbox claims of the relay",
+    )
     sync_prefetch: int = Field(default=16, ge=1, description="unacked envelopes held by read_model_sync")
     max_body_bytes: int = 16 * 1024
     api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")

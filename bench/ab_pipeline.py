@@ -1,0 +1,91 @@
+"""A/B of relay settings at a constant arrival rate, the whole pipeline running: create's open-loop
+latency, the CPU per order of relay + RabbitMQ + sync, and the read-model lag. One system (price,
+create, read_model_sync); each variant is a relay process with its own environment, started for
+its turn and stopped after it (the backlog drained first, so no claim is held across a turn):
+
+    uv run python -m bench.ab_pipeline --rate 800 \\
+        --env-for p0:RELAY_PACE_S=0 --env-for p10:RELAY_PACE_S=0.01
+
+With `--connections N` the load is wrk's closed loop at c=N instead (the sustained run's load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from bench import harness, open_loop
+from bench.harness import log, processes, resources, spawn, stat, stop_procs
+from bench.workload import BulkLoader, lag_between, outbox_mark, wait_projected
+
+PIPELINE = ("relay", "sync", "rabbitmq")
+
+
+def load(system: Any, res: Any, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+    """Open loop at `args.rate`, or with `args.connections` wrk's closed loop."""
+    if not args.connections:
+        return open_loop.measured(system.url("create"), args.rate, args.seconds, pids, res.dbs)
+    url = system.url("create") + "/buy_order"
+    run = harness.run_wrk(url, "create.lua", args.connections, args.seconds, pids, res.dbs)
+    return {k: getattr(run, k) for k in ("rps", "p50_ms", "p99_ms", "cpu", "t0", "t1")}
+
+
+def one_turn(system: Any, res: Any, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Start a relay with `env`, load create, wait until everything is projected, stop the relay:
+    the latencies, the CPU reading and the lag of that turn."""
+    relay = spawn(system, {"relay": ("relay", env)})["relay"]
+    pids = {n: p.popen.pid for n, p in system.procs.items() if n != "price"}
+    pids |= dict(("rabbitmq", pid) for pid in harness.named("beam.smp")[-1:])
+    mark = asyncio.run(outbox_mark(res.write_url))
+    r = load(system, res, args, pids)
+    asyncio.run(wait_projected(res.write_url, res.read_url, mark))
+    r |= asyncio.run(lag_between(res.write_url, res.read_url, r["t0"], r["t1"]))
+    per_message = harness.histogram(relay.url, "pydist_events_per_message")
+    r["events_per_message"] = per_message["sum"] / max(per_message["count"], 1.0)
+    stop_procs(system, "relay")
+    assert not relay.alive()
+    orders = max(r["written"], 1.0)
+    r["pipeline_us"] = sum(r["cpu"].get(f"{n}_cpu", 0.0) for n in PIPELINE) * args.seconds / orders * 1e6
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--env-for", action="append", default=[], help="LABEL:NAME=VALUE (repeat)")
+    parser.add_argument("--rate", type=float, default=800, help="orders per second")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=0, help="closed loop (wrk) at c=N instead")
+    parser.add_argument("--rows", type=int, default=100_000, help="bulk rows in both models first")
+    args = parser.parse_args()
+    envs: dict[str, dict[str, str]] = {}
+    for spec in args.env_for:
+        label, kv = spec.split(":", 1)
+        envs.setdefault(label, {}).update([kv.split("=", 1)])
+    turns: dict[str, list[dict[str, Any]]] = {label: [] for label in envs}
+    with resources() as res, processes(res, "price", "create", "sync") as system:
+        asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
+        for _ in range(args.rounds):
+            for label, env in envs.items():
+                turns[label].append(r := one_turn(system, res, env, args))
+                log(f"{label}: {summary(r)}")
+    for label, rs in turns.items():
+        medians = {k: stat([r[k] for r in rs])["median"] for k in rs[0] if isinstance(rs[0][k], float)}
+        medians["cpu"] = {k: stat([r["cpu"][k] for r in rs])["median"] for k in rs[0]["cpu"]}
+        log(f"{label} (medians of {len(rs)}): {summary(medians)}")
+
+
+def summary(r: dict[str, Any]) -> str:
+    cpu = r["cpu"]
+    rate = f"{r['rps']:,.0f} orders/s; " if "rps" in r else ""
+    return rate + (
+        f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms; pipeline {r['pipeline_us']:.0f} µs/order, "
+        f"{r['events_per_message']:.1f} events/message; "
+        f"lag p50 {r['lag_p50_ms']:.0f} p99 {r['lag_p99_ms']:.0f} ms; create waited "
+        f"{cpu['create_runq']:.1%}; {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy"
+    )
+
+
+if __name__ == "__main__":
+    main()
