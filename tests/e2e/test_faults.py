@@ -27,7 +27,7 @@ import pytest
 from pydist.adapters.db import Database
 from pydist.adapters.listing import ListingStore as ReadStore
 from pydist.devtools.coinbase_stub import CoinbaseStub
-from pydist.service.errors import StoreUnavailableError
+from pydist.service.ports import StoreUnavailableError
 from tests.support import db as testdb
 from tests.support.faults import (
     LONG,

@@ -23,7 +23,7 @@ from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 from pydist.entrypoints.schemas import BuyOrderPage
-from pydist.service.errors import UnknownReferenceError
+from pydist.service.ports import UnknownReferenceError
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.read_side import page_ids

@@ -39,7 +39,7 @@ from pydist.entrypoints import create_api, fetch_api
 from pydist.entrypoints.create_api import _refusal_reason
 from pydist.entrypoints.http_app import _api_routes_first
 from pydist.service.create_order import Outcome
-from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
+from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 OTHER_KEY = uuid.UUID("11111111-2222-4333-8444-555555555555")

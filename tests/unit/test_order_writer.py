@@ -15,7 +15,7 @@ from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.money import Currency
 from pydist.domain.order import CapRefused, OrderRequest, PlaceResult, PricedOrder
-from pydist.service.errors import StoreUnavailableError
+from pydist.service.ports import StoreUnavailableError
 
 BOUND_S = 10.0
 """How long a test waits for a condition: far above the milliseconds each takes."""

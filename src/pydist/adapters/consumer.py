@@ -33,7 +33,7 @@ from pydist.adapters.rabbit import QUEUE, TRANSIENT, BrokerLink, Topology, decla
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
 from pydist.retrying import failure, until_stopped
-from pydist.service.errors import EventRejectedError, StoreUnavailableError
+from pydist.service.ports import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
 

@@ -24,7 +24,7 @@ import asyncpg
 from pydist.config import async_url, plain_url
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
-from pydist.service.errors import StoreUnavailableError
+from pydist.service.ports import StoreUnavailableError
 
 if TYPE_CHECKING:
     from alembic.config import Config

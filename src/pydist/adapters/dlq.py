@@ -21,7 +21,7 @@ from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE
 from pydist.adapters.messages import decode
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, BrokerLink
 from pydist.domain.events import BuyOrderCreated
-from pydist.service.errors import EventRejectedError, StoreUnavailableError
+from pydist.service.ports import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
 Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]

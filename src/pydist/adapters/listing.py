@@ -10,7 +10,7 @@ from functools import cached_property
 import orjson
 
 from pydist.adapters.db import ORDER_COLUMNS, Database, order_from_row
-from pydist.service.errors import UnknownReferenceError
+from pydist.service.ports import UnknownReferenceError
 from pydist.shared_rounds import SharedRounds
 
 # One round trip for any page, a prepared statement per connection. With a reference: the LEFT

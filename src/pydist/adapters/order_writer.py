@@ -22,7 +22,7 @@ from pydist.adapters.db import within_deadline
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.order import Placed, PlaceResult, PricedOrder
 from pydist.metrics import WRITE_BATCH_SIZE
-from pydist.service.errors import StoreUnavailableError
+from pydist.service.ports import StoreUnavailableError
 
 log = structlog.get_logger()
 

@@ -9,8 +9,7 @@ import orjson
 
 from pydist.adapters.db import ORDER_RECORD, Database
 from pydist.domain.events import BuyOrderCreated
-from pydist.service.errors import EventRejectedError
-from pydist.service.ports import Projected
+from pydist.service.ports import EventRejectedError, Projected
 
 # One statement, its own transaction: no BEGIN/COMMIT round trips.
 _UPSERT = f"""

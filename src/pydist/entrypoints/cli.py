@@ -88,7 +88,7 @@ def migrate() -> None:
 def _run_admin(coro: Coroutine[Any, Any, T]) -> T:
     """Run an admin task; a database that cannot be reached is one clear line and exit 2, not a
     page of traceback."""
-    from pydist.service.errors import StoreUnavailableError
+    from pydist.service.ports import StoreUnavailableError
 
     try:
         return asyncio.run(coro)

@@ -21,11 +21,10 @@ from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.order import OrderRequest, idempotency_key
-from pydist.entrypoints.body import read_json_object
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
 from pydist.entrypoints.problems import ProblemError, problem_type, validation_problem
-from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses
+from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses, read_json_object
 from pydist.metrics import (
     CAP_REMAINING,
     CAP_USED,
@@ -37,7 +36,7 @@ from pydist.metrics import (
     OUTBOX_OLDEST_AGE,
     expose,
 )
-from pydist.service.errors import StoreUnavailableError
+from pydist.service.ports import StoreUnavailableError
 
 log = structlog.get_logger()
 _MAX_KEY_HEADER = 100

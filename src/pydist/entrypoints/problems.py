@@ -21,7 +21,7 @@ from pydist.domain.errors import (
     IdempotencyKeysDifferError,
     PriceUnavailableError,
 )
-from pydist.service.errors import StoreUnavailableError, UnknownReferenceError
+from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
 
 log = structlog.get_logger()
 PROBLEM_JSON = "application/problem+json"

@@ -1,4 +1,8 @@
-"""The ports the use cases need; adapters implement them, tests may fake them."""
+"""The ports the use cases need; adapters implement them, tests may fake them.
+
+With them, the errors the adapters raise through them, which the use cases and the edge handle.
+They are about infrastructure (a store that cannot be reached, data a read model cannot hold, a
+listing reference that does not exist), so they live here rather than among the domain's rules."""
 
 from __future__ import annotations
 
@@ -61,3 +65,17 @@ class ReadModelRows(OrderRows, Protocol):
         ...
 
     async def delete(self, ids: list[uuid.UUID]) -> None: ...
+
+
+class StoreUnavailableError(Exception):
+    """The write or read model cannot be reached; the outcome of a write is unknown, retry with the key."""
+
+
+class UnknownReferenceError(Exception):
+    """A listing's `last_reference` names no order."""
+
+
+class EventRejectedError(Exception):
+    """The read model refuses the data of these events (a value it cannot store): retrying the
+    same events can never succeed, unlike a connection failure. A consumer isolates and
+    dead-letters the offending ones instead of redelivering them for ever."""
