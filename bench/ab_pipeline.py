@@ -26,8 +26,9 @@ def load(system: Any, res: Any, args: argparse.Namespace, pids: dict[str, int]) 
     """Open loop at `args.rate`, or with `args.connections` wrk's closed loop."""
     if not args.connections:
         return open_loop.measured(system.url("create"), args.rate, args.seconds, pids, res.dbs)
-    url = system.url("create") + "/buy_order"
+    url, waits = system.url("create") + "/buy_order", harness.PgWaits(res.dbs)
     run = harness.run_wrk(url, "create.lua", args.connections, args.seconds, pids, res.dbs)
+    log(f"  Postgres: {open_loop.wait_shares(waits.stop())}")
     return {k: getattr(run, k) for k in ("rps", "p50_ms", "p99_ms", "cpu", "t0", "t1")}
 
 
@@ -70,6 +71,8 @@ def main() -> None:
             for label, env in envs.items():
                 turns[label].append(r := one_turn(system, res, env, args))
                 log(f"{label}: {summary(r)}")
+                if "pg_waits" in r:
+                    log(f"  {open_loop.stalls(r)}")
     for label, rs in turns.items():
         medians = {k: stat([r[k] for r in rs])["median"] for k in rs[0] if isinstance(rs[0][k], float)}
         medians["cpu"] = {k: stat([r["cpu"][k] for r in rs])["median"] for k in rs[0]["cpu"]}

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -226,6 +227,43 @@ _BACKENDS = """
 SELECT pid FROM pg_stat_activity WHERE datname = ANY($1::text[])
    OR backend_type IN ('walwriter', 'checkpointer', 'background writer')
 """
+
+
+_WAITS = """
+SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity
+WHERE (datname = ANY($1::text[]) AND state = 'active' AND pid <> pg_backend_pid())
+   OR (backend_type = 'walwriter' AND wait_event IS DISTINCT FROM 'WalWriterMain')
+"""
+
+
+class PgWaits:
+    """What the Postgres backends of `pg_dbs` (and the WAL writer) are doing, sampled every
+    `every_s` from pg_stat_activity in a thread of its own: per wait event (`CPU`: running), the
+    samples of each second of the window. A wait profile: where commits spend their time."""
+
+    def __init__(self, pg_dbs: Sequence[str], every_s: float = 0.01) -> None:
+        self.pg_dbs, self.every_s, self.t0 = list(pg_dbs), every_s, time.time()
+        self.seconds: list[Counter[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
+        self._thread.start()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(services.PG_ADMIN_URL)
+        try:
+            while not self._stop.is_set():
+                second = int(time.time() - self.t0)
+                while len(self.seconds) <= second:
+                    self.seconds.append(Counter())
+                self.seconds[second].update(r[0] for r in await conn.fetch(_WAITS, self.pg_dbs))
+                await asyncio.sleep(self.every_s)
+        finally:
+            await conn.close()
+
+    def stop(self) -> list[dict[str, int]]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return [dict(c) for c in self.seconds]
 
 
 class CpuMeter:

@@ -65,6 +65,7 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
     parts = urlsplit(url)
     client = _Client(parts.hostname or "127.0.0.1", parts.port or 80)
     latencies: list[float] = []
+    by_second: dict[int, list[float]] = {}  # latencies by the second of the run they were due in
     late: list[float] = []
     errors: Counter[str] = Counter()  # by kind: the status code, or the exception's type
     tasks: set[asyncio.Task[None]] = set()
@@ -76,12 +77,14 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
             errors[type(exc).__name__] += 1
             return
         if status == 200:
-            latencies.append(time.perf_counter() - due)
+            latencies.append(latency := time.perf_counter() - due)
+            by_second.setdefault(int(due - t0), []).append(latency)
         else:
             errors[str(status)] += 1
 
     n = int(rate * seconds)
     cpu0, t0 = time.process_time(), time.perf_counter() + 0.05
+    started_at = time.time() + 0.05  # t0 on the wall clock, to line up other samplers' seconds
     for i in range(n):
         due = t0 + i / rate
         wait = due - time.perf_counter()
@@ -104,6 +107,7 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
         return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
     figures = {"p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "max_ms": pct(latencies, 1.0)}
+    per_second = [pct(sorted(by_second.get(i, [])), 0.99) for i in range(int(seconds))]
     mine = {"late_p99_ms": pct(late, 0.99), "client_cpu": cpu / wall}  # the generator's own delay, cores
     return {
         "rate": rate,
@@ -113,6 +117,8 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
         "error_kinds": dict(errors),
         **figures,
         **mine,
+        "per_second_p99_ms": per_second,
+        "started_at": started_at,
     }
 
 
@@ -121,19 +127,44 @@ def measured(
 ) -> dict[str, Any]:
     """This generator in its own process against create at `url`, with the CPU of `pids` and of
     the Postgres backends of `dbs` over the run (harness.CpuMeter, under "cpu"), and the run's
-    wall-clock start and end ("t0", "t1": for workload.lag_between)."""
-    from bench.harness import CpuMeter  # the generator's own process needs none of the harness
+    wall-clock start and end ("t0", "t1": for workload.lag_between). "pg_waits" is harness.PgWaits
+    over the run, its seconds lined up with the generator's "per_second_p99_ms"."""
+    from bench.harness import CpuMeter, PgWaits  # the generator's own process needs none of these
 
     args = ["--url", url, "--rate", f"{rate:.1f}", "--seconds", str(seconds)]
-    meter, t0 = CpuMeter(pids, dbs), time.time()
+    meter, waits, t0 = CpuMeter(pids, dbs), PgWaits(dbs), time.time()
     done = subprocess.run(
         [sys.executable, "-m", "bench.open_loop", *args],
         cwd=Path(__file__).parent.parent,
         capture_output=True,
         check=True,
     )
-    usage, t1 = meter.stop(), time.time()
-    return {**json.loads(done.stdout), "cpu": usage, "t0": t0, "t1": t1}
+    usage, pg_waits, t1 = meter.stop(), waits.stop(), time.time()
+    r = json.loads(done.stdout)
+    skip = max(0, int(r["started_at"] - t0))  # the seconds before the generator's first request
+    return {**r, "cpu": usage, "pg_waits": pg_waits[skip:], "t0": t0, "t1": t1}
+
+
+def wait_shares(counts: list[dict[str, int]]) -> str:
+    """harness.PgWaits seconds as 'IO:WALSync 58%, CPU 21%' (the four most sampled)."""
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    n = max(sum(total.values()), 1)
+    return ", ".join(f"{k} {v / n:.0%}" for k, v in total.most_common(4))
+
+
+def stalls(r: dict[str, Any]) -> str:
+    """An open-loop run's seconds by their p99, and what the Postgres backends were doing in all
+    of them and in the worst one: where a p99 comes from, one stall or a spread."""
+    per_second, waits = r["per_second_p99_ms"], r["pg_waits"]
+    worst = max(range(len(per_second)), key=lambda i: per_second[i])
+    over = sum(1 for ms in per_second if ms > 50)
+    return (
+        f"seconds with p99 > 50 ms: {over} of {len(per_second)}; worst second {worst}: "
+        f"{per_second[worst]:.0f} ms; Postgres all run: {wait_shares(waits)}; "
+        f"in the worst second: {wait_shares(waits[worst : worst + 1])}"
+    )
 
 
 def main() -> None:

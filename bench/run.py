@@ -294,6 +294,7 @@ def log_open_loop(r: dict[str, Any]) -> None:
     cpu = r["cpu"]
     waited = f"create's loop waited {cpu['create_runq']:.1%}"
     log(f"  cores: {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy; {waited}")
+    log(f"  {open_loop.stalls(r)}")
 
 
 def versions(res: Resources) -> dict[str, str]:
