@@ -216,11 +216,12 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def machine_jiffies() -> tuple[float, float]:
-    """(busy, total) jiffies of the machine, from /proc/stat."""
+def machine_jiffies() -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies of the machine, from /proc/stat. Steal (the hypervisor ran
+    another guest on our virtual cores) counts as busy: those cores were not ours to use."""
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
-    return float(sum(parts) - parts[3] - parts[4]), float(sum(parts))
+    return float(sum(parts) - parts[3] - parts[4]), float(sum(parts)), float(parts[7])
 
 
 _BACKENDS = """
@@ -269,7 +270,8 @@ class PgWaits:
 class CpuMeter:
     """CPU used over one window, in cores (1.0 = one core busy): by named process trees, by the
     Postgres backends of `pg_dbs` with the WAL writer, checkpointer and background writer, and by
-    the whole machine. Counted per pid, so processes started during the window count from zero.
+    the whole machine (and the share the hypervisor stole). Counted per pid, so processes started
+    during the window count from zero.
     Also, per named process, the share of the window its main thread waited for a core (`_runq`)."""
 
     def __init__(self, pids: dict[str, int], pg_dbs: Sequence[str] = ()) -> None:
@@ -289,9 +291,10 @@ class CpuMeter:
         cores = {
             n: sum(max(0.0, s - self.c0[n].get(p, 0.0)) for p, s in pids.items()) for n, pids in after.items()
         }
-        busy = (m1[0] - self.m0[0]) / max(m1[1] - self.m0[1], 1.0)
+        busy, steal = ((m1[i] - self.m0[i]) / max(m1[1] - self.m0[1], 1.0) for i in (0, 2))
         runq = {f"{n}_runq": (runq_seconds(p) - self.q0[n]) / wall for n, p in self.pids.items()}
-        return {f"{n}_cpu": v / wall for n, v in cores.items()} | {"machine_busy": busy} | runq
+        machine = {"machine_busy": busy, "machine_steal": steal}
+        return {f"{n}_cpu": v / wall for n, v in cores.items()} | machine | runq
 
 
 def cores_text(cpu: dict[str, float]) -> str:

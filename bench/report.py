@@ -135,6 +135,8 @@ def _pipeline_rows(r: dict[str, Any]) -> list[Row]:
         if "create_runq" in run.get("cpu", {}):
             value += f"; create {_n(run['cpu']['create_cpu'], 2)} core, its loop waited for a core "
             value += f"{_n(100 * run['cpu']['create_runq'], 1)}% of the run"
+            if "machine_steal" in run["cpu"]:
+                value += f" ({_n(100 * run['cpu']['machine_steal'], 1)}% of the machine stolen)"
         if "pg_waits" in run:
             value += f"; {open_loop.stalls(run)}"
         verdict = _verdict(run["p99_ms"], 50) if half else "-"
@@ -263,6 +265,9 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
     ]
     busy = [f"{_n(100 * _m(x['cpu'], 'machine_busy'))}%" for x in (create, sus)]
     rows.append(["machine busy", busy[0], "", busy[1], ""])
+    if "machine_steal" in sus["cpu"]:  # not in result files from before the steal reading
+        steal = [f"{_n(100 * _m(x['cpu'], 'machine_steal'), 1)}%" for x in (create, sus)]
+        rows.append(["of which stolen by the hypervisor", steal[0], "", steal[1], ""])
     wrk = f"wrk drove {_n(_m(hello, 'rps'))} req/s using {_n(_m(hello, 'wrk_cpu'), 2)} core"
     return [
         "#### Where the CPU goes (cores used, and CPU microseconds per order)",

@@ -293,7 +293,8 @@ def log_open_loop(r: dict[str, Any]) -> None:
     log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
     cpu = r["cpu"]
     waited = f"create's loop waited {cpu['create_runq']:.1%}"
-    log(f"  cores: {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy; {waited}")
+    busy = f"{cpu['machine_busy']:.0%} busy ({cpu['machine_steal']:.1%} stolen)"
+    log(f"  cores: {harness.cores_text(cpu)}; {busy}; {waited}")
     log(f"  {open_loop.stalls(r)}")
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydist.devtools import embedded_rabbitmq as rmq
+
 T = TypeVar("T")
 
 # Ports are picked below Linux's ephemeral range (32768-60999), so an outgoing connection never
@@ -239,43 +241,35 @@ def _kill_group(popen: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 # --------------------------------------------------------------------------------------- RabbitMQ
 
 
-def _rabbit_scripts_dir() -> Path:
-    """The scripts that run as the calling user (not /usr/sbin's wrappers, which su to rabbitmq)."""
-    override = os.environ.get("PYDIST_RABBITMQ_BIN")
-    if override:
-        candidates = [Path(override)]
-    else:
-        candidates = [Path("/usr/lib/rabbitmq/bin")]
-        candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))]
-    for d in candidates:
-        if all((d / exe).exists() for exe in ("rabbitmq-server", "rabbitmqctl")):
-            return d
-    raise MissingBinaryError(
-        f"RabbitMQ is not installed: no rabbitmq-server/rabbitmqctl in {', '.join(map(str, candidates))}; "
-        "the fault tests need the machine's RabbitMQ binaries (apt-get install rabbitmq-server, "
-        "or PYDIST_RABBITMQ_BIN=<dir with rabbitmq-server and rabbitmqctl>)"
-    )
-
-
-def _epmd_binary() -> str:
-    exe = shutil.which("epmd") or next(iter(sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"))), None)
-    if exe is None:
-        raise MissingBinaryError("Erlang's epmd is not installed (it comes with erlang-base)")
-    return exe
+def _rabbit_binaries() -> tuple[Path, str]:
+    """The scripts that run as the calling user (not /usr/sbin's wrappers, which su to rabbitmq),
+    with rabbitmqctl among them, and epmd."""
+    try:
+        scripts, epmd = rmq.find_scripts(os.environ)
+    except rmq.NotInstalledError as exc:
+        raise MissingBinaryError(
+            f"{exc}; the fault tests need the machine's RabbitMQ binaries (apt-get install "
+            "rabbitmq-server, or PYDIST_RABBITMQ_BIN=<dir with rabbitmq-server and rabbitmqctl>)"
+        ) from None
+    if not (scripts / "rabbitmqctl").exists():
+        raise MissingBinaryError(f"no rabbitmqctl next to {scripts / 'rabbitmq-server'}")
+    return scripts, epmd
 
 
 @dataclass
 class RabbitNode:
     index: int
-    name: str  # e.g. pydist-rmq1@localhost
-    amqp_port: int
-    dist_port: int
-    dir: Path
+    cfg: rmq.NodeConfig
+    """Its directory and ports, laid out as `pydist dev rabbitmq-start` lays out its node."""
     popen: subprocess.Popen[bytes] | None = None
 
     @property
+    def name(self) -> str:  # e.g. pydist-rmq1@localhost
+        return self.cfg.node_name
+
+    @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        return self.cfg.broker_url
 
     @property
     def short_name(self) -> str:
@@ -283,15 +277,15 @@ class RabbitNode:
 
     @property
     def pid_file(self) -> Path:
-        return self.dir / "rabbit.pid"
+        return self.cfg.pid_file
 
     @property
     def log_dir(self) -> Path:
-        return self.dir / "log"
+        return self.cfg.log_dir
 
     @property
     def console_log(self) -> Path:
-        return self.dir / "console.log"
+        return self.cfg.console_log
 
     def process_alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -315,8 +309,7 @@ class RabbitCluster:
     _closed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self._scripts = _rabbit_scripts_dir()
-        self._epmd_exe = _epmd_binary()
+        self._scripts, self._epmd_exe = _rabbit_binaries()
         reap_stale()
         self.nodes = []
         self.base = Path(tempfile.mkdtemp(prefix="pydist-rmq-", dir=_TMP))
@@ -328,25 +321,18 @@ class RabbitCluster:
             raise
 
     def _prepare(self) -> None:
-        self.home = self.base / "home"
-        self.home.mkdir()
-        # The private cookie, created 0600 (Erlang refuses a cookie others can read).
-        fd = os.open(self.home / ".erlang.cookie", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as cookie:
-            cookie.write("PYDIST" + os.urandom(16).hex().upper())
-        (self.base / "rabbitmq-env.conf").write_text("# private: /etc/rabbitmq/rabbitmq-env.conf unused\n")
-        (self.base / "enabled_plugins").write_text("[].\n")
         self.epmd_port = free_port()
         for i in range(1, self.size + 1):
-            node = RabbitNode(i, f"pydist-rmq{i}@localhost", free_port(), free_port(), self.base / f"n{i}")
-            node.dir.mkdir()
-            (node.dir / "rabbitmq.conf").write_text(
-                f"listeners.tcp.1 = 127.0.0.1:{node.amqp_port}\n"
-                # guest keeps its default: loopback only, which is where every client connects from
-                "log.console = false\n"
-                "log.file.level = info\n"
+            cfg = rmq.NodeConfig(
+                self.base / f"n{i}",
+                free_port(),
+                f"pydist-rmq{i}@localhost",
+                dist=free_port(),
+                epmd=self.epmd_port,
+                shared_home=self.base / "home",  # one cookie for the nodes and the CLI
             )
-            self.nodes.append(node)
+            rmq.prepare(cfg)
+            self.nodes.append(RabbitNode(i, cfg))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -406,30 +392,6 @@ class RabbitCluster:
         )
         return out.stdout if out.returncode == 0 else None
 
-    def _env(self, node: RabbitNode | None = None) -> dict[str, str]:
-        # Nothing of the caller's RabbitMQ/Erlang settings leaks in (ERL_FLAGS, RABBITMQ_NODENAME...).
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-        env.update(
-            HOME=str(self.home),  # the private cookie, for the server and for the CLI
-            ERL_EPMD_PORT=str(self.epmd_port),
-            ERL_EPMD_ADDRESS="127.0.0.1",
-            RABBITMQ_CONF_ENV_FILE=str(self.base / "rabbitmq-env.conf"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
-        )
-        if node is not None:
-            env.update(
-                RABBITMQ_NODENAME=node.name,
-                RABBITMQ_USE_LONGNAME="false",
-                RABBITMQ_CONFIG_FILE=str(node.dir / "rabbitmq.conf"),
-                RABBITMQ_ADVANCED_CONFIG_FILE=str(node.dir / "advanced.config"),  # absent on purpose
-                RABBITMQ_MNESIA_BASE=str(node.dir / "mnesia"),
-                RABBITMQ_LOG_BASE=str(node.log_dir),
-                RABBITMQ_PID_FILE=str(node.pid_file),
-                RABBITMQ_DIST_PORT=str(node.dist_port),
-                RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
-            )
-        return env
-
     def _spawn(self, node: RabbitNode) -> None:
         if node.process_alive():
             raise ServiceError(f"{node.name} is already running")
@@ -437,8 +399,8 @@ class RabbitCluster:
         with open(node.console_log, "ab") as log:
             node.popen = subprocess.Popen(
                 [str(self._scripts / "rabbitmq-server")],
-                env=self._env(node),
-                cwd=node.dir,
+                env=rmq.server_env(node.cfg, os.environ),
+                cwd=node.cfg.data_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -622,7 +584,12 @@ class RabbitCluster:
         cmd = [str(self._scripts / tool), "-q", "-n", self.node(node).name, *args]
         try:
             out = subprocess.run(
-                cmd, env=self._env(), capture_output=True, text=True, timeout=timeout, check=False
+                cmd,
+                env=rmq.cli_env(self.nodes[0].cfg, os.environ),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise ServiceError(f"{' '.join(cmd)} timed out after {timeout}s") from exc

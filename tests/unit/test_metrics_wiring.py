@@ -244,11 +244,11 @@ def quiet_serve(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(signal, "signal", lambda *_: None)
     monkeypatch.setattr(serve, "get_settings", lambda: Settings())
 
-    def run(app: str, **kwargs: Any) -> None:
+    def run(app: Any, **kwargs: Any) -> None:
         seen["run"] = (app, kwargs, os.environ.get(MULTIPROC_DIR_ENV))
 
-    def workers(factory: str, service: str, n: int, settings: Settings, config: dict[str, Any]) -> None:
-        seen["workers"] = (factory, service, n)
+    def workers(name: str, service: str, n: int, settings: Settings, config: dict[str, Any]) -> None:
+        seen["workers"] = (name, service, n)
 
     monkeypatch.setattr(uvicorn, "run", run)
     monkeypatch.setattr(serve, "serve_workers", workers)
@@ -262,7 +262,7 @@ def test_one_worker_runs_in_process_without_a_multiprocess_dir(
     monkeypatch.delitem(sys.modules, "prometheus_client")  # as in `pydist serve`: not imported yet
     serve.serve("create", workers=1)
     factory, kwargs, directory = quiet_serve["run"]
-    assert factory == "pydist.entrypoints.create_api:create_app"
+    assert (factory.func, factory.args) == (serve.build_app, ("create",))
     assert kwargs["workers"] == 1
     assert directory is None
     assert "workers" not in quiet_serve
@@ -270,8 +270,27 @@ def test_one_worker_runs_in_process_without_a_multiprocess_dir(
 
 def test_several_workers_go_through_the_metrics_supervisor(quiet_serve: dict[str, Any]) -> None:
     serve.serve("fetch", workers=2)
-    assert quiet_serve["workers"] == ("pydist.entrypoints.fetch_api:create_app", "fetch_buy_orders", 2)
+    assert quiet_serve["workers"] == ("fetch", "fetch_buy_orders", 2)
     assert "run" not in quiet_serve
+
+
+@pytest.mark.parametrize(
+    ("name", "absent"),
+    [("price", ("asyncpg", "aio_pika")), ("fetch", ("aio_pika",)), ("create", ("aio_pika",))],
+)
+def test_a_process_imports_only_its_own_app(name: str, absent: tuple[str, ...]) -> None:
+    """btc_price needs neither the database driver nor the broker client (~20 MB of RSS)."""
+    script = (
+        "import sys\nfrom pydist.entrypoints.serve import build_app\n"
+        f"app = build_app({name!r})\nprint(app.title)\n"
+        f"print(*[m for m in {absent!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    title, loaded = out.stdout.splitlines()
+    assert title.startswith("pydist")
+    assert loaded == ""
 
 
 @pytest.mark.parametrize("name", ["price", "relay", "sync"])
@@ -289,7 +308,7 @@ def test_serve_workers_sets_the_directory_before_the_workers_and_removes_it(
 
     class Supervisor:
         def __init__(self, config: Any, sockets: list[Any], directory: Path) -> None:
-            seen.update(workers=config.workers, directory=directory)
+            seen.update(workers=config.workers, directory=directory, app=config.app)
             for sock in sockets:
                 sock.close()
 
@@ -299,15 +318,16 @@ def test_serve_workers_sets_the_directory_before_the_workers_and_removes_it(
 
     monkeypatch.setattr(serve, "MetricsSupervisor", Supervisor)
     config = {"factory": True, "host": "127.0.0.1", "port": 0, "log_config": None}
-    serve.serve_workers("pydist.entrypoints.fetch_api:create_app", "fetch_buy_orders", 2, Settings(), config)
+    serve.serve_workers("fetch", "fetch_buy_orders", 2, Settings(), config)
     assert seen["workers"] == 2
+    assert (seen["app"].func, seen["app"].args) == (serve.build_app, ("fetch",))  # built in each worker
     assert seen["existed"]
     assert seen["env"] == str(seen["directory"])
     assert not seen["directory"].exists()  # the run's own directory goes with it
 
     operator = tmp_path / "operator"
     settings = Settings(prometheus_multiproc_dir=str(operator))
-    serve.serve_workers("pydist.entrypoints.fetch_api:create_app", "fetch_buy_orders", 2, settings, config)
+    serve.serve_workers("fetch", "fetch_buy_orders", 2, settings, config)
     assert seen["env"] == str(operator)
     assert operator.is_dir()  # the operator's stays
 

@@ -11,9 +11,11 @@ there by itself would outlive it). The scripts come from ``/usr/lib/rabbitmq/bin
 ``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its cookie.
 
 Ports follow from the AMQP port P (default 5673), as RabbitMQ derives its own: distribution on
-P + 20000 (5672 → 25672 for the shared node), epmd on P + 10000. One AMQP port, one node.
+P + 20000 (5672 → 25672 for the shared node), epmd on P + 10000. One AMQP port, one node. The
+fault tests' 3-node cluster (tests/support/private_services.py) lays its nodes out the same way,
+through `NodeConfig`, `prepare` and `server_env`, with ports of its own and one shared epmd.
 
-The pure parts (`NodeConfig`, `rabbitmq_conf`, `server_env`) do no I/O, so they are unit-tested;
+The pure parts (`NodeConfig`, `rabbitmq_conf`, `cli_env`, `server_env`) do no I/O, so they are unit-tested;
 `start` and `stop` do the processes, and find them again through Linux's /proc. The node
 outlives `start` (it runs in its own session, like pgserver's PostgreSQL): `./run.sh` stops it
 from its EXIT trap.
@@ -52,24 +54,30 @@ class NodeError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Where one private node keeps everything, and the ports it uses (all derived, no I/O)."""
+    """Where one private node keeps everything, and the ports it uses (no I/O). The ports follow
+    from the AMQP port unless given; the nodes of a test cluster share one epmd and one HOME (the
+    cookie they authenticate each other with), so those can be given too."""
 
     data_dir: Path
     amqp_port: int = DEFAULT_AMQP_PORT
     node_name: str = NODE_NAME
+    dist: int | None = None
+    epmd: int | None = None
+    shared_home: Path | None = None
 
     def __post_init__(self) -> None:
-        if not 1024 <= self.amqp_port <= 65535 - 20000:
+        highest = 65535 - (20000 if self.dist is None else 0)
+        if not 1024 <= self.amqp_port <= highest:
             # P + 20000 must still be a port; below 1024 needs root and clashes with system services.
-            raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..45535")
+            raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..{highest}")
 
     @property
     def dist_port(self) -> int:
-        return self.amqp_port + 20000
+        return self.dist or self.amqp_port + 20000
 
     @property
     def epmd_port(self) -> int:
-        return self.amqp_port + 10000
+        return self.epmd or self.amqp_port + 10000
 
     @property
     def broker_url(self) -> str:
@@ -78,7 +86,7 @@ class NodeConfig:
 
     @property
     def home(self) -> Path:
-        return self.data_dir / "home"
+        return self.shared_home or self.data_dir / "home"
 
     @property
     def cookie(self) -> Path:
@@ -121,7 +129,7 @@ class NodeConfig:
 def rabbitmq_conf(cfg: NodeConfig) -> str:
     """The node's rabbitmq.conf: AMQP on loopback only, logs to a file in the data dir."""
     return (
-        "# written by pydist dev rabbitmq-start: a private development node\n"
+        "# a private pydist node (pydist dev rabbitmq-start, or a test's cluster)\n"
         f"listeners.tcp.1 = 127.0.0.1:{cfg.amqp_port}\n"
         "loopback_users.guest = true\n"
         "log.console = false\n"
@@ -129,10 +137,10 @@ def rabbitmq_conf(cfg: NodeConfig) -> str:
     )
 
 
-def server_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of rabbitmq-server: the caller's, minus any RABBITMQ_*/ERL_* setting (an
-    inherited RABBITMQ_NODENAME or ERL_EPMD_PORT would aim it at the shared node), plus a path in
-    the data dir for everything RabbitMQ would otherwise take from /etc or /var/lib/rabbitmq."""
+def cli_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
+    """What a RabbitMQ script needs to reach the node: the caller's environment minus any
+    RABBITMQ_*/ERL_* setting (an inherited RABBITMQ_NODENAME or ERL_EPMD_PORT would aim it at the
+    shared node), plus the node's cookie (via HOME), its epmd, and nothing read from /etc."""
     env = {k: v for k, v in base.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
     env.update(
         HOME=str(cfg.home),  # Erlang reads the cookie from $HOME/.erlang.cookie
@@ -140,6 +148,15 @@ def server_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
         ERL_EPMD_ADDRESS="127.0.0.1",
         RABBITMQ_CONF_ENV_FILE=str(cfg.env_file),
         RABBITMQ_ENABLED_PLUGINS_FILE=str(cfg.plugins_file),
+    )
+    return env
+
+
+def server_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of rabbitmq-server: `cli_env`'s, plus a path in the data dir for everything
+    RabbitMQ would otherwise take from /etc or /var/lib/rabbitmq."""
+    env = cli_env(cfg, base)
+    env.update(
         RABBITMQ_NODENAME=cfg.node_name,
         RABBITMQ_USE_LONGNAME="false",
         RABBITMQ_CONFIG_FILE=str(cfg.config_file),
@@ -205,7 +222,7 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
             )
         _await_amqp(cfg, None, time.monotonic() + timeout)
         return cfg
-    _prepare(cfg)
+    prepare(cfg)
     epmd_pid = _own_epmd(cfg, state)
     busy = [p for p in (cfg.amqp_port, cfg.dist_port) + (() if epmd_pid else (cfg.epmd_port,)) if _in_use(p)]
     if busy:
@@ -258,10 +275,11 @@ def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
     return _stop_processes(cfg, timeout)
 
 
-def _prepare(cfg: NodeConfig) -> None:
-    """The data dir, the private cookie (0600: Erlang refuses one others can read), the config."""
+def prepare(cfg: NodeConfig) -> None:
+    """The data dir, the private cookie (0600: Erlang refuses one others can read; kept if there
+    is one, which the nodes sharing a HOME rely on), the config."""
     cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cfg.home.mkdir(mode=0o700, exist_ok=True)
+    cfg.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     cfg.log_dir.mkdir(exist_ok=True)
     if not cfg.cookie.exists():
         fd = os.open(cfg.cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

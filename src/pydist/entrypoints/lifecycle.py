@@ -5,8 +5,8 @@ in the background (capped backoff, one log event per attempt), never by crashing
 opens at once, so /healthcheck says the process lives and /readyz says 503 until the dependency
 answers; an orchestrator sees an unready process, not a crash loop.
 
-A module of its own, not part of `serve.py`: serve loads the app modules by import string, so
-an app module importing serve would close an import cycle.
+A module of its own, not part of `serve.py`: serve imports the app modules, so an app module
+importing serve would close an import cycle.
 """
 
 from __future__ import annotations

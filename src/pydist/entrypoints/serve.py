@@ -1,10 +1,10 @@
 """Run one process's ASGI app under uvicorn with graceful SIGTERM/SIGINT handling and exit 0.
 
-The apps are named by import string (`APPS`), not imported: uvicorn's multi-worker mode spawns
-fresh interpreters that must import the factory themselves, and a single process then builds
-its app only after the metrics directory is settled (prometheus_client reads it at import). No
-app module imports this one back (their start-up helpers live in `entrypoints/lifecycle.py`), so
-loading by string forms no cycle.
+uvicorn is handed `partial(build_app, name)`, which imports the one app module the process runs
+when uvicorn builds the app: after `serve` has settled the metrics directory (prometheus_client
+reads it when first imported), and in each worker only (uvicorn's multi-worker mode pickles the
+partial and every spawned worker builds its own app; the supervisor imports no app). No app
+module imports this one.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import shutil
 import signal
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from socket import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -24,23 +25,39 @@ from uvicorn.supervisors import Multiprocess
 
 from pydist.config import MULTIPROC_DIR_ENV, Settings, get_settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 log = structlog.get_logger()
 
-APPS = {
-    "create": (
-        "pydist.entrypoints.create_api:create_app",
-        "create_buy_order_port",
-        "create_buy_order",
-    ),
-    "fetch": (
-        "pydist.entrypoints.fetch_api:create_app",
-        "fetch_buy_orders_port",
-        "fetch_buy_orders",
-    ),
-    "price": ("pydist.entrypoints.price_api:create_app", "btc_price_port", "btc_price"),
-    "relay": ("pydist.entrypoints.workers:create_relay_app", "relay_metrics_port", "relay"),
-    "sync": ("pydist.entrypoints.workers:create_sync_app", "sync_metrics_port", "read_model_sync"),
+PORTS = {
+    "create": ("create_buy_order_port", "create_buy_order"),
+    "fetch": ("fetch_buy_orders_port", "fetch_buy_orders"),
+    "price": ("btc_price_port", "btc_price"),
+    "relay": ("relay_metrics_port", "relay"),
+    "sync": ("sync_metrics_port", "read_model_sync"),
 }
+"""Each process's port setting and its service name (in logs and metrics)."""
+
+
+def build_app(name: str) -> FastAPI:
+    """Import process `name`'s app module (and only it), and build its app."""
+    if name == "create":
+        from pydist.entrypoints import create_api
+
+        return create_api.create_app()
+    if name == "fetch":
+        from pydist.entrypoints import fetch_api
+
+        return fetch_api.create_app()
+    if name == "price":
+        from pydist.entrypoints import price_api
+
+        return price_api.create_app()
+    from pydist.entrypoints import workers
+
+    return workers.create_relay_app() if name == "relay" else workers.create_sync_app()
+
 
 GRACEFUL_SHUTDOWN_S = 8
 """How long in-flight requests get after SIGTERM before uvicorn cancels them."""
@@ -103,7 +120,7 @@ class MetricsSupervisor(Multiprocess):
 
 
 def serve(name: str, *, workers: int | None = None) -> None:
-    factory, port_field, service = APPS[name]
+    port_field, service = PORTS[name]
     settings = get_settings()
     # uvicorn re-raises the signal it caught after its graceful shutdown; with these handlers in
     # place that re-raise is a no-op, so a SIGTERM ends in a clean exit 0 (12-factor disposability).
@@ -132,12 +149,12 @@ def serve(name: str, *, workers: int | None = None) -> None:
         if "prometheus_client" not in sys.modules:
             os.environ.pop(MULTIPROC_DIR_ENV, None)
             os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)  # the deprecated spelling
-        uvicorn.run(factory, workers=1, **config)
+        uvicorn.run(partial(build_app, name), workers=1, **config)
         return
-    serve_workers(factory, service, n, settings, config)
+    serve_workers(name, service, n, settings, config)
 
 
-def serve_workers(factory: str, service: str, n: int, settings: Settings, config: dict[str, Any]) -> None:
+def serve_workers(name: str, service: str, n: int, settings: Settings, config: dict[str, Any]) -> None:
     """`n` uvicorn workers sharing one socket, their metrics in one multiprocess directory."""
     from pydist.logs import configure_logging
 
@@ -151,7 +168,7 @@ def serve_workers(factory: str, service: str, n: int, settings: Settings, config
     os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)
     log.info("metrics_multiprocess", directory=str(directory), workers=n, owned=owned)
     try:
-        uv_config = uvicorn.Config(factory, workers=n, **config)
+        uv_config = uvicorn.Config(partial(build_app, name), workers=n, **config)
         sock = uv_config.bind_socket()
         MetricsSupervisor(uv_config, sockets=[sock], directory=directory).run()
     finally:
