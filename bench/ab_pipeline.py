@@ -85,7 +85,8 @@ def summary(r: dict[str, Any]) -> str:
     return rate + (
         f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms; pipeline {r['pipeline_us']:.0f} µs/order, "
         f"{r['events_per_message']:.1f} events/message; "
-        f"lag p50 {r['lag_p50_ms']:.0f} p99 {r['lag_p99_ms']:.0f} ms; create waited "
+        f"lag p50 {r['lag_p50_ms']:.0f} p99 {r['lag_p99_ms']:.0f} ms (confirmed p50 "
+        f"{r['published_p50_ms']:.0f} p99 {r['published_p99_ms']:.0f}); create waited "
         f"{cpu['create_runq']:.1%}; {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy, "
         f"{cpu['machine_steal']:.1%} stolen"
     )

@@ -177,7 +177,11 @@ def _lag_rows(r: dict[str, Any]) -> list[Row]:
         )
         when = f"below saturation (c={run['connections']}: {rate})"
         when = f"at max create rate ({rate})" if target else when
-        value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms; backlog {_n(run['backlog_first'])}→"
+        value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms"
+        if "published_p50_ms" in run:  # not in result files from before the reading
+            value += f" (of which created → confirmed by the broker: {_n(run['published_p50_ms'])} / "
+            value += f"{_n(run['published_p99_ms'])} ms)"
+        value += f"; backlog {_n(run['backlog_first'])}→"
         value += f"{_n(run['backlog_last'])} (max {_n(run['backlog_max'])}), trend {_n(slope, 1)}/s"
         growing = slope > 0.01 * _m(run, "rps") and run["backlog_max"] > 500  # NaN compares False
         bad = {"p99": not run["lag_p99_ms"] < 100, "p50": not run["lag_p50_ms"] < 20, "backlog": growing}

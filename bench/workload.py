@@ -111,6 +111,15 @@ SELECT count(*) AS projected, percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) A
 FROM (SELECT extract(epoch FROM projected_at - created_at) * 1000 AS lag
       FROM buy_orders WHERE created_at >= $1 AND created_at < $2) AS l
 """
+# The first leg of that lag, from the write model: created_at to published_at, which the relay
+# sets after the broker confirmed the envelope (so it also counts the relay's mark statement).
+_PUBLISHED = """
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS published_p50_ms,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS published_p99_ms
+FROM (SELECT extract(epoch FROM o.published_at - b.created_at) * 1000 AS ms
+      FROM buy_orders b JOIN outbox o ON o.order_id = b.id
+      WHERE b.created_at >= $1 AND b.created_at < $2) AS p
+"""
 # The backlog at each second s of [t0, t1]: orders made but not yet projected (unpublished outbox
 # rows, messages in the queue and in read_model_sync's hands), from the read model once drained.
 _BACKLOG = """
@@ -128,15 +137,14 @@ FROM b
 async def lag_between(write_url: str, read_url: str, t0: float, t1: float) -> dict[str, float]:
     """Of the orders created in [t0, t1) (wall-clock seconds), once all are projected: how many
     were written and projected, their commit-to-visible lag (projected_at - created_at) and the
-    backlog second by second, with its least-squares trend (orders per second; 0 = steady)."""
+    backlog second by second, with its least-squares trend (orders per second; 0 = steady), and
+    the lag's first leg (created to confirmed by the broker)."""
     a, b = datetime.fromtimestamp(t0, UTC), datetime.fromtimestamp(t1, UTC)
     made = "SELECT count(*) FROM buy_orders WHERE created_at >= $1 AND created_at < $2"
-    rows = [
-        (await pg_fetch(url, sql, a, b))[0]
-        for url, sql in ((read_url, _LAG), (read_url, _BACKLOG), (write_url, made))
-    ]
-    out = {k: float("nan") if v is None else float(v) for k, v in {**rows[0], **rows[1]}.items()}
-    return out | {"written": float(rows[2][0])}
+    queries = ((read_url, _LAG), (read_url, _BACKLOG), (write_url, _PUBLISHED), (write_url, made))
+    *rows, written = [(await pg_fetch(url, sql, a, b))[0] for url, sql in queries]
+    out = {k: float("nan") if v is None else float(v) for row in rows for k, v in row.items()}
+    return out | {"written": float(written[0])}
 
 
 _OUTBOX_BATCH = """
