@@ -268,6 +268,10 @@ class RabbitNode:
         return self.cfg.node_name
 
     @property
+    def amqp_port(self) -> int:
+        return self.cfg.amqp_port
+
+    @property
     def amqp_url(self) -> str:
         return self.cfg.broker_url
 
