@@ -881,7 +881,7 @@ async def test_races_across_four_create_processes(
             for c in clients:
                 await c.aclose()
         load.phase = "after"
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # the load's "after" phase: 1 s more of steady orders, not a wait
     converge_s = await wait_converged(stack.dbs, CONVERGE_S)
     stored = {
         r["idempotence_key"]: r
