@@ -3,9 +3,10 @@ started by the tests themselves from the machine's installed binaries, on privat
 private data, logs, Erlang cookie and epmd, so a test may kill, crash and restart them freely.
 
 Nothing here touches the machine's shared services (RabbitMQ ``rabbit@localhost`` on 5672 and its
-cookie, PostgreSQL on 5432): every node gets its own ``HOME`` holding its own ``.erlang.cookie``,
-its own ``RABBITMQ_CONF_ENV_FILE`` (so ``/etc/rabbitmq/rabbitmq-env.conf`` is never read), its own
-``RABBITMQ_CONFIG_FILE`` and an empty plugin list; the CLI is called through
+cookie, PostgreSQL on 5432): the cluster's nodes share a ``HOME`` of their own holding their
+``.erlang.cookie`` (the CLI uses it too), and every node has its own ``RABBITMQ_CONF_ENV_FILE`` (so
+``/etc/rabbitmq/rabbitmq-env.conf`` is never read), ``RABBITMQ_CONFIG_FILE`` and an empty plugin
+list, laid out by ``pydist.devtools.embedded_rabbitmq``; the CLI is called through
 ``/usr/lib/rabbitmq/bin`` (the ``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its
 cookie). The nodes register with a private epmd on a private port, so their names never clash with
 another session's.

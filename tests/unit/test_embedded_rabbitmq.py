@@ -11,6 +11,7 @@ import pytest
 from pydist.devtools.embedded_rabbitmq import (
     NodeConfig,
     NotInstalledError,
+    cli_env,
     find_scripts,
     rabbitmq_conf,
     server_env,
@@ -43,6 +44,37 @@ def test_ports_follow_the_amqp_port_and_avoid_the_shared_node() -> None:
 def test_a_port_whose_derived_ports_cannot_exist_is_refused(port: int) -> None:
     with pytest.raises(ValueError, match="outside"):
         NodeConfig(DATA, port)
+
+
+def test_a_cluster_node_takes_the_ports_and_the_home_it_is_given() -> None:
+    home = DATA.parent / "cluster-home"
+    node = NodeConfig(DATA / "n2", 31000, "pydist-rmq2@localhost", dist=31001, epmd=31002, shared_home=home)
+    assert (node.amqp_port, node.dist_port, node.epmd_port) == (31000, 31001, 31002)
+    assert node.cookie == home / ".erlang.cookie"  # one cookie for the cluster's nodes and its CLI
+    assert node.config_file == DATA / "n2" / "rabbitmq.conf"
+    env = server_env(node, SHARED)
+    assert (env["RABBITMQ_DIST_PORT"], env["ERL_EPMD_PORT"], env["HOME"]) == ("31001", "31002", str(home))
+    assert env["RABBITMQ_NODENAME"] == "pydist-rmq2@localhost"
+
+
+def test_the_cli_environment_reaches_the_node_and_names_no_node() -> None:
+    cfg = NodeConfig(DATA)
+    cli = cli_env(cfg, SHARED)
+    assert {k: cli[k] for k in ("HOME", "ERL_EPMD_PORT", "ERL_EPMD_ADDRESS")} == {
+        "HOME": str(cfg.home),
+        "ERL_EPMD_PORT": "15673",
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+    }
+    assert cli["RABBITMQ_CONF_ENV_FILE"] == str(cfg.env_file)
+    assert not {"RABBITMQ_NODENAME", "RABBITMQ_DIST_PORT", "ERL_FLAGS", "RABBITMQ_NODE_PORT"} & cli.keys()
+    assert cli.items() <= server_env(cfg, SHARED).items()  # the server's is the CLI's, and more
+
+
+def test_only_the_derived_ports_bound_the_amqp_port() -> None:
+    assert NodeConfig(DATA, 60000, dist=60001, epmd=60002).epmd_port == 60002  # nothing derived
+    assert NodeConfig(DATA, 50000, dist=50001).epmd_port == 60000  # epmd derived: P + 10000
+    with pytest.raises(ValueError, match=r"outside 1024\.\.55535"):
+        NodeConfig(DATA, 60000, dist=60001)  # P + 10000 would be 70000
 
 
 def test_config_listens_on_loopback_only_on_its_own_port() -> None:

@@ -293,6 +293,11 @@ def test_a_process_imports_only_its_own_app(name: str, absent: tuple[str, ...]) 
     assert loaded == ""
 
 
+def test_an_unknown_process_is_refused() -> None:
+    with pytest.raises(ValueError, match="no process 'nope'"):
+        serve.build_app("nope")
+
+
 @pytest.mark.parametrize("name", ["price", "relay", "sync"])
 def test_single_process_services_refuse_workers(quiet_serve: dict[str, Any], name: str) -> None:
     with pytest.raises(SystemExit, match="runs as one process"):

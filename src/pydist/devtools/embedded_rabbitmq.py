@@ -3,7 +3,8 @@ RabbitMQ → read_model_sync) whenever the machine has `rabbitmq-server` install
 
 The node must never touch the machine's own RabbitMQ (``rabbit@localhost`` on 5672, its cookie
 in ``/var/lib/rabbitmq``, ``/etc/rabbitmq``), which other software may rely on. So everything it
-reads or writes lives under its data dir: its own ``HOME`` holding its own 0600 ``.erlang.cookie``,
+reads or writes lives under its data dir: its own ``HOME`` holding its own 0600 ``.erlang.cookie``
+(a test cluster's nodes share one HOME, and so one cookie, in the cluster's temp dir),
 its own ``RABBITMQ_CONF_ENV_FILE`` (``/etc/rabbitmq/rabbitmq-env.conf`` is never read), config
 file, empty plugin list, mnesia and log dirs and pid file; it registers with a private epmd on a
 private port (the shared epmd on 4369 belongs to the machine's node, and an epmd our node started
@@ -13,9 +14,11 @@ there by itself would outlive it). The scripts come from ``/usr/lib/rabbitmq/bin
 Ports follow from the AMQP port P (default 5673), as RabbitMQ derives its own: distribution on
 P + 20000 (5672 → 25672 for the shared node), epmd on P + 10000. One AMQP port, one node. The
 fault tests' 3-node cluster (tests/support/private_services.py) lays its nodes out the same way,
-through `NodeConfig`, `prepare` and `server_env`, with ports of its own and one shared epmd.
+through `NodeConfig`, `prepare`, `cli_env` and `server_env`, with ports of its own and one shared
+epmd; it runs its processes itself (`start` and `stop` here assume a node with its own HOME).
 
-The pure parts (`NodeConfig`, `rabbitmq_conf`, `cli_env`, `server_env`) do no I/O, so they are unit-tested;
+The pure parts (`NodeConfig`, `rabbitmq_conf`, `cli_env`, `server_env`) do no I/O, so they are
+unit-tested;
 `start` and `stop` do the processes, and find them again through Linux's /proc. The node
 outlives `start` (it runs in its own session, like pgserver's PostgreSQL): `./run.sh` stops it
 from its EXIT trap.
@@ -66,9 +69,11 @@ class NodeConfig:
     shared_home: Path | None = None
 
     def __post_init__(self) -> None:
-        highest = 65535 - (20000 if self.dist is None else 0)
+        # A derived port (P + 20000, P + 10000) must still be a port; below 1024 needs root and
+        # clashes with system services.
+        derived = max(20000 if self.dist is None else 0, 10000 if self.epmd is None else 0)
+        highest = 65535 - derived
         if not 1024 <= self.amqp_port <= highest:
-            # P + 20000 must still be a port; below 1024 needs root and clashes with system services.
             raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..{highest}")
 
     @property
@@ -407,8 +412,8 @@ def _alive(pid: int) -> bool:
 
 def _beams_of(cfg: NodeConfig) -> list[int]:
     """Live Erlang VMs started with this node's private HOME (``-home <data dir>/home``, which
-    erl puts on the command line): this node's, and only it, not a shell or an editor that
-    happens to mention the data dir."""
+    erl puts on the command line): this node's, and only it (for a node with a HOME of its own,
+    which is what `start` makes), not a shell or an editor that happens to mention the data dir."""
     mark = f"-home {cfg.home} "
     found = []
     for entry in os.listdir("/proc"):

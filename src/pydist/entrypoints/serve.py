@@ -56,7 +56,11 @@ def build_app(name: str) -> FastAPI:
         return price_api.create_app()
     from pydist.entrypoints import workers
 
-    return workers.create_relay_app() if name == "relay" else workers.create_sync_app()
+    if name == "relay":
+        return workers.create_relay_app()
+    if name == "sync":
+        return workers.create_sync_app()
+    raise ValueError(f"no process {name!r}: one of {', '.join(PORTS)}")
 
 
 GRACEFUL_SHUTDOWN_S = 8
