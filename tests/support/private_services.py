@@ -280,18 +280,6 @@ class RabbitNode:
     def short_name(self) -> str:
         return self.name.split("@", 1)[0]
 
-    @property
-    def pid_file(self) -> Path:
-        return self.cfg.pid_file
-
-    @property
-    def log_dir(self) -> Path:
-        return self.cfg.log_dir
-
-    @property
-    def console_log(self) -> Path:
-        return self.cfg.console_log
-
     def process_alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
@@ -400,8 +388,8 @@ class RabbitCluster:
     def _spawn(self, node: RabbitNode) -> None:
         if node.process_alive():
             raise ServiceError(f"{node.name} is already running")
-        node.pid_file.unlink(missing_ok=True)
-        with open(node.console_log, "ab") as log:
+        node.cfg.pid_file.unlink(missing_ok=True)
+        with open(node.cfg.console_log, "ab") as log:
             node.popen = subprocess.Popen(
                 [str(self._scripts / "rabbitmq-server")],
                 env=rmq.server_env(node.cfg, os.environ),
@@ -423,7 +411,7 @@ class RabbitCluster:
                 if not node.process_alive():
                     raise ServiceError(
                         f"{node.name} exited while booting (rc={node.popen and node.popen.poll()}):\n"
-                        f"{_tail(node.console_log)}\n{_tail(node.log_dir / f'{node.name}.log')}"
+                        f"{rmq.node_logs(node.cfg, 30)}"
                     )
                 names = self._epmd_names() or ""
                 return f"name {node.short_name} at port" in names
@@ -488,9 +476,9 @@ class RabbitCluster:
         if not n.process_alive():
             raise ServiceError(f"{n.name} is not running")
         assert n.popen is not None
-        pid = int(wait_for(lambda: _read(n.pid_file), timeout=60, what=f"{n.pid_file} written"))
+        pid = int(wait_for(lambda: _read(n.cfg.pid_file), timeout=60, what=f"{n.cfg.pid_file} written"))
         if not _pid_alive(pid) or _parent_pid(pid) != n.popen.pid:
-            raise ServiceError(f"pid {pid} in {n.pid_file} is not {n.name}'s beam (our child)")
+            raise ServiceError(f"pid {pid} in {n.cfg.pid_file} is not {n.name}'s beam (our child)")
         return pid
 
     def stop_all(self) -> None:

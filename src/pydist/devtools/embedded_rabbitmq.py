@@ -337,18 +337,19 @@ def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadlin
         while True:
             if server is not None and server.poll() is not None:
                 raise NodeError(
-                    f"rabbitmq-server exited while booting (rc={server.returncode}):\n{_logs(cfg)}"
+                    f"rabbitmq-server exited while booting (rc={server.returncode}):\n{node_logs(cfg)}"
                 )
             if await attempt():
                 return
             if time.monotonic() >= deadline:
-                raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{_logs(cfg)}")
+                raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{node_logs(cfg)}")
             await asyncio.sleep(0.2)  # paces the polling only
 
     asyncio.run(poll())
 
 
-def _logs(cfg: NodeConfig, lines: int = 20) -> str:
+def node_logs(cfg: NodeConfig, lines: int = 20) -> str:
+    """The last `lines` of the node's console log and of its own log, for an error message."""
     out = []
     for path in (cfg.console_log, cfg.log_dir / f"{cfg.node_name}.log"):
         with contextlib.suppress(OSError):
