@@ -3,13 +3,11 @@ is `ab_rounds`; ./bench/run.sh uses it for the first/deep page runs and for trac
 a program, it compares two create (or fetch) processes built from different source trees, on the
 same databases, broker and workers:
 
-    uv run python -m bench.ab_create --a-src /tmp/old/src --b-src src --rounds 4 --seconds 5
-    uv run python -m bench.ab_create --src A=/tmp/old/src --src B=src --src C=/tmp/c/src
+    uv run python -m bench.ab_create --src A=/tmp/old/src --src B=src --rounds 4 --seconds 5
     uv run python -m bench.ab_create --src off=src --src on=src --env-for off:WRITE_WINDOW_S=0
 
-A source tree is put first on PYTHONPATH of its process (an empty value: the installed one).
-With `--src LABEL=PATH` (repeated) any number of variants take their turns; each is compared
-with the first.
+Each `--src LABEL=PATH` (repeated) is a variant; its tree is put first on PYTHONPATH of its
+process (an empty PATH: the installed one). Each variant is compared with the first.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from bench.harness import (
     NAN,
     WrkResult,
     cores_text,
+    env_for,
     histogram,
     log,
     processes,
@@ -58,17 +57,14 @@ def ab_rounds(
     for _ in range(rounds[0]):
         for label, url in urls.items():
             out[label].append(r := run_wrk(url, script, connections, rounds[1], meters.get(label), pg_dbs))
-            ms, busy = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms", 100 * r.cpu["machine_busy"]
-            cpu = cores_text(r.cpu)
-            log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cpu}; {busy:.0f}% busy")
+            ms = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms"
+            log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cores_text(r.cpu)}")
     return {label: wrk_json(results) for label, results in out.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--a-src", default="", help="source tree for A (empty: installed)")
-    parser.add_argument("--b-src", default="", help="source tree for B (empty: installed)")
-    parser.add_argument("--src", action="append", default=[], help="LABEL=PATH: variants instead of A/B")
+    parser.add_argument("--src", action="append", required=True, help="LABEL=PATH (repeat)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
@@ -80,15 +76,11 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.env)
     create = args.service == "create"
     path, script = ("/buy_order", "create.lua") if create else ("/buy_orders?page_size=10", "get.lua")
-    srcs = dict(kv.split("=", 1) for kv in args.src) if args.src else {"A": args.a_src, "B": args.b_src}
+    srcs = dict(kv.split("=", 1) for kv in args.src)
     with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
-        envs = {
-            k: {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""} for k, src in srcs.items()
-        }
-        for spec in args.env_for:
-            label, kv = spec.split(":", 1)
-            envs[label].update([kv.split("=", 1)])
+        paths = {k: str(Path(src).resolve()) if src else "" for k, src in srcs.items()}
+        envs = env_for(args.env_for, {k: {**extra, "PYTHONPATH": path} for k, path in paths.items()})
         procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
         urls = {k: p.url + path for k, p in procs.items()}
         meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}

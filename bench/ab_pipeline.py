@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import harness, open_loop
 from bench.harness import log, processes, resources, spawn, stat, stop_procs
-from bench.workload import BulkLoader, lag_between, outbox_mark, wait_projected
+from bench.workload import BulkLoader, drained, lag_between
 
 PIPELINE = ("relay", "sync", "rabbitmq")
 
@@ -38,9 +38,8 @@ def one_turn(system: Any, res: Any, env: dict[str, str], args: argparse.Namespac
     relay = spawn(system, {"relay": ("relay", env)})["relay"]
     pids = {n: p.popen.pid for n, p in system.procs.items() if n != "price"}
     pids |= dict(("rabbitmq", pid) for pid in harness.named("beam.smp")[-1:])
-    mark = asyncio.run(outbox_mark(res.write_url))
-    r = load(system, res, args, pids)
-    asyncio.run(wait_projected(res.write_url, res.read_url, mark))
+    with drained(res.write_url, res.read_url):
+        r = load(system, res, args, pids)
     r |= asyncio.run(lag_between(res.write_url, res.read_url, r["t0"], r["t1"]))
     per_message = harness.histogram(relay.url, "pydist_events_per_message")
     r["events_per_message"] = per_message["sum"] / max(per_message["count"], 1.0)
@@ -60,10 +59,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=0, help="closed loop (wrk) at c=N instead")
     parser.add_argument("--rows", type=int, default=100_000, help="bulk rows in both models first")
     args = parser.parse_args()
-    envs: dict[str, dict[str, str]] = {}
-    for spec in args.env_for:
-        label, kv = spec.split(":", 1)
-        envs.setdefault(label, {}).update([kv.split("=", 1)])
+    envs = harness.env_for(args.env_for, {})
     turns: dict[str, list[dict[str, Any]]] = {label: [] for label in envs}
     with resources() as res, processes(res, "price", "create", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
@@ -86,9 +82,7 @@ def summary(r: dict[str, Any]) -> str:
         f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms; pipeline {r['pipeline_us']:.0f} µs/order, "
         f"{r['events_per_message']:.1f} events/message; "
         f"lag p50 {r['lag_p50_ms']:.0f} p99 {r['lag_p99_ms']:.0f} ms (confirmed p50 "
-        f"{r['published_p50_ms']:.0f} p99 {r['published_p99_ms']:.0f}); create waited "
-        f"{cpu['create_runq']:.1%}; {harness.cores_text(cpu)}; {cpu['machine_busy']:.0%} busy, "
-        f"{cpu['machine_steal']:.1%} stolen"
+        f"{r['published_p50_ms']:.0f} p99 {r['published_p99_ms']:.0f}); {harness.cores_text(cpu)}"
     )
 
 

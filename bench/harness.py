@@ -298,8 +298,11 @@ class CpuMeter:
 
 
 def cores_text(cpu: dict[str, float]) -> str:
-    """A CpuMeter reading as 'create 0.74, postgres 0.30' (processes using at least 0.01 core)."""
-    return ", ".join(f"{k[:-4]} {v:.2f}" for k, v in cpu.items() if k.endswith("_cpu") and v >= 0.01)
+    """A CpuMeter reading as 'create 0.74, postgres 0.30 (processes using at least 0.01 core); 84%
+    busy, 1.2% stolen; create's loop waited 6.3%' (the wait when create was metered)."""
+    cores = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in cpu.items() if k.endswith("_cpu") and v >= 0.01)
+    text = f"{cores}; {cpu['machine_busy']:.0%} busy, {cpu['machine_steal']:.1%} stolen"
+    return text + (f"; create's loop waited {cpu['create_runq']:.1%}" if "create_runq" in cpu else "")
 
 
 @dataclass
@@ -420,6 +423,14 @@ def machine_info() -> dict[str, str]:
         mem_kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:")), 0)
     memory = f"{mem_kb / 1024 / 1024:.1f} GiB"
     return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": memory, "kernel": os.uname().release}
+
+
+def env_for(specs: Sequence[str], envs: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The A/B tools' `--env-for LABEL:NAME=VALUE` (repeated), added to each label's environment."""
+    for spec in specs:
+        label, kv = spec.split(":", 1)
+        envs.setdefault(label, {}).update([kv.split("=", 1)])
+    return envs
 
 
 def wait_for_quiet(max_load: float, max_wait_s: float) -> None:

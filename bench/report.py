@@ -132,13 +132,10 @@ def _pipeline_rows(r: dict[str, Any]) -> list[Row]:
         value = f"p50 {_n(run['p50_ms'], 1)} / p99 {_n(run['p99_ms'], 1)} / max {_n(run['max_ms'])} ms; "
         value += f"{_errors(run)}; generator {_n(run['client_cpu'], 2)} core, "
         value += f"fired late p99 {_n(run['late_p99_ms'], 1)} ms"
-        if "create_runq" in run.get("cpu", {}):
-            value += f"; create {_n(run['cpu']['create_cpu'], 2)} core, its loop waited for a core "
-            value += f"{_n(100 * run['cpu']['create_runq'], 1)}% of the run"
-            if "machine_steal" in run["cpu"]:
-                value += f" ({_n(100 * run['cpu']['machine_steal'], 1)}% of the machine stolen)"
-        if "pg_waits" in run:
-            value += f"; {open_loop.stalls(run)}"
+        cpu = run["cpu"]
+        value += f"; create {_n(cpu['create_cpu'], 2)} core, its loop waited for a core "
+        value += f"{_n(100 * cpu['create_runq'], 1)}% of the run "
+        value += f"({_n(100 * cpu['machine_steal'], 1)}% of the machine stolen); {open_loop.stalls(run)}"
         verdict = _verdict(run["p99_ms"], 50) if half else "-"
         rows.append(_plain(figure, value, "p99 < 50 ms" if half else "(reported)", verdict))
     return rows
@@ -177,10 +174,8 @@ def _lag_rows(r: dict[str, Any]) -> list[Row]:
         )
         when = f"below saturation (c={run['connections']}: {rate})"
         when = f"at max create rate ({rate})" if target else when
-        value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms"
-        if "published_p50_ms" in run:  # not in result files from before the reading
-            value += f" (of which created → confirmed by the broker: {_n(run['published_p50_ms'])} / "
-            value += f"{_n(run['published_p99_ms'])} ms)"
+        value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms (of which created → confirmed "
+        value += f"by the broker: {_n(run['published_p50_ms'])} / {_n(run['published_p99_ms'])} ms)"
         value += f"; backlog {_n(run['backlog_first'])}→"
         value += f"{_n(run['backlog_last'])} (max {_n(run['backlog_max'])}), trend {_n(slope, 1)}/s"
         growing = slope > 0.01 * _m(run, "rps") and run["backlog_max"] > 500  # NaN compares False
@@ -269,9 +264,8 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
     ]
     busy = [f"{_n(100 * _m(x['cpu'], 'machine_busy'))}%" for x in (create, sus)]
     rows.append(["machine busy", busy[0], "", busy[1], ""])
-    if "machine_steal" in sus["cpu"]:  # not in result files from before the steal reading
-        steal = [f"{_n(100 * _m(x['cpu'], 'machine_steal'), 1)}%" for x in (create, sus)]
-        rows.append(["of which stolen by the hypervisor", steal[0], "", steal[1], ""])
+    steal = [f"{_n(100 * _m(x['cpu'], 'machine_steal'), 1)}%" for x in (create, sus)]
+    rows.append(["of which stolen by the hypervisor", steal[0], "", steal[1], ""])
     wrk = f"wrk drove {_n(_m(hello, 'rps'))} req/s using {_n(_m(hello, 'wrk_cpu'), 2)} core"
     return [
         "#### Where the CPU goes (cores used, and CPU microseconds per order)",
@@ -291,8 +285,6 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
 def _waits(create: dict[str, Any], sus: dict[str, Any]) -> list[str]:
     """The share of the run each process's main thread (its event loop) was runnable with no core."""
     names = [k.removesuffix("_runq") for k in sus["cpu"] if k.endswith("_runq") and k != "rabbitmq_runq"]
-    if not names:  # a result file from before the run-queue reading
-        return []
     cells = [
         f"{n} {_n(100 * _m(create['cpu'], f'{n}_runq'), 1)}% / {_n(100 * _m(sus['cpu'], f'{n}_runq'), 1)}%"
         for n in names

@@ -33,16 +33,12 @@ from tests.support.procs import System
 from bench import harness, open_loop, report, workload
 from bench.ab_create import ab_rounds, wrk_json
 from bench.harness import NAN, Resources, log, pg_fetch, run_wrk, stat
-from bench.workload import BulkLoader, lag_between, outbox_mark, wait_projected
+from bench.workload import BulkLoader, lag_between
+from pydist.adapters.listing import _NEXT_PAGE
 
 ROOT = harness.BENCH_DIR.parent
 BATCHES = "pydist_write_batch_orders"
-_EXPLAIN = """
-EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
-SELECT b.id FROM (SELECT created_at, id FROM buy_orders WHERE id = $1) AS ref
-LEFT JOIN LATERAL (SELECT id FROM buy_orders o WHERE (o.created_at, o.id) < (ref.created_at, ref.id)
-                   ORDER BY o.created_at DESC, o.id DESC LIMIT 11) AS b ON true
-"""
+_EXPLAIN = f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {_NEXT_PAGE}"  # the query fetch runs, as it runs it
 PACKAGES = "fastapi uvicorn starlette pydantic sqlalchemy asyncpg aio-pika uvloop opentelemetry-sdk".split()  # noqa: SIM905
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
@@ -102,13 +98,8 @@ class Bench:
                 peak = max(harness.peak_rss_mb(p) for p in harness.tree(proc.popen.pid))
                 self.r["rss_mb"][key] = max(self.r["rss_mb"].get(key, 0.0), peak)
 
-    @contextlib.contextmanager
-    def drained(self) -> Iterator[None]:
-        """Afterwards, wait (bounded) until every order made inside is in the read model."""
-        mark = asyncio.run(outbox_mark(self.res.write_url))
-        yield
-        waited = asyncio.run(wait_projected(self.res.write_url, self.res.read_url, mark))
-        log(f"  backlog projected in {waited:.1f}s")
+    def drained(self) -> contextlib.AbstractContextManager[None]:
+        return workload.drained(self.res.write_url, self.res.read_url)
 
     @contextlib.contextmanager
     def pipeline_paused(self) -> Iterator[None]:
@@ -188,7 +179,7 @@ class Bench:
         urls = {"page_first": self.url("fetch"), "page_deep": f"{self.url('fetch')}&last_reference={ref}"}
         meters, rounds = dict.fromkeys(urls, self.pids()), (self.plan.runs, self.plan.latency_s)
         stage |= ab_rounds(urls, "get.lua", 1, rounds, meters, self.res.dbs)
-        explain = [row[0] for row in asyncio.run(pg_fetch(self.res.read_url, _EXPLAIN, ref))]
+        explain = [row[0] for row in asyncio.run(pg_fetch(self.res.read_url, _EXPLAIN, 11, ref))]
         stage["page_deep"] |= {"depth": depth, "explain": explain}
         if last:
             self.headline(stage)
@@ -292,10 +283,7 @@ def log_open_loop(r: dict[str, Any]) -> None:
     ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
     ms += f"; {r['errors']} errors {r['error_kinds']}"
     log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
-    cpu = r["cpu"]
-    waited = f"create's loop waited {cpu['create_runq']:.1%}"
-    busy = f"{cpu['machine_busy']:.0%} busy ({cpu['machine_steal']:.1%} stolen)"
-    log(f"  cores: {harness.cores_text(cpu)}; {busy}; {waited}")
+    log(f"  cores: {harness.cores_text(r['cpu'])}")
     log(f"  {open_loop.stalls(r)}")
 
 

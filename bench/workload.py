@@ -4,8 +4,10 @@ batches for the relay, the raw aio-pika baseline, and the read model's lag and b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,7 +15,7 @@ from decimal import Decimal
 import aio_pika
 import asyncpg
 
-from bench.harness import pg_fetch
+from bench.harness import log, pg_fetch
 from pydist.adapters.messages import single_event
 from pydist.adapters.rabbit import QUEUE
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
@@ -21,7 +23,6 @@ from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 
 BULK_BTC = Decimal("0.00010310")  # 10.00 USD at 97000.00, rounded up to a satoshi
-Mark = tuple[int, datetime]  # a point in the order stream: (highest outbox id, now)
 
 # Deterministic ids from the row number (b0000000-0000-0000-0000-<n>; version nibble 0, so never equal
 # to a gen_random_uuid()), so both models get the very same orders, appended to the indexes in order
@@ -86,23 +87,23 @@ class BulkLoader:
         return (await pg_fetch(self.read_url, newest_first, depth))[0][0], depth
 
 
-async def outbox_mark(write_url: str) -> Mark:
-    rows = await pg_fetch(write_url, "SELECT coalesce(max(id), 0), clock_timestamp() FROM outbox")
-    return int(rows[0][0]), rows[0][1]
-
-
-async def wait_projected(write_url: str, read_url: str, mark: Mark, timeout_s: float = 90) -> float:
-    """Wait (bounded) until every order made after `mark` is published and in the read model.
-    Returns the seconds waited, or NaN if the timeout passed first."""
-    started = time.monotonic()
+@contextlib.contextmanager
+def drained(write_url: str, read_url: str, timeout_s: float = 90) -> Iterator[None]:
+    """Afterwards, wait (bounded) until every order made inside is published and in the read
+    model; a backlog still there after `timeout_s` is logged, not raised."""
+    mark = "SELECT coalesce(max(id), 0), clock_timestamp() FROM outbox"
+    (first_id, now), *_ = asyncio.run(pg_fetch(write_url, mark))
+    yield
     outbox = "SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox WHERE id > $1"
+    read = "SELECT count(*) FROM buy_orders WHERE created_at >= $1"
+    started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        (unpublished, made), *_ = await pg_fetch(write_url, outbox, mark[0])
-        read = await pg_fetch(read_url, "SELECT count(*) FROM buy_orders WHERE created_at >= $1", mark[1])
-        if unpublished == 0 and read[0][0] >= made:
-            return time.monotonic() - started
-        await asyncio.sleep(0.25)
-    return float("nan")
+        (unpublished, made), *_ = asyncio.run(pg_fetch(write_url, outbox, first_id))
+        if unpublished == 0 and asyncio.run(pg_fetch(read_url, read, now))[0][0] >= made:
+            log(f"  backlog projected in {time.monotonic() - started:.1f}s")
+            return
+        time.sleep(0.25)  # paces the polling of a condition
+    log(f"  backlog not projected after {timeout_s:.0f}s")
 
 
 _LAG = """

@@ -4,8 +4,7 @@ package.path = (os.getenv("BENCH_WRK_DIR") or ".") .. "/?.lua;" .. package.path
 local report = require("report")
 
 local nonce = os.getenv("BENCH_NONCE") or "00000000"
-local amount = os.getenv("BENCH_AMOUNT") or "10.00"
-local body = '{"currency":"USD","amount":"' .. amount .. '"}'
+local body = '{"currency":"USD","amount":"10.00"}'
 local next_tid = 0
 
 function setup(thread)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated
 
 import orjson
@@ -22,7 +21,7 @@ from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.http_app import Lifespan, build_app
-from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
+from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
 from pydist.entrypoints.problems import ProblemError, problem_type, validation_problem
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses, read_json_object
 from pydist.metrics import (
@@ -96,26 +95,28 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.CreateGraph
     return app
 
 
-async def _watch_write_model(store: WriteStore, stop: asyncio.Event) -> None:
+def _write_model_gauges(store: WriteStore) -> Callable[[], Awaitable[None]]:
     """Keep the cap and outbox gauges current. The cap row is the truth (other create processes
     write it too), so it is read rather than tracked. While the write model cannot be read,
     nothing can be published either: the oldest unpublished event is then at most the last
     reading plus the time since, and the age gauge says so (an upper bound, so the outbox alert
     fires during such an outage instead of showing the last value for ever)."""
     read_at, age = time.monotonic(), 0.0
-    while not stop.is_set():
+
+    async def read() -> None:
+        nonlocal read_at, age
         try:
             status = await store.status()
         except Exception:
             OUTBOX_OLDEST_AGE.set(age + time.monotonic() - read_at)
-        else:
-            read_at, age = time.monotonic(), status.outbox_oldest_age_s
-            CAP_USED.set(float(status.used_btc))
-            CAP_REMAINING.set(float(status.available_btc))
-            OUTBOX_BACKLOG.set(status.outbox_backlog)
-            OUTBOX_OLDEST_AGE.set(age)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=WATCH_S)
+            return
+        read_at, age = time.monotonic(), status.outbox_oldest_age_s
+        CAP_USED.set(float(status.used_btc))
+        CAP_REMAINING.set(float(status.available_btc))
+        OUTBOX_BACKLOG.set(status.outbox_backlog)
+        OUTBOX_OLDEST_AGE.set(age)
+
+    return read
 
 
 def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
@@ -123,19 +124,14 @@ def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # No blocking wait for the database: the port opens at once and /readyz answers 503
         # until the write model answers (requests meanwhile get a 503 problem, nothing stored).
-        stop = asyncio.Event()
         graph.writer.start()
-        tasks = [
-            asyncio.create_task(await_dependency("write_database", graph.store.ping, stop), name="await-db"),
-            asyncio.create_task(_watch_write_model(graph.store, stop), name="write-model-gauges"),
+        gauges = _write_model_gauges(graph.store)
+        jobs: list[Job] = [
+            partial(await_dependency, "write_database", graph.store.ping),
+            partial(every, seconds=WATCH_S, job=gauges),
         ]
-        log.info("service_started", port=port)
-        yield
-        stop.set()
-        await graph.writer.stop()
-        await cancel_tasks(tasks, timeout=2)
-        await graph.aclose()
-        log.info("service_stopped")
+        async with running("service", jobs, graph.aclose, stop_s=2, port=port):
+            yield
 
     return lifespan
 

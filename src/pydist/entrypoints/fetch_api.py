@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-import structlog
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from pydist import bootstrap
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import Lifespan, build_app
-from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
+from pydist.entrypoints.lifecycle import await_dependency, running
 from pydist.entrypoints.schemas import BuyOrderPage, PageQuery, problem_responses
-
-log = structlog.get_logger()
 
 
 def _lifespan(graph: bootstrap.FetchGraph, port: int) -> Lifespan:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # The port opens at once; /readyz answers 503 until the read model answers.
-        stop = asyncio.Event()
-        waiting = asyncio.create_task(
-            await_dependency("read_database", graph.pages.ping, stop), name="await-db"
-        )
-        log.info("service_started", port=port)
-        yield
-        stop.set()
-        await cancel_tasks([waiting], timeout=1)
-        await graph.aclose()
-        log.info("service_stopped")
+        waiting = partial(await_dependency, "read_database", graph.pages.ping)
+        async with running("service", [waiting], graph.aclose, stop_s=1, port=port):
+            yield
 
     return lifespan
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -77,6 +78,37 @@ async def _unless_stopped(check: Awaitable[object], stop: asyncio.Event, timeout
             await checking
         raise _Stopped
     checking.result()
+
+
+Job = Callable[[asyncio.Event], Coroutine[Any, Any, object]]
+"""A process's background work: it runs until the stop event is set."""
+
+
+@asynccontextmanager
+async def running(
+    event: str, jobs: Sequence[Job], close: Callable[[], Awaitable[object]], stop_s: float, **fields: Any
+) -> AsyncIterator[None]:
+    """A process's lifespan: start `jobs`, log `<event>_started`; at shutdown set their stop event,
+    give them `stop_s` seconds to finish (then cancel them), `close` the graph, log `<event>_stopped`."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(job(stop), name=f"{event}-{i}") for i, job in enumerate(jobs)]
+    log.info(f"{event}_started", **fields)
+    yield
+    stop.set()
+    await cancel_tasks(tasks, timeout=stop_s)
+    await close()
+    log.info(f"{event}_stopped")
+
+
+async def every(stop: asyncio.Event, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Run `job` every `seconds` until `stop`; a failed run waits for the next."""
+    while not stop.is_set():
+        try:
+            await job()
+        except Exception as exc:
+            log.debug("job_failed", job=getattr(job, "__name__", "?"), error=type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> None:

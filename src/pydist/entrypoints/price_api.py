@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import orjson
-import structlog
 from fastapi import FastAPI
 from starlette.responses import Response
 
@@ -19,11 +18,9 @@ from pydist.config import Settings, get_settings
 from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.entrypoints.http_app import Lifespan, build_app
+from pydist.entrypoints.lifecycle import every, running
 from pydist.entrypoints.schemas import problem_responses
 from pydist.metrics import PRICE_AGE, PRICE_METRICS, expose
-from pydist.service.price_cache import PriceCache
-
-log = structlog.get_logger()
 
 
 def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph | None = None) -> FastAPI:
@@ -77,26 +74,20 @@ def _age_of(fetched_at: dict[Currency, float], currency: Currency) -> Callable[[
     return age
 
 
-async def _keep_warm(cache: PriceCache, settings: Settings) -> None:
-    """Refresh each currency at half its allowed age, so orders rarely wait for Coinbase."""
-    period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
-    while True:
+def _lifespan(graph: bootstrap.PriceGraph, settings: Settings) -> Lifespan:
+    async def refresh() -> None:
         for currency in Currency:
             with contextlib.suppress(PriceUnavailableError):
-                await cache.refresh(currency)
-        await asyncio.sleep(period)
+                await graph.cache.refresh(currency)
 
+    # Each currency refreshed at half its allowed age, so orders rarely wait for Coinbase.
+    period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
+    keep_warm = partial(every, seconds=period, job=refresh)
+    fields = {"port": settings.btc_price_port, "upstream": settings.coinbase_api_url}
 
-def _lifespan(graph: bootstrap.PriceGraph, settings: Settings) -> Lifespan:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_keep_warm(graph.cache, settings), name="price-keep-warm")
-        log.info("service_started", port=settings.btc_price_port, upstream=settings.coinbase_api_url)
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await graph.aclose()
-        log.info("service_stopped")
+        async with running("service", [keep_warm], graph.aclose, stop_s=0, **fields):
+            yield
 
     return lifespan

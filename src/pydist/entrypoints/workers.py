@@ -7,7 +7,6 @@ soon as the databases (and the broker) answer, and /readyz says 503 until then."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pydist import bootstrap
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, depth
 from pydist.config import Settings, get_settings
 from pydist.entrypoints.http_app import build_app
-from pydist.entrypoints.lifecycle import await_dependency, cancel_tasks
+from pydist.entrypoints.lifecycle import await_dependency, every, running
 from pydist.metrics import (
     BROKER_RELAY_METRICS,
     DLQ_MESSAGES,
@@ -78,14 +77,9 @@ def _worker_app(settings: Settings, worker: _Worker) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(run(stop), name=worker.event)
-        log.info(f"{worker.event}_started", **worker.fields)
-        yield
-        stop.set()  # the work ends: the consumer settles what it already holds
-        await cancel_tasks([task], timeout=SHUTDOWN_S)
-        await worker.close()
-        log.info(f"{worker.event}_stopped")
+        # At the stop the work ends: the consumer settles what it already holds.
+        async with running(worker.event, [run], worker.close, stop_s=SHUTDOWN_S, **worker.fields):
+            yield
 
     return build_app(
         service=worker.service,
@@ -95,17 +89,6 @@ def _worker_app(settings: Settings, worker: _Worker) -> FastAPI:
         ready=ready,
         lifespan=lifespan,
     )
-
-
-async def _every(stop: asyncio.Event, seconds: float, measure: Check) -> None:
-    """Run `measure` every `seconds` until `stop`; a failed measurement waits for the next."""
-    while not stop.is_set():
-        try:
-            await measure()
-        except Exception as exc:
-            log.debug("measure_failed", error=type(exc).__name__)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def create_relay_app(
@@ -151,7 +134,7 @@ def create_sync_app(settings: Settings | None = None, *, graph: bootstrap.SyncGr
 
     async def work(stop: asyncio.Event) -> None:
         log.info("sync_consuming")
-        await asyncio.gather(g.consumer.run(stop), _every(stop, WATCH_S, measure_dlq))
+        await asyncio.gather(g.consumer.run(stop), every(stop, WATCH_S, measure_dlq))
 
     database = (g.db.ping,)
     dependencies = [("read_database", database[0], 5.0), ("broker", g.consumer.start, BROKER_ATTEMPT_S)]
