@@ -12,7 +12,6 @@ from typing import Annotated
 import orjson
 import structlog
 from fastapi import FastAPI, Header, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from pydist import bootstrap, telemetry
@@ -22,7 +21,7 @@ from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, Pr
 from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
-from pydist.entrypoints.problems import ProblemError, problem_type, validation_problem
+from pydist.entrypoints.problems import ProblemError, problem_type
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses, read_json_object
 from pydist.metrics import (
     CAP_REMAINING,
@@ -172,10 +171,7 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_
         request: Request, idempotency_key_header: IdempotencyKeyHeader = None
     ) -> Response:
         raw = await read_json_object(request, max_body_bytes)
-        try:
-            body = BuyOrderIn.model_validate(raw)
-        except ValidationError as exc:
-            return validation_problem(list(exc.errors()))
+        body = BuyOrderIn.model_validate(raw)  # ValidationError: a 422 problem
         key = idempotency_key(body.idempotence_key, _header_key(idempotency_key_header))
         order_request = OrderRequest(key, body.currency, body.amount)
         structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))

@@ -168,7 +168,8 @@ PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
     ),
     UnknownReferenceError: ProblemType(404, "unknown-reference"),
 }
-"""The one table from exception to problem type (besides validation, HTTP and crash handlers)."""
+"""The one table from exception to problem type (besides the validation and HTTP handlers; any
+other exception is a 500 problem from http_app.EdgeMiddleware)."""
 
 
 def problem_type(exc: Exception) -> ProblemType:
@@ -194,14 +195,9 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_mapped(_: Request, exc: Exception) -> Response:
         return problem_type(exc).response(exc)
 
-    async def on_crash(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled_error", error_type=type(exc).__name__)
-        return problem(500, "internal-error", "an internal error occurred; it has been logged")
-
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(ValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     for error in PROBLEM_TYPES:
         app.add_exception_handler(error, on_mapped)
-    app.add_exception_handler(Exception, on_crash)
