@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from pydist.config import get_settings
+from pydist.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from pydist.bootstrap import AdminGraph
@@ -264,6 +264,11 @@ def _default_url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def _auth(settings: Settings) -> dict[str, str]:
+    """The client's Authorization header: the first of API_KEYS, if any are set."""
+    return {"Authorization": f"Bearer {sorted(settings.api_key_set)[0]}"} if settings.api_key_set else {}
+
+
 class _Retryable(Exception):
     pass
 
@@ -283,9 +288,7 @@ def orders_create(
     settings = get_settings()
     base = url or _default_url(settings.create_buy_order_port)
     idem = key or str(uuid.uuid4())
-    headers = {"Idempotency-Key": idem}
-    if settings.api_key_set:
-        headers["Authorization"] = f"Bearer {sorted(settings.api_key_set)[0]}"
+    headers = {"Idempotency-Key": idem, **_auth(settings)}
     if not as_json:
         console.print(f"idempotency key: [bold]{idem}[/bold]")
 
@@ -341,9 +344,7 @@ def orders_list(
 
     settings = get_settings()
     base = url or _default_url(settings.fetch_buy_orders_port)
-    headers = {}
-    if settings.api_key_set:
-        headers["Authorization"] = f"Bearer {sorted(settings.api_key_set)[0]}"
+    headers = _auth(settings)
     rows: list[dict[str, str]] = []
     ref = last_reference
     with httpx.Client(base_url=base, timeout=10, headers=headers) as client:
