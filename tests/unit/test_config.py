@@ -55,3 +55,11 @@ def test_a_non_postgres_url_is_refused_without_echoing_credentials() -> None:
 )
 def test_plain_url_is_what_asyncpg_connect_takes(url: str) -> None:
     assert plain_url(url) == "postgresql://u@h/db?host=/s"
+
+
+def test_the_cli_client_sends_one_of_the_api_keys_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydist.entrypoints.cli import _auth
+
+    monkeypatch.delenv("API_KEYS", raising=False)
+    assert _auth(Settings(api_keys="k2, k1")) == {"Authorization": "Bearer k1"}
+    assert _auth(Settings()) == {}
