@@ -14,9 +14,9 @@ from decimal import Decimal
 
 import aio_pika
 import asyncpg
+from tests.support.messages import single_event
 
 from bench.harness import log, pg_fetch
-from pydist.adapters.messages import single_event
 from pydist.adapters.rabbit import QUEUE
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.domain.money import Currency

@@ -18,7 +18,7 @@ import structlog
 
 from pydist.adapters import dlq
 from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE, EnvelopeConsumer
-from pydist.adapters.messages import ENVELOPE_TYPE, single_event
+from pydist.adapters.messages import ENVELOPE_TYPE
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.publisher import BrokerPublisher
 from pydist.adapters.queue_migration import migrate_queues
@@ -37,6 +37,7 @@ from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support import read_model_admin
+from tests.support.messages import single_event
 from tests.support.read_side import (
     CountingHandler,
     background,
@@ -462,6 +463,12 @@ async def test_classic_queues_move_to_quorum_with_nothing_lost(
         assert await migrate_queues(vhost_url) == {DEAD_LETTER_QUEUE: 0, QUEUE: 0}
         types = _queue_types(vhost_url)
         assert types == {QUEUE: "quorum", DEAD_LETTER_QUEUE: "quorum"}, types
+        # One binding per queue, the one both sides declare: none left over from the move.
+        bindings = _bindings(vhost_url)
+        assert bindings == {
+            (DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE),
+            (EXCHANGE, QUEUE, "buy_order.#"),
+        }, bindings
         publisher = BrokerPublisher(vhost_url)
         consumer = EnvelopeConsumer(vhost_url, Projector(stores.read).publish, prefetch=4)
         try:
@@ -515,6 +522,28 @@ def _queue_types(url: str) -> dict[str, str]:
         text=True,
     ).stdout
     return dict(line.split("\t")[:2] for line in out.splitlines() if line.strip())
+
+
+def _bindings(url: str) -> set[tuple[str, ...]]:
+    """(exchange, queue, key) of every binding but the default exchange's."""
+    out = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_bindings",
+            "-p",
+            urlsplit(url).path.lstrip("/"),
+            "source_name",
+            "destination_name",
+            "routing_key",
+            "--no-table-headers",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = (tuple(line.split("\t")) for line in out.splitlines() if line.strip())
+    return {row for row in rows if row[0]}
 
 
 async def _true(value: bool) -> bool:

@@ -238,6 +238,36 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
     assert took < 5
 
 
+async def test_the_listener_reconnects_after_its_backend_is_terminated(stores: Stores, clean: Databases):
+    """A LISTEN connection the server closes while it idles (a restart, pg_terminate_backend) fails
+    the listener's next keep-alive with the driver's InterfaceError ("connection is closed"): the
+    listener reconnects, and NOTIFY wakes the relay again instead of leaving it to its idle poll."""
+    calls = 0
+
+    def on_notify() -> None:
+        nonlocal calls
+        calls += 1
+
+    outbox = Outbox(stores.write.db)
+    with structlog.testing.capture_logs() as logs:
+        async with background() as bg:
+            bg.start(lambda stop: outbox.listen(on_notify, stop), "listen")
+            await wait_until(lambda: _true(calls >= 1), timeout=10, what="listener up", bg=bg)
+            # Before its first keep-alive (5 s), the listening session's last statement is LISTEN.
+            terminated = await testdb.fetch(
+                clean.write_url,
+                """SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity
+                   WHERE datname = current_database() AND query LIKE 'LISTEN%'""",
+            )
+            assert [r["done"] for r in terminated] == [True]
+            # Reconnected: its catch-up call after LISTEN.
+            await wait_until(lambda: _true(calls >= 2), timeout=15, what="listener back", bg=bg)
+            before = calls
+            await create_orders(stores, 1)
+            await wait_until(lambda: _true(calls > before), timeout=10, what="a NOTIFY", bg=bg)
+    assert [e for e in logs if e["event"] == "outbox_listen_lost"], "the loss was not logged"
+
+
 class CountingClaims:
     """An outbox that counts the relay's passes (claims begun and ended), to tell when it idles."""
 

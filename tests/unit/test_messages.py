@@ -11,17 +11,11 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydist.adapters.messages import (
-    ENVELOPE_TYPE,
-    Decoded,
-    decode,
-    envelope_id,
-    envelopes,
-    single_event,
-)
+from pydist.adapters.messages import ENVELOPE_TYPE, Decoded, batches, decode, envelope_id
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
+from tests.support.messages import single_event
 
 
 def _event(i: int, request_id: str | None = "req") -> BuyOrderCreated:
@@ -47,12 +41,13 @@ def test_envelopes_keep_every_event_once_in_order_within_their_bounds(
     n: int, max_events: int, max_bytes: int
 ):
     events = [_event(i, request_id=None if i % 7 == 0 else f"req-{i}" * (1 + i % 5)) for i in range(n)]
-    messages = envelopes(events, max_events=max_events, max_bytes=max_bytes)
-    decoded = [decode(m) for m in messages]
+    out = batches(events, max_events=max_events, max_bytes=max_bytes)
+    decoded = [decode(m) for _, m in out]
     assert all(isinstance(d, Decoded) and not d.poison for d in decoded)
     assert [e for d in decoded if isinstance(d, Decoded) for e in d.events] == events
-    for message, d in zip(messages, decoded, strict=True):
+    for (carried, message), d in zip(out, decoded, strict=True):
         assert isinstance(d, Decoded)
+        assert list(carried) == d.events
         assert 1 <= len(d.events) <= max_events
         assert message.headers["event_count"] == len(d.events)
         assert message.message_id == envelope_id(d.events)
@@ -62,7 +57,7 @@ def test_envelopes_keep_every_event_once_in_order_within_their_bounds(
 
 
 def test_an_envelope_is_self_describing():
-    (message,) = envelopes([_event(1), _event(2)])
+    ((_, message),) = batches([_event(1), _event(2)])
     assert message.type == ENVELOPE_TYPE
     assert message.content_type == "application/json"
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT

@@ -27,7 +27,7 @@ class Store:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    async def place_batch(self, orders: Sequence[Any], traceparents: Any = None) -> list[PlaceResult]:
+    async def place_batch(self, orders: Sequence[Any]) -> list[PlaceResult]:
         self.batches.append(len(orders))
         return [CapRefused(Decimal(0)) for _ in orders]
 
@@ -45,7 +45,7 @@ def writer(store: Store, window_s: float) -> BatchingOrderWriter:
 async def until_taken(w: BatchingOrderWriter) -> None:
     """Until the writer has taken every queued order (it is in its window, or committing)."""
     async with asyncio.timeout(BOUND_S):
-        while w.queued:
+        while w._queue.qsize():
             await asyncio.sleep(0.001)
 
 
@@ -56,7 +56,7 @@ async def late_company(window_s: float) -> list[int]:
     await asyncio.gather(w.place(order(), None), w.place(order(), None))
     first = asyncio.ensure_future(w.place(order(), None))
     await asyncio.sleep(0)  # tasks run in the order they were made: `first` has queued its order
-    assert w.queued == 1
+    assert w._queue.qsize() == 1
     await until_taken(w)
     second = asyncio.ensure_future(w.place(order(), None))
     async with asyncio.timeout(BOUND_S):

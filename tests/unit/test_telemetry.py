@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pydist import telemetry
-from pydist.adapters.messages import decode, envelopes, parse_event
+from pydist.adapters.messages import batches, decode, parse_event
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
@@ -150,7 +150,7 @@ def _event(traceparent: str | None) -> BuyOrderCreated:
 
 def test_the_traceparent_travels_in_each_event_of_an_envelope() -> None:
     events = [_event(TP), _event(None), _event(TP2)]
-    (message,) = envelopes(events)
+    ((_, message),) = batches(events)
     items = orjson.loads(message.body)["events"]
     assert [item.get("traceparent") for item in items] == [TP, None, TP2]
     assert "traceparent" not in items[1]  # absent, as in a v1 message before it

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -25,9 +25,6 @@ from pydist.config import async_url, plain_url
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 from pydist.service.ports import StoreUnavailableError
-
-if TYPE_CHECKING:
-    from alembic.config import Config
 
 T = TypeVar("T")
 WRITE = "write"
@@ -130,8 +127,6 @@ async def _keep_session(conn: Any) -> None:
 
 
 def unavailable(exc: BaseException) -> StoreUnavailableError:
-    if isinstance(exc, StoreUnavailableError):
-        return exc
     return StoreUnavailableError(f"database unavailable: {type(exc).__name__}")
 
 
@@ -163,18 +158,12 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def alembic_config(model: str, url: str) -> Config:
-    from alembic.config import Config  # imported here: Alembic costs ~0.4 s at every start
+def migrate(model: str, url: str) -> None:
+    """Bring one database to head (sync: Alembic runs its own event loop)."""
+    from alembic import command  # imported here: Alembic costs ~0.4 s at every start
+    from alembic.config import Config
 
     cfg = Config()
-    location = resources.files("pydist") / "migrations" / model
-    cfg.set_main_option("script_location", str(location))
+    cfg.set_main_option("script_location", str(resources.files("pydist") / "migrations" / model))
     cfg.attributes["url"] = async_url(url)
-    return cfg
-
-
-def migrate(model: str, url: str, revision: str = "head") -> None:
-    """Bring one database to `revision` (sync: Alembic runs its own event loop)."""
-    from alembic import command
-
-    command.upgrade(alembic_config(model, url), revision)
+    command.upgrade(cfg, "head")

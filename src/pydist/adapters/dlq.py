@@ -10,21 +10,20 @@ nothing. A message that still cannot be projected stays, and the report says why
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 
-from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE
+from pydist.adapters.consumer import EVENT_INDEX, REASON, SOURCE_MESSAGE, Handler
 from pydist.adapters.messages import decode
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, BrokerLink
-from pydist.domain.events import BuyOrderCreated
 from pydist.service.ports import EventRejectedError, StoreUnavailableError
 
 log = structlog.get_logger()
-Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -71,22 +70,34 @@ def _death_reason(headers: dict[str, Any]) -> str:
     return "unknown"
 
 
-async def list_dead_letters(urls: str | Sequence[str], *, limit: int = 10_000) -> list[DeadLetter]:
+@asynccontextmanager
+async def _dead_letters(
+    urls: str | Sequence[str], limit: int
+) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    """Up to `limit` of the messages the DLQ holds now (never what arrives meanwhile), unacked;
+    leaving closes the link, which returns every one not acked to the queue."""
     link = BrokerLink(urls, publisher_confirms=False)
     try:
         queue = await (await link.channel()).declare_queue(DEAD_LETTER_QUEUE, passive=True)
-        return [describe(m) for m in await _take(queue, limit)]
+        depth = min(int(queue.declaration_result.message_count or 0), limit)
+        taken: list[AbstractIncomingMessage] = []
+        while len(taken) < depth and (message := await queue.get(no_ack=False, fail=False)) is not None:
+            taken.append(message)
+        yield taken
     finally:
-        await link.close()  # every message goes back to the queue
+        await link.close()
+
+
+async def list_dead_letters(urls: str | Sequence[str], *, limit: int = 10_000) -> list[DeadLetter]:
+    async with _dead_letters(urls, limit) as messages:
+        return [describe(m) for m in messages]
 
 
 async def replay(urls: str | Sequence[str], handler: Handler, *, limit: int = 10_000) -> ReplayReport:
-    """Project what the DLQ holds now (never what arrives meanwhile, so it always ends)."""
-    link = BrokerLink(urls, publisher_confirms=False)
+    """Project what the DLQ holds now (so it always ends)."""
     report = ReplayReport()
-    try:
-        queue = await (await link.channel()).declare_queue(DEAD_LETTER_QUEUE, passive=True)
-        for message in await _take(queue, limit):
+    async with _dead_letters(urls, limit) as messages:
+        for message in messages:
             decoded = decode(message)
             if isinstance(decoded, str) or decoded.poison:
                 report.kept.append(describe(message))
@@ -94,27 +105,10 @@ async def replay(urls: str | Sequence[str], handler: Handler, *, limit: int = 10
             try:
                 await handler(decoded.events)
             except (EventRejectedError, StoreUnavailableError) as exc:
-                report.kept.append(_kept(describe(message), f"still refused: {exc}"))
+                report.kept.append(replace(describe(message), reason=f"still refused: {exc}"))
                 continue
             await message.ack()
             report.replayed_messages += 1
             report.replayed_events += len(decoded.events)
         log.info("dlq_replayed", messages=report.replayed_messages, kept=len(report.kept))
-        return report
-    finally:
-        await link.close()
-
-
-async def _take(queue: AbstractQueue, limit: int) -> list[AbstractIncomingMessage]:
-    depth = int(queue.declaration_result.message_count or 0)
-    taken: list[AbstractIncomingMessage] = []
-    while len(taken) < min(depth, limit):
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            break
-        taken.append(message)
-    return taken
-
-
-def _kept(letter: DeadLetter, reason: str) -> DeadLetter:
-    return DeadLetter(**{**asdict(letter), "reason": reason})
+    return report

@@ -49,7 +49,6 @@ class Poison:
 class Decoded:
     """A readable message: its good events, and the bad ones to dead-letter on their own."""
 
-    message_id: str | None
     events: list[BuyOrderCreated]
     poison: list[Poison]
     sources: list[tuple[int | None, Any]]
@@ -79,32 +78,12 @@ def _envelope(items: list[dict[str, Any]], message_id: str) -> aio_pika.Message:
     )
 
 
-def single_event(event: BuyOrderCreated) -> aio_pika.Message:
-    """A v1 message, exactly as relays before the envelope sent it (the consumer still accepts
-    it; the benchmark's one-event-per-message baseline and the rolling-upgrade test use this)."""
-    return aio_pika.Message(
-        body=orjson.dumps(event.to_message()),
-        content_type=CONTENT_TYPE,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=str(event.event_id),
-        type=BUY_ORDER_CREATED,
-        correlation_id=event.request_id,
-        headers={"event_version": EVENT_VERSION},
-    )
-
-
-def envelopes(
-    events: Sequence[BuyOrderCreated], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
-) -> list[aio_pika.Message]:
-    """A claim as envelopes of at most `max_events` events and about `max_bytes` body bytes (an
-    event alone larger than `max_bytes` still travels, alone)."""
-    return [message for _, message in batches(events, max_events=max_events, max_bytes=max_bytes)]
-
-
 def batches(
     events: Sequence[BuyOrderCreated], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
 ) -> list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]]:
-    """`envelopes`, each with the events it carries (the publisher's span links to their traces)."""
+    """A claim as envelopes of at most `max_events` events and about `max_bytes` body bytes (an
+    event alone larger than `max_bytes` still travels, alone), each with the events it carries
+    (the publisher's span links to their traces)."""
     out: list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]] = []
     start, size = 0, 0
     items: list[dict[str, Any]] = []
@@ -135,7 +114,7 @@ def decode(message: AbstractMessage) -> Decoded | str:
         items = body.get("events")
         if not isinstance(items, list) or not items:
             return "an envelope needs a non-empty events list"
-        decoded = Decoded(message.message_id, [], [], [])
+        decoded = Decoded([], [], [])
         for index, item in enumerate(items):
             event = parse_event(item)
             if isinstance(event, str):
@@ -148,7 +127,7 @@ def decode(message: AbstractMessage) -> Decoded | str:
     event = parse_event(body)  # a v1 message is one event
     if isinstance(event, str):
         return event
-    return Decoded(message.message_id, [event], [], [(None, None)])
+    return Decoded([event], [], [(None, None)])
 
 
 # What the read model's columns hold exactly (NUMERIC(12,2) and NUMERIC(18,8)): a value that would

@@ -39,8 +39,6 @@ class BatchingOrderWriter:
         """Whether the last batch had company: the window applies only then."""
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.orders = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -55,11 +53,6 @@ class BatchingOrderWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-
-    @property
-    def queued(self) -> int:
-        """Orders waiting for a batch (not yet taken by the writer)."""
-        return self._queue.qsize()
 
     async def place(self, order: PricedOrder, request_id: str | None) -> PlaceResult:
         if self._task is None:
@@ -93,15 +86,13 @@ class BatchingOrderWriter:
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
             results = await self._traced_place(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not isinstance(exc, StoreUnavailableError):
-                log.exception("order_batch_failed", size=len(batch))
-            self._fail(batch, _unavailable(exc))
+        except StoreUnavailableError as exc:
+            self._fail(batch, exc)
             return
-        self.batches += 1
-        self.orders += len(batch)
+        except Exception as exc:
+            log.exception("order_batch_failed", size=len(batch))
+            self._fail(batch, StoreUnavailableError(f"write failed: {type(exc).__name__}"))
+            return
         for (_, _, _, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -110,15 +101,15 @@ class BatchingOrderWriter:
     async def _traced_place(self, batch: list[_Item]) -> list[PlaceResult]:
         """place_orders() for the batch; with tracing on, inside the write-transaction span (in
         the first order's trace, linked to every order's), which names the orders it created."""
-        orders = [(o, rid) for o, rid, _, _ in batch]
-        traceparents = [tp for _, _, tp, _ in batch]
+        orders = [(o, rid, tp) for o, rid, tp, _ in batch]
         if not telemetry.ENABLED:
             return await self._store.place_batch(orders)
         attrs = {"db.system.name": "postgresql", "db.operation.name": "place_orders"}
+        traceparents = [tp for *_, tp in orders]
         with telemetry.batch_span(
             "write_transaction place_orders", "INTERNAL", traceparents, attrs, first_order_parent=True
         ) as span:
-            results = await self._store.place_batch(orders, traceparents)
+            results = await self._store.place_batch(orders)
             if span is not None:
                 created = [r.order.id for r in results if isinstance(r, Placed)]
                 span.set_attributes(telemetry.order_attributes(created))
@@ -134,9 +125,3 @@ class BatchingOrderWriter:
     def _done(self, n: int) -> None:
         for _ in range(n):
             self._queue.task_done()
-
-
-def _unavailable(exc: Exception) -> StoreUnavailableError:
-    if isinstance(exc, StoreUnavailableError):
-        return exc
-    return StoreUnavailableError(f"write failed: {type(exc).__name__}")

@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 from tenacity import RetryCallState
 
-from pydist.adapters.db import Database, order_from_row
+from pydist.adapters.db import ERRORS, Database, order_from_row
 from pydist.domain.events import BuyOrderCreated
 from pydist.retrying import failure, until_stopped
 
@@ -57,10 +57,9 @@ class Outbox:
         """Call `on_notify` on every NOTIFY from place_orders() until `stop`; reconnect (0.5 s,
         doubling up to 5 s) whenever the link drops. A lost NOTIFY costs nothing but time: the
         relay also polls every second."""
-        lost = (OSError, asyncpg.PostgresError, TimeoutError)
-        with contextlib.suppress(*lost):  # raised only once stopping
+        with contextlib.suppress(*ERRORS):  # raised only once stopping
             async for attempt in until_stopped(
-                stop, retry_on=lost, first_s=0.5, max_s=5, on_retry=_listen_lost
+                stop, retry_on=ERRORS, first_s=0.5, max_s=5, on_retry=_listen_lost
             ):
                 with attempt:
                     await self._listen_once(on_notify, stop)

@@ -36,8 +36,6 @@ class ProjectionStore:
         Raises EventRejectedError when the database refuses the data itself (SQLSTATE class 22
         data exception / 23 constraint): the same events would fail again. Any other database
         failure (connection, timeout, …) is a StoreUnavailableError, worth a retry."""
-        if not events:
-            return []
         payload = orjson.dumps(
             [
                 {

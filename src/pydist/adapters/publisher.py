@@ -44,8 +44,6 @@ class BrokerPublisher:
         self._exchange = (await declare_topology(await self._link.channel())).events
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
-        if not events:
-            return
         if self._exchange is None or not self._link.is_open:
             await self.start()
         assert self._exchange is not None

@@ -14,61 +14,37 @@ read_model_sync must be stopped while it runs (it holds the old queue); relays m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from pydist.adapters.rabbit import (
-    DEAD_LETTER_EXCHANGE,
-    DEAD_LETTER_QUEUE,
-    DLQ_ARGUMENTS,
-    EXCHANGE,
-    QUEUE,
-    QUEUE_ARGUMENTS,
-    BrokerLink,
-    declare_topology,
-)
+from pydist.adapters.rabbit import DEAD_LETTERS, SYNC, BoundQueue, BrokerLink, declare_topology
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True)
-class _Target:
-    name: str
-    arguments: dict[str, Any]
-    exchange: str
-    routing_key: str
-
-
-TARGETS = (
-    _Target(DEAD_LETTER_QUEUE, DLQ_ARGUMENTS, DEAD_LETTER_EXCHANGE, ""),
-    _Target(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, "buy_order.#"),
-)
 
 
 async def migrate_queues(urls: str | Sequence[str]) -> dict[str, int]:
     """Move both queues; returns how many messages each one carried over."""
     link = BrokerLink(urls)
     try:
-        moved = {target.name: await _migrate(link, target) for target in TARGETS}
+        moved = {target.name: await _migrate(link, target) for target in (DEAD_LETTERS, SYNC)}
         await declare_topology(await link.channel())  # everything else, as both sides expect
         return moved
     finally:
         await link.close()
 
 
-async def _migrate(link: BrokerLink, target: _Target) -> int:
+async def _migrate(link: BrokerLink, target: BoundQueue) -> int:
     temp = f"{target.name}.migrating"
     moved = 0
     kind = await _kind(link, target.name, target.arguments)
     if kind == "other":
         channel = await link.channel()
-        await _declare_bound(channel, temp, target)
+        await target.declare(channel, temp)
         old = await channel.declare_queue(target.name, passive=True)
-        await old.unbind(target.exchange, target.routing_key)
+        await old.unbind(target.exchange, target.binding_key)
         moved = await _move(channel, target.name, temp)
         await channel.queue_delete(target.name, if_unused=True, if_empty=True)
         # A channel that delivered to the classic queue crashes (RabbitMQ 3.10) when it delivers
@@ -76,11 +52,11 @@ async def _migrate(link: BrokerLink, target: _Target) -> int:
         await link.reset()
         log.info("queue_moved_aside", queue=target.name, messages=moved)
     if kind != "quorum":
-        await _declare_bound(await link.channel(), target.name, target)
+        await target.declare(await link.channel())
     if await _kind(link, temp, target.arguments) != "missing":
         channel = await link.channel()
         leftover = await channel.declare_queue(temp, passive=True)
-        await leftover.unbind(target.exchange, target.routing_key)
+        await leftover.unbind(target.exchange, target.binding_key)
         moved = await _move(channel, temp, target.name)
         await channel.queue_delete(temp)  # unbound and drained (quorum queues know no if_empty)
         log.info("queue_migrated", queue=target.name, messages=moved)
@@ -99,13 +75,6 @@ async def _kind(link: BrokerLink, name: str, arguments: dict[str, Any]) -> str:
     except aio_pika.exceptions.ChannelClosed:
         return "other"
     return "quorum"
-
-
-async def _declare_bound(channel: AbstractChannel, name: str, target: _Target) -> None:
-    exchange_type = aio_pika.ExchangeType.FANOUT if target.routing_key == "" else aio_pika.ExchangeType.TOPIC
-    exchange = await channel.declare_exchange(target.exchange, exchange_type, durable=True)
-    queue = await channel.declare_queue(name, durable=True, arguments=target.arguments)
-    await queue.bind(exchange, target.routing_key)
 
 
 async def _move(channel: AbstractChannel, source: str, destination: str) -> int:

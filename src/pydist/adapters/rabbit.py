@@ -92,7 +92,7 @@ class BrokerLink:
                 )
             except Exception as exc:  # aiormq also raises StopAsyncIteration for a link closed mid-handshake
                 errors.append(f"{_host(self.urls[index])}: {type(exc).__name__}")
-                await self._drop()
+                await self.close()
                 continue
             self._current = index
             log.info("broker_connected", node=self.node)
@@ -103,18 +103,15 @@ class BrokerLink:
         """Drop the connection after a failure: the next `channel()` starts with the next node."""
         if self._connection is not None:
             self._lost = True
-        await self._drop()
+        await self.close()
 
-    async def _drop(self) -> None:
+    async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_S)
             except Exception as exc:  # already half-gone: nothing to keep
                 log.debug("broker_close_failed", error=type(exc).__name__)
-
-    async def close(self) -> None:
-        await self._drop()
 
     @property
     def is_open(self) -> bool:
@@ -123,6 +120,35 @@ class BrokerLink:
 
 def _host(url: str) -> str:
     return url.rsplit("@", 1)[-1].split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class BoundQueue:
+    """A queue, its arguments, and the exchange and binding key it receives from."""
+
+    name: str
+    arguments: dict[str, Any]
+    exchange: str
+    exchange_type: aio_pika.ExchangeType
+    binding_key: str
+
+    async def declare(
+        self, channel: AbstractChannel, name: str | None = None
+    ) -> tuple[AbstractExchange, AbstractQueue]:
+        """The exchange, and the queue (or another of the same kind, `name`) bound to it."""
+        exchange = await channel.declare_exchange(self.exchange, self.exchange_type, durable=True)
+        queue = await channel.declare_queue(name or self.name, durable=True, arguments=self.arguments)
+        await queue.bind(exchange, self.binding_key)
+        return exchange, queue
+
+
+DEAD_LETTERS = BoundQueue(
+    DEAD_LETTER_QUEUE, DLQ_ARGUMENTS, DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, DEAD_LETTER_QUEUE
+)
+"""A fanout exchange ignores the key, but a binding is named by it: this is the key aio-pika binds
+with when given none (the queue's name), the one brokers set up before it was explicit have, so
+the queue migration unbinds exactly that binding."""
+SYNC = BoundQueue(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, aio_pika.ExchangeType.TOPIC, "buy_order.#")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +163,8 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
 
     A sync queue that still exists as a classic queue (from before quorum queues) makes this fail
     with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (README, "Operating pydist")."""
-    events = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=DLQ_ARGUMENTS)
-    await dlq.bind(dlx)
-    queue = await channel.declare_queue(QUEUE, durable=True, arguments=QUEUE_ARGUMENTS)
-    await queue.bind(events, routing_key="buy_order.#")
+    dlx, _ = await DEAD_LETTERS.declare(channel)
+    events, queue = await SYNC.declare(channel)
     return Topology(events, dlx, queue)
 
 

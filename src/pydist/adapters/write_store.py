@@ -65,12 +65,11 @@ class WriteStore:
         return {key: found.get(key) for key in keys}
 
     async def place_batch(
-        self,
-        orders: Sequence[tuple[PricedOrder, str | None]],
-        traceparents: Sequence[str | None] | None = None,
+        self, orders: Sequence[tuple[PricedOrder, str | None, str | None]]
     ) -> list[PlaceResult]:
         """Store a batch with one statement (its own transaction): the cap stays exact per order.
-        `traceparents`, one per order, go into each order's outbox row (tracing on)."""
+        Each order comes with its request id and traceparent (None: tracing off), which go into
+        its outbox row."""
         items = [
             {
                 "key": str(p.request.idempotence_key),
@@ -79,13 +78,10 @@ class WriteStore:
                 "rate": str(p.btc_rate),
                 "btc": str(p.btc_amount),
                 "request_id": request_id,
+                "traceparent": traceparent,
             }
-            for p, request_id in orders
+            for p, request_id, traceparent in orders
         ]
-        if traceparents is not None:
-            for item, traceparent in zip(items, traceparents, strict=True):
-                if traceparent is not None:
-                    item["traceparent"] = traceparent
         rows = await self.db.fetch(_PLACE, orjson.dumps(items).decode())
         results: list[PlaceResult | None] = [None] * len(orders)
         for row in rows:
