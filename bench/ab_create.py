@@ -80,7 +80,8 @@ def main() -> None:
     with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
         paths = {k: str(Path(src).resolve()) if src else "" for k, src in srcs.items()}
-        envs = env_for(args.env_for, {k: {**extra, "PYTHONPATH": path} for k, path in paths.items()})
+        envs = {k: {**extra, "PYTHONPATH": path} for k, path in paths.items()}
+        env_for(args.env_for, envs, new_labels=False)
         procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
         urls = {k: p.url + path for k, p in procs.items()}
         meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=0, help="closed loop (wrk) at c=N instead")
     parser.add_argument("--rows", type=int, default=100_000, help="bulk rows in both models first")
     args = parser.parse_args()
-    envs = harness.env_for(args.env_for, {})
+    envs = harness.env_for(args.env_for, {}, new_labels=True)
     turns: dict[str, list[dict[str, Any]]] = {label: [] for label in envs}
     with resources() as res, processes(res, "price", "create", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))

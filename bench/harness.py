@@ -45,9 +45,9 @@ def stat(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
 
 
-async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    """`sql` on a connection of its own (VACUUM included); its rows."""
-    conn = await asyncpg.connect(url, timeout=10)
+async def pg_fetch(url: str, sql: str, *args: Any, **settings: str) -> list[asyncpg.Record]:
+    """`sql` on a connection of its own (VACUUM included), with these server `settings`; its rows."""
+    conn = await asyncpg.connect(url, timeout=10, server_settings=settings)
     try:
         return list(await conn.fetch(sql, *args, timeout=600))
     finally:
@@ -425,10 +425,15 @@ def machine_info() -> dict[str, str]:
     return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": memory, "kernel": os.uname().release}
 
 
-def env_for(specs: Sequence[str], envs: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """The A/B tools' `--env-for LABEL:NAME=VALUE` (repeated), added to each label's environment."""
+def env_for(
+    specs: Sequence[str], envs: dict[str, dict[str, str]], *, new_labels: bool
+) -> dict[str, dict[str, str]]:
+    """The A/B tools' `--env-for LABEL:NAME=VALUE` (repeated), added to each label's environment;
+    a label not in `envs` is a new variant, or (not `new_labels`) a mistake."""
     for spec in specs:
         label, kv = spec.split(":", 1)
+        if label not in envs and not new_labels:
+            raise SystemExit(f"--env-for {spec}: no variant {label!r} (one of {', '.join(envs)})")
         envs.setdefault(label, {}).update([kv.split("=", 1)])
     return envs
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from pydist.adapters.rabbit import DEAD_LETTERS, SYNC, BoundQueue, BrokerLink, declare_topology
 
@@ -44,7 +44,7 @@ async def _migrate(link: BrokerLink, target: BoundQueue) -> int:
         channel = await link.channel()
         await target.declare(channel, temp)
         old = await channel.declare_queue(target.name, passive=True)
-        await old.unbind(target.exchange, target.binding_key)
+        await _unbind(old, target)
         moved = await _move(channel, target.name, temp)
         await channel.queue_delete(target.name, if_unused=True, if_empty=True)
         # A channel that delivered to the classic queue crashes (RabbitMQ 3.10) when it delivers
@@ -56,7 +56,7 @@ async def _migrate(link: BrokerLink, target: BoundQueue) -> int:
     if await _kind(link, temp, target.arguments) != "missing":
         channel = await link.channel()
         leftover = await channel.declare_queue(temp, passive=True)
-        await leftover.unbind(target.exchange, target.binding_key)
+        await _unbind(leftover, target)
         moved = await _move(channel, temp, target.name)
         await channel.queue_delete(temp)  # unbound and drained (quorum queues know no if_empty)
         log.info("queue_migrated", queue=target.name, messages=moved)
@@ -75,6 +75,13 @@ async def _kind(link: BrokerLink, name: str, arguments: dict[str, Any]) -> str:
     except aio_pika.exceptions.ChannelClosed:
         return "other"
     return "quorum"
+
+
+async def _unbind(queue: AbstractQueue, target: BoundQueue) -> None:
+    """Unbind `queue` from the target's exchange: by the binding key, and by "" (what an earlier
+    migration bound the DLQ with); unbinding what is not bound is a no-op in RabbitMQ."""
+    for key in dict.fromkeys((target.binding_key, "")):
+        await queue.unbind(target.exchange, key)
 
 
 async def _move(channel: AbstractChannel, source: str, destination: str) -> int:

@@ -131,6 +131,7 @@ def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
         ]
         async with running("service", jobs, graph.aclose, stop_s=2, port=port):
             yield
+            await graph.writer.stop()  # the queued orders first, before the jobs get their time
 
     return lifespan
 
