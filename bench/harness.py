@@ -45,9 +45,9 @@ def stat(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
 
 
-async def pg_fetch(url: str, sql: str, *args: Any, **settings: str) -> list[asyncpg.Record]:
-    """`sql` on a connection of its own (VACUUM included), with these server `settings`; its rows."""
-    conn = await asyncpg.connect(url, timeout=10, server_settings=settings)
+async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """`sql` on a connection of its own (VACUUM included); its rows."""
+    conn = await asyncpg.connect(url, timeout=10)
     try:
         return list(await conn.fetch(sql, *args, timeout=600))
     finally:

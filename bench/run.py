@@ -38,8 +38,9 @@ from pydist.adapters.listing import _NEXT_PAGE
 
 ROOT = harness.BENCH_DIR.parent
 BATCHES = "pydist_write_batch_orders"
-_EXPLAIN = f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {_NEXT_PAGE}"  # fetch's query, with its plan setting:
-_GENERIC = {"plan_cache_mode": "force_generic_plan"}  # as bootstrap.fetch_db sets it
+# fetch's own query. Postgres 15 plans an EXPLAIN with its parameters' values (a custom plan);
+# fetch's connections force the generic plan, the same index-only scans (tests/integration/test_keyset.py).
+_EXPLAIN = f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {_NEXT_PAGE}"
 PACKAGES = "fastapi uvicorn starlette pydantic sqlalchemy asyncpg aio-pika uvloop opentelemetry-sdk".split()  # noqa: SIM905
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
@@ -180,7 +181,7 @@ class Bench:
         urls = {"page_first": self.url("fetch"), "page_deep": f"{self.url('fetch')}&last_reference={ref}"}
         meters, rounds = dict.fromkeys(urls, self.pids()), (self.plan.runs, self.plan.latency_s)
         stage |= ab_rounds(urls, "get.lua", 1, rounds, meters, self.res.dbs)
-        explain = [row[0] for row in asyncio.run(pg_fetch(self.res.read_url, _EXPLAIN, 11, ref, **_GENERIC))]
+        explain = [row[0] for row in asyncio.run(pg_fetch(self.res.read_url, _EXPLAIN, 11, ref))]
         stage["page_deep"] |= {"depth": depth, "explain": explain}
         if last:
             self.headline(stage)
