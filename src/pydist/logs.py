@@ -52,15 +52,14 @@ def configure_logging(
     """`tracing`: add the current span's trace_id and span_id to every event (only when
     tracing is on, so a process without it pays nothing per line)."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    traced: list[Any] = [add_trace_ids] if tracing else []
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        *traced,
+    context: list[Any] = [structlog.contextvars.merge_contextvars, *([add_trace_ids] if tracing else [])]
+    fields: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         _add_service(service),
     ]
+    processors = [*context, *fields]
     if fluentd_host:
         processors.append(FluentForwarder(fluentd_host, fluentd_port, f"pydist.{service}"))
     processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
@@ -80,15 +79,7 @@ def configure_logging(
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.JSONRenderer(serializer=_dumps_text),
             ],
-            foreign_pre_chain=[
-                structlog.contextvars.merge_contextvars,
-                *traced,
-                structlog.stdlib.add_logger_name,
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                structlog.processors.format_exc_info,
-                _add_service(service),
-            ],
+            foreign_pre_chain=[*context, structlog.stdlib.add_logger_name, *fields],
         )
     )
     logging.captureWarnings(True)  # warnings.warn → the same JSON lines, not raw stderr text

@@ -30,7 +30,6 @@ ENABLED = False
 _provider: Any = None
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _TRACER = "pydist"
-MESSAGING_SYSTEM = "rabbitmq"
 
 
 def wanted(env: Mapping[str, str] | None = None) -> bool:
@@ -230,6 +229,20 @@ def order_attributes(order_ids: Sequence[object]) -> dict[str, Any]:
     if len(ids) == 1:
         attrs["pydist.order_id"] = ids[0]
     return attrs
+
+
+def messaging_attributes(
+    operation: tuple[str, str], destination: str, message_id: str | None, events: Sequence[Any]
+) -> dict[str, Any]:
+    """A messaging span's attributes: `operation` (type, name), where, which message, its orders."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": operation[0],
+        "messaging.operation.name": operation[1],
+        "messaging.destination.name": destination,
+        "messaging.message.id": message_id or "",
+        **order_attributes([e.order.id for e in events]),
+    }
 
 
 def tag_order(order_id: object) -> None:

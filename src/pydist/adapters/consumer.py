@@ -96,14 +96,7 @@ class EnvelopeConsumer:
             await self._settle(message, decoded, topology, stop)
             return
         events = [] if isinstance(decoded, str) else decoded.events
-        attrs = {
-            "messaging.system": telemetry.MESSAGING_SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": QUEUE,
-            "messaging.message.id": message.message_id or "",
-            **telemetry.order_attributes([e.order.id for e in events]),
-        }
+        attrs = telemetry.messaging_attributes(("process", "process"), QUEUE, message.message_id, events)
         header = (message.headers or {}).get("traceparent")
         parent = header.decode("ascii", "replace") if isinstance(header, bytes) else header
         traceparents = [e.traceparent for e in events]

@@ -83,15 +83,8 @@ async def _publish(
     if not telemetry.ENABLED:
         await exchange.publish(message, routing_key=ROUTING_KEY, mandatory=True)
         return
-    attrs = {
-        "messaging.system": telemetry.MESSAGING_SYSTEM,
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
-        "messaging.destination.name": EXCHANGE,
-        "messaging.rabbitmq.destination.routing_key": ROUTING_KEY,
-        "messaging.message.id": message.message_id or "",
-        **telemetry.order_attributes([e.order.id for e in events]),
-    }
+    attrs = telemetry.messaging_attributes(("send", "publish"), EXCHANGE, message.message_id, events)
+    attrs["messaging.rabbitmq.destination.routing_key"] = ROUTING_KEY
     traceparents = [e.traceparent for e in events]
     with telemetry.batch_span(f"publish {EXCHANGE}", "PRODUCER", traceparents, attrs):
         traceparent = telemetry.current_traceparent()
