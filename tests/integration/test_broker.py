@@ -505,44 +505,21 @@ def _delete_vhost(url: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", "delete_vhost", urlsplit(url).path.lstrip("/")], check=False)
 
 
+def _rabbitmqctl_rows(url: str, what: str, *columns: str) -> list[tuple[str, ...]]:
+    """`rabbitmqctl list_<what>` of the URL's vhost: one tuple of `columns` per row."""
+    vhost = urlsplit(url).path.lstrip("/")
+    cmd = ["rabbitmqctl", "-q", f"list_{what}", "-p", vhost, *columns, "--no-table-headers"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return [tuple(line.split("\t")) for line in out.splitlines() if line.strip()]
+
+
 def _queue_types(url: str) -> dict[str, str]:
-    out = subprocess.run(
-        [
-            "rabbitmqctl",
-            "-q",
-            "list_queues",
-            "-p",
-            urlsplit(url).path.lstrip("/"),
-            "name",
-            "type",
-            "--no-table-headers",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return dict(line.split("\t")[:2] for line in out.splitlines() if line.strip())
+    return {name: kind for name, kind in _rabbitmqctl_rows(url, "queues", "name", "type")}
 
 
 def _bindings(url: str) -> set[tuple[str, ...]]:
     """(exchange, queue, key) of every binding but the default exchange's."""
-    out = subprocess.run(
-        [
-            "rabbitmqctl",
-            "-q",
-            "list_bindings",
-            "-p",
-            urlsplit(url).path.lstrip("/"),
-            "source_name",
-            "destination_name",
-            "routing_key",
-            "--no-table-headers",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rows = (tuple(line.split("\t")) for line in out.splitlines() if line.strip())
+    rows = _rabbitmqctl_rows(url, "bindings", "source_name", "destination_name", "routing_key")
     return {row for row in rows if row[0]}
 
 
