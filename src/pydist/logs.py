@@ -13,7 +13,8 @@ from pydist.telemetry import add_trace_ids
 
 
 class FluentForwarder:
-    """A structlog processor that also sends each event to fluentd (forward protocol).
+    """Sends each event to fluentd (forward protocol) too: `processor(label)` is a structlog
+    processor that tags an event `<tag>.<its label field>`.
 
     The async sender queues events for a background thread, so a slow or absent fluentd never
     blocks a request; its bounded circular queue drops the oldest events rather than grow. Stdout
@@ -34,11 +35,14 @@ class FluentForwarder:
         )
         atexit.register(self._sender.close)  # flush what is queued on a clean exit
 
-    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        # msgpack knows no UUID, Decimal or datetime: send exactly what stdout gets, as JSON types.
-        record = orjson.loads(orjson.dumps(event, default=str))
-        self._sender.emit(str(event.get("event", "log")), record)
-        return event
+    def processor(self, label: str) -> Any:
+        def forward(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+            # msgpack knows no UUID, Decimal or datetime: send what stdout gets, as JSON types.
+            record = orjson.loads(orjson.dumps(event, default=str))
+            self._sender.emit(str(event.get(label) or "log"), record)
+            return event
+
+        return forward
 
 
 def configure_logging(
@@ -59,9 +63,8 @@ def configure_logging(
         structlog.processors.format_exc_info,
         _add_service(service),
     ]
-    processors = [*context, *fields]
-    if fluentd_host:
-        processors.append(FluentForwarder(fluentd_host, fluentd_port, f"pydist.{service}"))
+    fluent = FluentForwarder(fluentd_host, fluentd_port, f"pydist.{service}") if fluentd_host else None
+    processors = [*context, *fields, *([fluent.processor("event")] if fluent else [])]
     processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
     structlog.configure(
         processors=processors,
@@ -71,12 +74,14 @@ def configure_logging(
     )
     # Route stdlib logging (uvicorn, aio-pika, alembic) through the same processors and the same
     # renderer, so its lines carry the same fields (timestamp, level, event, service, request_id
-    # where bound, logger) and a traceback is one JSON string, never extra lines.
+    # where bound, logger) and a traceback is one JSON string, never extra lines; to fluentd too,
+    # tagged by the logger (its event is free text).
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *([fluent.processor("logger")] if fluent else []),
                 structlog.processors.JSONRenderer(serializer=_dumps_text),
             ],
             foreign_pre_chain=[*context, structlog.stdlib.add_logger_name, *fields],

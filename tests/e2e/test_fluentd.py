@@ -1,5 +1,6 @@
-"""FLUENTD_HOST: every event also goes to fluentd over the forward protocol. Proven against a local
-forward-protocol receiver (msgpack over TCP, as fluentd's in_forward speaks it) and a real process."""
+"""FLUENTD_HOST: every event (structlog's and the stdlib loggers') also goes to fluentd over the
+forward protocol. Proven against a local forward-protocol receiver (msgpack over TCP, as fluentd's
+in_forward speaks it) and a real process."""
 
 from __future__ import annotations
 
@@ -98,6 +99,16 @@ def test_events_reach_fluentd_with_the_request_id(
     assert record["order_id"] == order_id
     assert record["service"] == "create_buy_order"
     assert record["level"] == "info"
+    # Events of the libraries' stdlib loggers go too, tagged by their logger: uvicorn's start-up
+    # line was sent before the order's event, on the same connection.
+    startup = [
+        r
+        for t, r in receiver.records()
+        if t == "pydist.create_buy_order.uvicorn.error"
+        and r["event"].startswith("Application startup complete")
+    ]
+    assert startup, receiver.records()[:5]
+    assert startup[0]["service"] == "create_buy_order"
     # Every process forwards, not only the one under test; and stdout still has everything.
     assert any(t.startswith("pydist.btc_price.") for t, _ in receiver.records())
     assert request_id in stdout
