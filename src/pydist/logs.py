@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import structlog
 
+from pydist.config import Settings
 from pydist.telemetry import add_trace_ids
 
 
@@ -45,17 +46,11 @@ class FluentForwarder:
         return forward
 
 
-def configure_logging(
-    service: str,
-    level: str = "INFO",
-    *,
-    fluentd_host: str | None = None,
-    fluentd_port: int = 24224,
-    tracing: bool = False,
-) -> None:
-    """`tracing`: add the current span's trace_id and span_id to every event (only when
-    tracing is on, so a process without it pays nothing per line)."""
-    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+def configure_logging(service: str, settings: Settings, *, tracing: bool = False) -> None:
+    """The process's logs as `settings` ask (LOG_LEVEL, FLUENTD_HOST/PORT). `tracing`: add the
+    current span's trace_id and span_id to every event (only when tracing is on, so a process
+    without it pays nothing per line)."""
+    numeric = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
     context: list[Any] = [structlog.contextvars.merge_contextvars, *([add_trace_ids] if tracing else [])]
     fields: list[Any] = [
         structlog.processors.add_log_level,
@@ -63,7 +58,8 @@ def configure_logging(
         structlog.processors.format_exc_info,
         _add_service(service),
     ]
-    fluent = FluentForwarder(fluentd_host, fluentd_port, f"pydist.{service}") if fluentd_host else None
+    host = settings.fluentd_host
+    fluent = FluentForwarder(host, settings.fluentd_port, f"pydist.{service}") if host else None
     processors = [*context, *fields, *([fluent.processor("event")] if fluent else [])]
     processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
     structlog.configure(

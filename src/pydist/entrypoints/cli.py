@@ -79,7 +79,7 @@ def migrate() -> None:
     from pydist.logs import configure_logging
 
     settings = get_settings()
-    configure_logging("migration", settings.log_level)
+    configure_logging("migration", settings)
     run_migrations(WRITE, settings.write_database_url.get_secret_value())
     run_migrations(READ, settings.read_database_url.get_secret_value())
     console.print("[green]migrations applied[/green] (write and read models at head)")

@@ -163,13 +163,7 @@ def build_app(
     lifespan: Lifespan,
 ) -> FastAPI:
     tracing = telemetry.setup(service)
-    configure_logging(
-        service,
-        settings.log_level,
-        fluentd_host=settings.fluentd_host,
-        fluentd_port=settings.fluentd_port,
-        tracing=tracing,
-    )
+    configure_logging(service, settings, tracing=tracing)
 
     @asynccontextmanager
     async def frozen_after_startup(app: FastAPI) -> AsyncIterator[Any]:

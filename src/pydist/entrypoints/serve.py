@@ -163,9 +163,7 @@ def serve_workers(name: str, service: str, n: int, settings: Settings, config: d
     from pydist.logs import configure_logging
 
     # The supervisor's own events (and uvicorn's) as JSON lines, like the workers'.
-    configure_logging(
-        service, settings.log_level, fluentd_host=settings.fluentd_host, fluentd_port=settings.fluentd_port
-    )
+    configure_logging(service, settings)
     directory, owned = multiprocess_directory(settings.prometheus_multiproc_dir, service)
     # Before any worker starts: each one (spawned, so importing prometheus_client afresh) reads it.
     os.environ[MULTIPROC_DIR_ENV] = str(directory)
