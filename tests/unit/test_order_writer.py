@@ -99,3 +99,29 @@ async def test_an_order_in_the_window_fails_fast_when_the_writer_is_cancelled() 
         with pytest.raises(StoreUnavailableError, match="shutting down"):
             await pending
     assert store.batches == [2]
+
+
+class StuckStore(Store):
+    """A write model that never answers (a partition)."""
+
+    async def place_batch(self, orders: Sequence[Any]) -> list[PlaceResult]:
+        self.batches.append(len(orders))
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_stop_waits_for_a_write_model_that_does_not_answer_only_so_long() -> None:
+    """Stopping with orders queued behind a batch that never commits: the stop returns after its
+    drain bound, and every order still held fails as unavailable instead of waiting."""
+    store = StuckStore()
+    w = BatchingOrderWriter(cast(WriteStore, store), max_batch=2)
+    w.start()
+    placed = [asyncio.ensure_future(w.place(order(), None)) for _ in range(5)]
+    async with asyncio.timeout(BOUND_S):
+        while not store.batches:  # the first batch is in the stuck commit
+            await asyncio.sleep(0.001)
+        await w.stop(drain_s=0.05)
+        results = await asyncio.gather(*placed, return_exceptions=True)
+    assert store.batches == [2]
+    assert all(isinstance(r, StoreUnavailableError) and "shutting down" in str(r) for r in results)
+    assert w._queue.qsize() == 0

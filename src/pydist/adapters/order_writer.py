@@ -26,6 +26,9 @@ from pydist.service.ports import StoreUnavailableError
 
 log = structlog.get_logger()
 
+DRAIN_S = 2.0
+"""The longest a stop waits for the queued orders' batches: a write model that does not answer
+(a partition) must not hold the shutdown until the orchestrator kills the process."""
 _Item = tuple[PricedOrder, str | None, str | None, "asyncio.Future[PlaceResult]"]
 """An order, its request id, the traceparent of its request (None: tracing off), its outcome."""
 
@@ -44,15 +47,19 @@ class BatchingOrderWriter:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="order-writer")
 
-    async def stop(self) -> None:
-        """Finish what was queued, then stop."""
+    async def stop(self, drain_s: float = DRAIN_S) -> None:
+        """Finish what was queued, for at most `drain_s`, then stop: an order still waiting fails
+        as unavailable (its request, if it still waits, gets the 503 a retry with its key heals)."""
         if self._task is None:
             return
-        await self._queue.join()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), drain_s)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        left = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._fail(left, StoreUnavailableError("shutting down"))
 
     async def place(self, order: PricedOrder, request_id: str | None) -> PlaceResult:
         if self._task is None:
