@@ -81,8 +81,11 @@ class EnvelopeConsumer:
             while not stop.is_set():
                 if channel.is_closed:
                     raise ConnectionError("channel closed")
-                with contextlib.suppress(TimeoutError):
-                    await self.handle(await asyncio.wait_for(inbox.get(), timeout=0.5), topology, stop)
+                try:  # the wait is bounded so that a closed channel and a stop are noticed
+                    message = await asyncio.wait_for(inbox.get(), timeout=0.5)
+                except TimeoutError:
+                    continue
+                await self.handle(message, topology, stop)  # its own TimeoutError is a failure
             with contextlib.suppress(*TRANSIENT):
                 await topology.queue.cancel(tag)
             while not inbox.empty():  # what was already delivered; the broker redelivers the rest

@@ -44,12 +44,15 @@ class BrokerPublisher:
         self._exchange = (await declare_topology(await self._link.channel())).events
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
-        if self._exchange is None or not self._link.is_open:
-            await self.start()
-        assert self._exchange is not None
         envelopes = batches(events, max_events=self._max_events, max_bytes=self._max_bytes)
         try:
-            await asyncio.wait_for(self._confirmed(self._exchange, envelopes), timeout=self._timeout_s)
+            # One bound for the (re)connect, the topology and the confirms: a node that accepts
+            # the connection and then stalls must not hold the claim's locks for ever.
+            async with asyncio.timeout(self._timeout_s):
+                if self._exchange is None or not self._link.is_open:
+                    await self.start()
+                assert self._exchange is not None
+                await self._confirmed(self._exchange, envelopes)
         except BaseException as exc:
             self._exchange = None
             await self._link.reset()
