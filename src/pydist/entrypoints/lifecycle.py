@@ -92,12 +92,21 @@ async def running(
     give them `stop_s` seconds to finish (then cancel them), `close` the graph, log `<event>_stopped`."""
     stop = asyncio.Event()
     tasks = [asyncio.create_task(job(stop), name=f"{event}-{i}") for i, job in enumerate(jobs)]
+    for task in tasks:
+        task.add_done_callback(_report_crash)
     log.info(f"{event}_started", **fields)
     yield
     stop.set()
     await cancel_tasks(tasks, timeout=stop_s)
     await close()
     log.info(f"{event}_stopped")
+
+
+def _report_crash(task: asyncio.Task[object]) -> None:
+    """A job is written to keep running until its stop: one that raised is a bug, said at once
+    (with its traceback) rather than found at shutdown, or never."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("job_crashed", job=task.get_name(), error=type(exc).__name__, exc_info=exc)
 
 
 async def every(stop: asyncio.Event, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
