@@ -94,16 +94,28 @@ def drained(write_url: str, read_url: str, timeout_s: float = 90) -> Iterator[No
     mark = "SELECT coalesce(max(id), 0), clock_timestamp() FROM outbox"
     (first_id, now), *_ = asyncio.run(pg_fetch(write_url, mark))
     yield
+    waited = asyncio.run(_projected(write_url, read_url, first_id, now, timeout_s))
+    log(
+        f"  backlog projected in {waited:.1f}s"
+        if waited is not None
+        else f"  backlog left after {timeout_s:.0f}s"
+    )
+
+
+async def _projected(
+    write_url: str, read_url: str, first_id: int, now: datetime, timeout_s: float
+) -> float | None:
+    """Seconds until every outbox row after `first_id` is published and its order (made since
+    `now`) is in the read model; None if `timeout_s` passed first."""
     outbox = "SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox WHERE id > $1"
     read = "SELECT count(*) FROM buy_orders WHERE created_at >= $1"
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        (unpublished, made), *_ = asyncio.run(pg_fetch(write_url, outbox, first_id))
-        if unpublished == 0 and asyncio.run(pg_fetch(read_url, read, now))[0][0] >= made:
-            log(f"  backlog projected in {time.monotonic() - started:.1f}s")
-            return
-        time.sleep(0.25)  # paces the polling of a condition
-    log(f"  backlog not projected after {timeout_s:.0f}s")
+        (unpublished, made), *_ = await pg_fetch(write_url, outbox, first_id)
+        if unpublished == 0 and (await pg_fetch(read_url, read, now))[0][0] >= made:
+            return time.monotonic() - started
+        await asyncio.sleep(0.25)  # paces the polling of a condition
+    return None
 
 
 _LAG = """

@@ -14,7 +14,7 @@ import structlog
 from pydist.adapters.consumer import EnvelopeConsumer
 from pydist.adapters.db import Database
 from pydist.adapters.messages import envelope_id
-from pydist.adapters.outbox import Outbox
+from pydist.adapters.outbox import LISTENER, Outbox
 from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.publisher import BrokerPublisher
 from pydist.adapters.rabbit import QUEUE
@@ -253,11 +253,11 @@ async def test_the_listener_reconnects_after_its_backend_is_terminated(stores: S
         async with background() as bg:
             bg.start(lambda stop: outbox.listen(on_notify, stop), "listen")
             await wait_until(lambda: _true(calls >= 1), timeout=10, what="listener up", bg=bg)
-            # Before its first keep-alive (5 s), the listening session's last statement is LISTEN.
             terminated = await testdb.fetch(
                 clean.write_url,
                 """SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity
-                   WHERE datname = current_database() AND query LIKE 'LISTEN%'""",
+                   WHERE datname = current_database() AND application_name = $1""",
+                LISTENER,
             )
             assert [r["done"] for r in terminated] == [True]
             # Reconnected: its catch-up call after LISTEN.

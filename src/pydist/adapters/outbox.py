@@ -19,6 +19,8 @@ from pydist.domain.events import BuyOrderCreated
 from pydist.retrying import failure, until_stopped
 
 log = structlog.get_logger()
+LISTENER = "pydist-relay-listen"
+"""The listening connection's application_name: which backend it is, in pg_stat_activity."""
 CHANNEL = "pydist_outbox"
 
 # SKIP LOCKED: several relays share the backlog and never claim the same row at once.
@@ -65,7 +67,7 @@ class Outbox:
                     await self._listen_once(on_notify, stop)
 
     async def _listen_once(self, on_notify: Callable[[], None], stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self.db.dsn, timeout=5)
+        conn = await asyncpg.connect(self.db.dsn, timeout=5, server_settings={"application_name": LISTENER})
         try:
             await conn.add_listener(CHANNEL, lambda *_: on_notify())
             on_notify()  # catch up on anything committed while not listening

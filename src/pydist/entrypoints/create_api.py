@@ -102,7 +102,7 @@ def _write_model_gauges(store: WriteStore) -> Callable[[], Awaitable[None]]:
     fires during such an outage instead of showing the last value for ever)."""
     read_at, age = time.monotonic(), 0.0
 
-    async def read() -> None:
+    async def write_model_gauges() -> None:
         nonlocal read_at, age
         try:
             status = await store.status()
@@ -115,7 +115,7 @@ def _write_model_gauges(store: WriteStore) -> Callable[[], Awaitable[None]]:
         OUTBOX_BACKLOG.set(status.outbox_backlog)
         OUTBOX_OLDEST_AGE.set(age)
 
-    return read
+    return write_model_gauges
 
 
 def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
