@@ -510,13 +510,20 @@ async def test_every_dashboard_query_returns_data(
             assert (await client.get(f"{fetch}/buy_orders", params={"page_size": "0"})).status_code == 422
 
             # The feed goes down: once btc_price's quotes are stale, orders are refused with 503.
+            # Each currency's quote has its own age (the refresher may have renewed EUR just before
+            # the outage and failed on USD), so wait for all of them; create's copies expire no later.
             load.phase = "feed down"
             feed.configure(mode="down")
+
+            async def price_statuses() -> list[int]:
+                url = brokered.url("price")
+                return [(await client.get(f"{url}/prices/{c}")).status_code for c in CURRENCIES]
+
             await poll(
-                lambda: client.get(f"{brokered.url('price')}/prices/USD"),
-                lambda r: r.status_code == 503,
+                price_statuses,
+                lambda statuses: set(statuses) == {503},
                 timeout=30,
-                what="btc_price to drop its quote",
+                what="btc_price to drop every currency's quote",
             )
             for currency in CURRENCIES:
                 refused = await client.put(
