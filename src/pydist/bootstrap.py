@@ -30,14 +30,13 @@ from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 
 if TYPE_CHECKING:
-    from pydist.adapters.coinbase import CoinbaseSpot
     from pydist.adapters.consumer import EnvelopeConsumer
     from pydist.adapters.db import Database
     from pydist.adapters.listing import Page
     from pydist.adapters.order_tables import OrderTable, ReadModelTable
     from pydist.adapters.order_writer import BatchingOrderWriter
     from pydist.adapters.outbox import Outbox
-    from pydist.adapters.price_client import PriceServiceClient
+    from pydist.adapters.prices import CoinbaseSpot, PriceServiceClient
     from pydist.adapters.publisher import BrokerPublisher
     from pydist.adapters.rabbit import BrokerLink
     from pydist.adapters.write_store import WriteStore
@@ -80,7 +79,7 @@ def create(settings: Settings, *, create_order: CreateOrder | None = None) -> Cr
     use case over them."""
     from pydist.adapters.db import Database
     from pydist.adapters.order_writer import BatchingOrderWriter
-    from pydist.adapters.price_client import PriceServiceClient
+    from pydist.adapters.prices import PriceServiceClient
     from pydist.adapters.write_store import WriteStore
 
     url = settings.write_database_url.get_secret_value()
@@ -137,7 +136,7 @@ class PriceGraph:
 
 def price(settings: Settings) -> PriceGraph:
     """btc_price: the Coinbase client and the per-currency cache in front of it."""
-    from pydist.adapters.coinbase import CoinbaseSpot
+    from pydist.adapters.prices import CoinbaseSpot
 
     coinbase = CoinbaseSpot(settings.coinbase_api_url, settings.price_timeout_s)
     cache = PriceCache(

@@ -1,23 +1,94 @@
-"""How the create service asks btc_price for a rate, keeping each answer only while it is young."""
+"""BTC prices over HTTP, both hops of one: btc_price asks Coinbase (`CoinbaseSpot`, only that
+process talks to Coinbase), and the create service asks btc_price (`PriceServiceClient`, which
+keeps each answer only while it is young).
+
+On either hop, whatever goes wrong (a peer that cannot be reached or is too slow, a status other
+than 200, a body that holds no price) is a PriceUnavailableError: the order gets a 503."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
 
 import httpx
 import orjson
+import structlog
 
 from pydist.domain.errors import InvalidPriceError, PriceUnavailableError
 from pydist.domain.money import Currency, parse_btc_price
+from pydist.metrics import PRICE_UPSTREAM_CALLS
+
+log = structlog.get_logger()
+T = TypeVar("T")
 
 KEEPALIVE_EXPIRY_S = 2.0
 """Idle connections to btc_price are dropped well before its server closes them (uvicorn's
 `timeout_keep_alive`, 5 s). httpx's default expiry is the same 5 s, so a connection reused at that
 instant met a closing server: a spurious 503 `RemoteProtocolError` (about 1 call in 60 after an
 idle of 4.99 s, measured 2026-12-01)."""
+
+
+async def get_json(
+    client: httpx.AsyncClient, path: str, timeout_s: float, peer: str, parse: Callable[[Any], T]
+) -> T:
+    """GET `path` and `parse` its JSON body, within `timeout_s` in all: httpx's timeout applies to
+    each phase, so a trickling server could otherwise stretch one call well past it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await client.get(path)
+    except (httpx.HTTPError, TimeoutError) as exc:
+        raise PriceUnavailableError(f"{peer} unreachable: {type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise PriceUnavailableError(f"{peer} answered {response.status_code}")
+    try:
+        return parse(orjson.loads(response.content))
+    except (KeyError, TypeError, ValueError) as exc:  # bad JSON and bad prices are ValueErrors
+        raise PriceUnavailableError(f"{peer} answered garbage: {exc}") from exc
+
+
+def _spot_of(currency: Currency, body: Any) -> Decimal:
+    data = body["data"]
+    if data["base"] != "BTC" or data["currency"] != currency.value:
+        raise InvalidPriceError("coinbase answered for another pair")
+    return parse_btc_price(data["amount"])
+
+
+def _rate_and_age(body: Any) -> tuple[Decimal, float]:
+    return parse_btc_price(body["amount"]), float(body["age_s"])
+
+
+class CoinbaseSpot:
+    """Each call is counted in pydist_price_upstream_calls_total (ok/error), and `fetched_at`
+    keeps when each currency's newest price arrived (monotonic), for btc_price's age gauge."""
+
+    def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
+        self.fetched_at: dict[Currency, float] = {}
+        self._timeout_s = timeout_s
+        self._client = client or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s),
+            headers={"Accept": "application/json", "User-Agent": "pydist-btc-price"},
+        )
+
+    async def spot(self, currency: Currency) -> Decimal:
+        path, parse = f"/v2/prices/BTC-{currency.value}/spot", partial(_spot_of, currency)
+        try:
+            price = await get_json(self._client, path, self._timeout_s, "coinbase", parse)
+        except PriceUnavailableError as exc:
+            PRICE_UPSTREAM_CALLS.labels(currency.value, "error").inc()
+            log.warning("price_fetch_failed", currency=currency.value, error=str(exc))
+            raise
+        PRICE_UPSTREAM_CALLS.labels(currency.value, "ok").inc()
+        self.fetched_at[currency] = time.monotonic()
+        return price
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class PriceServiceClient:
@@ -85,26 +156,9 @@ class PriceServiceClient:
 
     async def _fetch(self, currency: Currency) -> Decimal:
         asked = time.monotonic()
-        try:
-            # httpx's timeout applies to each phase; this bounds the whole call.
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._client.get(f"/prices/{currency.value}")
-        except (httpx.HTTPError, TimeoutError) as exc:
-            raise PriceUnavailableError(f"btc_price unreachable: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise PriceUnavailableError(f"btc_price answered {response.status_code}")
-        try:
-            body = orjson.loads(response.content)
-            rate = parse_btc_price(body["amount"])
-            age = float(body["age_s"])
-        except (
-            orjson.JSONDecodeError,
-            KeyError,
-            TypeError,
-            ValueError,
-            InvalidPriceError,
-        ) as exc:
-            raise PriceUnavailableError("btc_price answered garbage") from exc
+        rate, age = await get_json(
+            self._client, f"/prices/{currency.value}", self._timeout_s, "btc_price", _rate_and_age
+        )
         # Count the time in flight as age too: the quote expires no later than upstream's.
         self._cache[currency] = (rate, asked + self._max_age_s - max(age, 0.0))
         return rate

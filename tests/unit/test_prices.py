@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from pydist.adapters.price_client import KEEPALIVE_EXPIRY_S, PriceServiceClient
+from pydist.adapters.prices import KEEPALIVE_EXPIRY_S, PriceServiceClient
 
 
 async def test_idle_connections_expire_well_before_the_server_closes_them():
