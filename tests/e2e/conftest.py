@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,32 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             running.stop()
 
 
+CREATE_REFUSES_S = 0.25
+"""PriceServiceClient's retry_after_s: after a failed price call create refuses that currency at
+once, for this long, without asking btc_price again."""
+
+
+def _last_price_refusal(stack: Stack) -> float | None:
+    """When (epoch seconds) create last logged a price 503 (`upstream_unavailable`), if ever."""
+    create = stack.system.procs.get("create")
+    text = "" if create is None else create.log()
+    at = text.rfind('"event":"upstream_unavailable"')
+    if at < 0:
+        return None
+    line = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at)]
+    return datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
+
+
+async def create_pricing_again(stack: Stack) -> None:
+    """Once btc_price serves fresh prices again: wait out what is left of create's refusal
+    window after its last price 503 (a deadline read from create's own log), so that the next
+    order is priced rather than refused from memory."""
+    refused_at = _last_price_refusal(stack)
+    left = 0.0 if refused_at is None else refused_at + CREATE_REFUSES_S + 0.1 - time.time()
+    if left > 0:
+        await asyncio.sleep(left)
+
+
 async def _ready(stack: Stack, feed: CoinbaseStub, *, fresh_prices: bool = True) -> Stack:
     stack.healthy()
     await stack.reset()
@@ -364,6 +391,7 @@ async def _ready(stack: Stack, feed: CoinbaseStub, *, fresh_prices: bool = True)
         what="btc_price serving the default prices",
         interval=0.1,
     )
+    await create_pricing_again(stack)
     feed.configure(reset_hits=True)
     return stack
 

@@ -55,6 +55,7 @@ from tests.e2e.conftest import (
     Stack,
     Stacks,
     assert_problem,
+    create_pricing_again,
     order_body,
     prices_served,
 )
@@ -538,6 +539,7 @@ async def test_every_dashboard_query_returns_data(
                 timeout=30,
                 what="fresh prices again",
             )
+            await create_pricing_again(brokered)
             load.phase = "after"
 
             await publish_poison(broker_url)

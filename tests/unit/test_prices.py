@@ -1,10 +1,18 @@
-"""The create side's client for btc_price: its idle connections expire before the server's do."""
+"""The create side's client for btc_price: its idle connections expire before the server's do, and
+concurrent orders share one call and its outcome."""
 
 from __future__ import annotations
 
+import asyncio
+from decimal import Decimal
+
+import httpx
+import pytest
 import uvicorn
 
 from pydist.adapters.prices import KEEPALIVE_EXPIRY_S, PriceServiceClient
+from pydist.domain.errors import PriceUnavailableError
+from pydist.domain.money import Currency
 
 
 async def test_idle_connections_expire_well_before_the_server_closes_them():
@@ -16,5 +24,59 @@ async def test_idle_connections_expire_well_before_the_server_closes_them():
     try:
         pool = client._client._transport._pool  # type: ignore[attr-defined]
         assert pool._keepalive_expiry == KEEPALIVE_EXPIRY_S
+    finally:
+        await client.aclose()
+
+
+class _SlowPriceService:
+    """btc_price behind an httpx.MockTransport: every call waits for `release`, then answers
+    `status`; `calls` counts them."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        await self.release.wait()
+        return httpx.Response(self.status, json={"amount": "91234.56", "age_s": 0.1})
+
+
+def _client(service: _SlowPriceService) -> PriceServiceClient:
+    http = httpx.AsyncClient(base_url="http://btc-price", transport=httpx.MockTransport(service))
+    return PriceServiceClient("http://btc-price", timeout_s=5, max_age_s=5, client=http)
+
+
+async def test_concurrent_orders_share_one_failed_call_and_then_fail_at_once():
+    """Fifty orders for one currency while its price call is in flight: one call, and all fifty
+    get its error (a lock alone would make each waiter call again after the failure, so the
+    n-th order would wait n calls). Within `retry_after_s` the next orders fail without a call."""
+    service = _SlowPriceService(503)
+    client = _client(service)
+    try:
+        waiting = [asyncio.ensure_future(client.price(Currency.USD)) for _ in range(50)]
+        await asyncio.sleep(0)  # let every order reach the shared call before it answers
+        service.release.set()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        assert service.calls == 1
+        assert all(isinstance(o, PriceUnavailableError) for o in outcomes), outcomes[:3]
+        with pytest.raises(PriceUnavailableError):
+            await client.price(Currency.USD)
+        assert service.calls == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_good_answer_is_shared_and_kept_while_young():
+    service = _SlowPriceService(200)
+    client = _client(service)
+    try:
+        waiting = [asyncio.ensure_future(client.price(Currency.EUR)) for _ in range(20)]
+        await asyncio.sleep(0)
+        service.release.set()
+        assert set(await asyncio.gather(*waiting)) == {Decimal("91234.56")}
+        assert await client.price(Currency.EUR) == Decimal("91234.56")
+        assert service.calls == 1
     finally:
         await client.aclose()

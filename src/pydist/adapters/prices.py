@@ -109,8 +109,9 @@ class PriceServiceClient:
         timeout_s: float,
         max_age_s: float,
         retry_after_s: float = 0.25,
+        client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._client = httpx.AsyncClient(
+        self._client = client or httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
