@@ -13,6 +13,12 @@ consumer keeps running:
 A read model that is down is waited for with the message held (not requeued, which would count
 towards the delivery limit and dead-letter healthy events during an outage). Every dead-letter
 is published with confirms before the message is acked, so a crash in between only repeats it.
+
+Dead letters go out on a connection of their own, within `DEAD_LETTER_TIMEOUT_S`. During a
+memory or disk alarm RabbitMQ stops reading from every connection that publishes: on the
+consuming connection that would also stop the acks, and the consumer, the one thing that drains
+the queues and so ends the alarm, would wait for ever. A dead letter that cannot go out in time
+requeues its message instead; at the delivery limit the broker dead-letters it by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ from tenacity import RetryCallState
 
 from pydist import telemetry
 from pydist.adapters.messages import CONTENT_TYPE, Decoded, Poison, decode
-from pydist.adapters.rabbit import QUEUE, TRANSIENT, BrokerLink, Topology, declare_topology
+from pydist.adapters.rabbit import (
+    DEAD_LETTER_EXCHANGE,
+    QUEUE,
+    TRANSIENT,
+    BrokerLink,
+    declare_topology,
+)
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
 from pydist.retrying import failure, until_stopped
@@ -41,13 +53,24 @@ Handler = Callable[[Sequence[BuyOrderCreated]], Awaitable[None]]
 REASON = "x-pydist-reason"
 SOURCE_MESSAGE = "x-pydist-message-id"
 EVENT_INDEX = "x-pydist-event-index"
+DEAD_LETTER_TIMEOUT_S = 10.0
+"""The bound on publishing one message's dead letters (a confirm takes milliseconds)."""
 
 
 class EnvelopeConsumer:
-    def __init__(self, urls: str | Sequence[str], handler: Handler, *, prefetch: int) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        handler: Handler,
+        *,
+        prefetch: int,
+        dead_letter_timeout_s: float = DEAD_LETTER_TIMEOUT_S,
+    ) -> None:
         self._link = BrokerLink(urls)
+        self._dead_letter_link = BrokerLink(urls)  # publishes: never the consuming connection
         self._handler = handler
         self._prefetch = prefetch
+        self._dead_letter_timeout_s = dead_letter_timeout_s
         self.consuming = asyncio.Event()
 
     async def start(self) -> None:
@@ -85,18 +108,18 @@ class EnvelopeConsumer:
                     message = await asyncio.wait_for(inbox.get(), timeout=0.5)
                 except TimeoutError:
                     continue
-                await self.handle(message, topology, stop)  # its own TimeoutError is a failure
+                await self.handle(message, stop)  # its own TimeoutError is a failure
             with contextlib.suppress(*TRANSIENT):
                 await topology.queue.cancel(tag)
             while not inbox.empty():  # what was already delivered; the broker redelivers the rest
-                await self.handle(inbox.get_nowait(), topology, stop)
+                await self.handle(inbox.get_nowait(), stop)
         finally:
             self.consuming.clear()
 
-    async def handle(self, message: AbstractIncomingMessage, topology: Topology, stop: asyncio.Event) -> None:
+    async def handle(self, message: AbstractIncomingMessage, stop: asyncio.Event) -> None:
         decoded = decode(message)
         if not telemetry.ENABLED:
-            await self._settle(message, decoded, topology, stop)
+            await self._settle(message, decoded, stop)
             return
         events = [] if isinstance(decoded, str) else decoded.events
         attrs = telemetry.messaging_attributes(("process", "process"), QUEUE, message.message_id, events)
@@ -105,32 +128,31 @@ class EnvelopeConsumer:
         traceparents = [e.traceparent for e in events]
         parent = parent if isinstance(parent, str) else None
         with telemetry.batch_span(f"process {QUEUE}", "CONSUMER", traceparents, attrs, parent=parent):
-            await self._settle(message, decoded, topology, stop)
+            await self._settle(message, decoded, stop)
 
     async def _settle(
-        self,
-        message: AbstractIncomingMessage,
-        decoded: Decoded | str,
-        topology: Topology,
-        stop: asyncio.Event,
+        self, message: AbstractIncomingMessage, decoded: Decoded | str, stop: asyncio.Event
     ) -> None:
         """Project the message's events, dead-letter what cannot be, then ack (or requeue)."""
         if isinstance(decoded, str):
-            await _dead_letter(topology, message, Poison(None, decoded, message.body), whole=True)
+            poison, whole = [Poison(None, decoded, message.body)], True
+        else:
+            try:
+                refused = await self._project(decoded.events, stop)
+            except StoreUnavailableError:
+                return  # stopping while the read model is down: left unacked, redelivered later
+            except Exception as exc:  # neither the data nor the database: the delivery limit decides
+                log.exception("projection_failed", message_id=message.message_id, error=type(exc).__name__)
+                await message.nack(requeue=True)
+                return
+            refused_poison = [
+                decoded.poison_of(e, "refused by the read model", message.body) for e in refused
+            ]
+            poison, whole = [*decoded.poison, *refused_poison], False
+        if await self._dead_letter(message, poison, whole=whole):
             await message.ack()
-            return
-        try:
-            refused = await self._project(decoded.events, stop)
-        except StoreUnavailableError:
-            return  # stopping while the read model is down: left unacked, redelivered later
-        except Exception as exc:  # neither the data nor the database: the delivery limit decides
-            log.exception("projection_failed", message_id=message.message_id, error=type(exc).__name__)
+        else:
             await message.nack(requeue=True)
-            return
-        refused_poison = [decoded.poison_of(e, "refused by the read model", message.body) for e in refused]
-        for poison in [*decoded.poison, *refused_poison]:
-            await _dead_letter(topology, message, poison)
-        await message.ack()
 
     async def _project(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> list[BuyOrderCreated]:
         """Project `events`; returns those the read model refuses, each isolated by bisection."""
@@ -157,36 +179,50 @@ class EnvelopeConsumer:
             with attempt:
                 await self._handler(events)
 
+    async def _dead_letter(
+        self, source: AbstractIncomingMessage, poison: Sequence[Poison], *, whole: bool
+    ) -> bool:
+        """Publish each poison event (or the whole unreadable message) to the DLQ, confirmed, on
+        the dead-letter connection; False if that failed or took over `dead_letter_timeout_s`."""
+        if not poison:
+            return True
+        try:
+            async with asyncio.timeout(self._dead_letter_timeout_s):
+                channel = await self._dead_letter_link.channel()
+                exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+                for one in poison:
+                    await exchange.publish(_dead_letter_message(source, one, whole), "", mandatory=True)
+                    EVENTS_DEAD_LETTERED.inc()
+                    log.error(
+                        "event_dead_lettered",
+                        message_id=source.message_id,
+                        event_id=one.event_id,
+                        event_index=one.index,
+                        reason=one.reason,
+                        body_prefix=one.body[:200].decode("utf-8", "replace"),
+                    )
+        except TRANSIENT as exc:  # asyncio.TimeoutError included
+            await self._dead_letter_link.reset()
+            log.warning("dead_letter_failed", message_id=source.message_id, error=type(exc).__name__)
+            return False
+        return True
+
     async def close(self) -> None:
         await self._link.close()
+        await self._dead_letter_link.close()
 
 
-async def _dead_letter(
-    topology: Topology, source: AbstractIncomingMessage, poison: Poison, *, whole: bool = False
-) -> None:
-    """Publish one poison event (or a whole unreadable message) to the DLQ, with why, confirmed.
-    An event goes as a v1 message of its own, so `pydist dlq replay` reads it like any other."""
+def _dead_letter_message(source: AbstractIncomingMessage, poison: Poison, whole: bool) -> aio_pika.Message:
+    """One poison event as a v1 message of its own, so `pydist dlq replay` reads it like any
+    other (or the unreadable message as it came), with why in its headers."""
     headers: dict[str, Any] = {REASON: poison.reason[:300], SOURCE_MESSAGE: source.message_id or ""}
     if poison.index is not None:
         headers[EVENT_INDEX] = poison.index
-    await topology.dead_letters.publish(
-        aio_pika.Message(
-            body=poison.body,
-            content_type=source.content_type or CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=poison.event_id or source.message_id,
-            type=source.type if whole else BUY_ORDER_CREATED,
-            headers=headers,
-        ),
-        routing_key="",
-        mandatory=True,
-    )
-    EVENTS_DEAD_LETTERED.inc()
-    log.error(
-        "event_dead_lettered",
-        message_id=source.message_id,
-        event_id=poison.event_id,
-        event_index=poison.index,
-        reason=poison.reason,
-        body_prefix=poison.body[:200].decode("utf-8", "replace"),
+    return aio_pika.Message(
+        body=poison.body,
+        content_type=source.content_type or CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=poison.event_id or source.message_id,
+        type=source.type if whole else BUY_ORDER_CREATED,
+        headers=headers,
     )

@@ -155,7 +155,6 @@ SYNC = BoundQueue(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, aio_pika.ExchangeType.TOPIC,
 @dataclass(frozen=True, slots=True)
 class Topology:
     events: AbstractExchange
-    dead_letters: AbstractExchange
     queue: AbstractQueue
 
 
@@ -164,9 +163,9 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
 
     A sync queue that still exists as a classic queue (from before quorum queues) makes this fail
     with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (README, "Operating pydist")."""
-    dlx, _ = await DEAD_LETTERS.declare(channel)
+    await DEAD_LETTERS.declare(channel)
     events, queue = await SYNC.declare(channel)
-    return Topology(events, dlx, queue)
+    return Topology(events, queue)
 
 
 async def depth(channel: AbstractChannel, name: str) -> int:
