@@ -246,9 +246,16 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     before = scrape(embedded.url("price"))
     price_proc.pause()
     try:
-        # Any upstream call already on the wire reaches the stub and is counted first.
+        # Any upstream call already on the wire reaches the stub and is counted first. A request
+        # the stub has read but not yet counted shows in neither check for a GIL switch (~5 ms),
+        # so the count must also have stood still for 0.2 s (btc_price is frozen: nothing new).
+        still = _no_call_for(feed, None, 0.2)
         try:
-            wait_until(lambda: not _stub_busy(feed), timeout=5, what="no price call in flight to the stub")
+            wait_until(
+                lambda: not _stub_busy(feed) and still(),
+                timeout=5,
+                what="no price call in flight to the stub",
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {_stub_busy(feed)}") from None
         hits = Counter(feed.hits)
@@ -271,17 +278,21 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
     assert await embedded.written() == 1
 
 
-def _no_call_for(feed: CoinbaseStub, currency: str, seconds: float) -> Callable[[], float]:
+def _no_call_for(feed: CoinbaseStub, currency: str | None, seconds: float) -> Callable[[], float]:
     """A predicate for `wait_until`: true (the seconds waited) once the stub has counted no
-    `currency` request for `seconds`. btc_price records an attempt just before sending it, so its
-    last one is then at least that old (less the ~1 ms the request takes to be counted)."""
+    `currency` request (None: none at all) for `seconds`. btc_price records an attempt just before
+    sending it, so its last one is then at least that old (less the ~1 ms it takes to count)."""
+
+    def count() -> int:
+        return sum(dict(feed.hits).values()) if currency is None else feed.hits[currency]  # a copy: threads
+
     started = time.monotonic()
-    seen = [feed.hits[currency], started]  # the count, and when it last changed
+    seen = [count(), started]  # the count, and when it last changed
 
     def quiet() -> float:
         now = time.monotonic()
-        if feed.hits[currency] != seen[0]:
-            seen[:] = [feed.hits[currency], now]
+        if count() != seen[0]:
+            seen[:] = [count(), now]
         return now - started if now - seen[1] >= seconds else 0.0
 
     return quiet
