@@ -215,7 +215,9 @@ def sync(settings: Settings) -> SyncGraph:
     db, consumer = build_sync(
         settings.read_database_url.get_secret_value(), broker_url, prefetch=settings.sync_prefetch
     )
-    return SyncGraph(db, consumer, BrokerLink(broker_url, publisher_confirms=False))
+    return SyncGraph(
+        db, consumer, BrokerLink(broker_url, name="pydist sync: DLQ depth", publisher_confirms=False)
+    )
 
 
 @dataclass

@@ -50,6 +50,7 @@ ALARM_SEEN_S = 30.0
 DRAINED_S = 90.0  # measured 19-23 s
 DLQ_READ_S = 5.0
 POISON = b"not json at all"
+CONSUMING = "pydist sync: consume"  # the consumer's connection, by its name on the broker
 
 
 def _event(i: int) -> BuyOrderCreated:
@@ -132,6 +133,9 @@ async def test_the_consumer_drains_its_queue_through_a_memory_alarm(
                         bg=bg,
                     )
                     assert await asyncio.to_thread(_alarmed, cluster), "the alarm ended too soon"
+                    states = await asyncio.to_thread(_connection_states, cluster)
+                    # "blocking": blocked if it published, still read meanwhile (acks included)
+                    assert states.get(CONSUMING) in ({"running"}, {"blocking"}), states
                     await asyncio.to_thread(_clear_alarm, cluster)
                     await _wait_alarm(cluster, False)
         finally:
@@ -144,6 +148,18 @@ async def test_the_consumer_drains_its_queue_through_a_memory_alarm(
     assert 1 <= len(failed) <= DELIVERY_LIMIT + 1, failed  # the broker takes it at the 6th delivery
     assert {m.body for m in dead} == {POISON}, [m.body[:40] for m in dead]
     assert await _read_rows(clean.read_url) == 2
+
+
+def _connection_states(cluster: RabbitCluster) -> dict[str, set[str]]:
+    """The state of every connection (running, blocking, blocked), by its name."""
+    out = cluster.ctl(
+        cluster.names[0], "list_connections", "client_properties", "state", "--formatter", "json"
+    )
+    states: dict[str, set[str]] = {}
+    for connection in json.loads(out):
+        props = {key: value for key, _, value in connection["client_properties"]}
+        states.setdefault(str(props.get("connection_name")), set()).add(connection["state"])
+    return states
 
 
 async def _drained(cluster: RabbitCluster, vhost: str, read_url: str) -> bool:

@@ -66,8 +66,9 @@ class EnvelopeConsumer:
         prefetch: int,
         dead_letter_timeout_s: float = DEAD_LETTER_TIMEOUT_S,
     ) -> None:
-        self._link = BrokerLink(urls)
-        self._dead_letter_link = BrokerLink(urls)  # publishes: never the consuming connection
+        self._link = BrokerLink(urls, name="pydist sync: consume")
+        # publishes: never on the consuming connection (see the module's docstring)
+        self._dead_letter_link = BrokerLink(urls, name="pydist sync: dead letters")
         self._handler = handler
         self._prefetch = prefetch
         self._dead_letter_timeout_s = dead_letter_timeout_s

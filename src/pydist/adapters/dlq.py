@@ -76,7 +76,7 @@ async def _dead_letters(
 ) -> AsyncIterator[list[AbstractIncomingMessage]]:
     """Up to `limit` of the messages the DLQ holds now (never what arrives meanwhile), unacked;
     leaving closes the link, which returns every one not acked to the queue."""
-    link = BrokerLink(urls, publisher_confirms=False)
+    link = BrokerLink(urls, name="pydist dlq", publisher_confirms=False)
     try:
         queue = await (await link.channel()).declare_queue(DEAD_LETTER_QUEUE, passive=True)
         depth = min(int(queue.declaration_result.message_count or 0), limit)

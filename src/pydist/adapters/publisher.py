@@ -33,7 +33,7 @@ class BrokerPublisher:
         max_events: int = MAX_EVENTS,
         max_bytes: int = MAX_BYTES,
     ) -> None:
-        self._link = BrokerLink(urls)
+        self._link = BrokerLink(urls, name="pydist relay")
         self._timeout_s = timeout_s
         self._max_events = max_events
         self._max_bytes = max_bytes

@@ -27,7 +27,7 @@ log = structlog.get_logger()
 
 async def migrate_queues(urls: str | Sequence[str]) -> dict[str, int]:
     """Move both queues; returns how many messages each one carried over."""
-    link = BrokerLink(urls)
+    link = BrokerLink(urls, name="pydist migrate-queues")
     try:
         moved = {target.name: await _migrate(link, target) for target in (DEAD_LETTERS, SYNC)}
         await declare_topology(await link.channel())  # everything else, as both sides expect

@@ -61,10 +61,16 @@ def broker_urls(value: str) -> list[str]:
 
 class BrokerLink:
     """One connection and one channel to the first node of the list that answers; after a
-    failure `reset()` closes them and the next `channel()` tries the nodes after the failed one."""
+    failure `reset()` closes them and the next `channel()` tries the nodes after the failed one.
 
-    def __init__(self, urls: str | Sequence[str], *, publisher_confirms: bool = True) -> None:
+    `name` is the connection's name on the broker (`rabbitmqctl list_connections
+    client_properties`, the management UI), so an operator sees which one is blocked or busy."""
+
+    def __init__(
+        self, urls: str | Sequence[str], *, name: str = "pydist", publisher_confirms: bool = True
+    ) -> None:
         self.urls = broker_urls(urls) if isinstance(urls, str) else list(urls)
+        self.name = name
         self._confirms = publisher_confirms
         self._current = 0
         self._connection: AbstractConnection | None = None
@@ -86,7 +92,10 @@ class BrokerLink:
             index = (start + offset) % len(self.urls)
             try:
                 self._connection = await aio_pika.connect(
-                    self.urls[index], timeout=CONNECT_TIMEOUT_S, heartbeat=HEARTBEAT_S
+                    self.urls[index],
+                    timeout=CONNECT_TIMEOUT_S,
+                    heartbeat=HEARTBEAT_S,
+                    client_properties={"connection_name": self.name},
                 )
                 self._channel = await self._connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
@@ -96,7 +105,7 @@ class BrokerLink:
                 await self.close()
                 continue
             self._current = index
-            log.info("broker_connected", node=self.node)
+            log.info("broker_connected", node=self.node, connection=self.name)
             return self._channel
         raise ConnectionError("no broker node answered: " + "; ".join(errors))
 
