@@ -35,6 +35,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pydist.adapters.prices import RETRY_AFTER_S
 from pydist.devtools.coinbase_stub import DEFAULT_PRICES, CoinbaseStub
 from tests.support import db as testdb
 from tests.support.procs import READY_PATHS, System, base_env, running, wait_ready
@@ -350,30 +351,37 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             running.stop()
 
 
-CREATE_REFUSES_S = 0.25
-"""PriceServiceClient's retry_after_s: after a failed price call create refuses that currency at
-once, for this long, without asking btc_price again."""
+CREATE_PRICE_TIMEOUT_S = 1.5  # base_env's PRICE_TIMEOUT_S + 0.5: create's bound on one price call
 
 
 def _last_price_refusal(stack: Stack) -> float | None:
-    """When (epoch seconds) create last logged a price 503 (`upstream_unavailable`), if ever."""
+    """When (epoch seconds) create last logged a 503 for want of a price, if ever."""
     create = stack.system.procs.get("create")
     text = "" if create is None else create.log()
-    at = text.rfind('"event":"upstream_unavailable"')
-    if at < 0:
-        return None
-    line = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at)]
-    return datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
+    end = len(text)
+    while (at := text.rfind('"event":"upstream_unavailable"', 0, end)) >= 0:
+        start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
+        event = json.loads(text[start:end])
+        if str(event.get("error", "")).startswith("btc_price"):  # not a store 503
+            return datetime.fromisoformat(event["timestamp"]).timestamp()
+        end = start
+    return None
 
 
 async def create_pricing_again(stack: Stack) -> None:
-    """Once btc_price serves fresh prices again: wait out what is left of create's refusal
-    window after its last price 503 (a deadline read from create's own log), so that the next
-    order is priced rather than refused from memory."""
-    refused_at = _last_price_refusal(stack)
-    left = 0.0 if refused_at is None else refused_at + CREATE_REFUSES_S + 0.1 - time.time()
-    if left > 0:
-        await asyncio.sleep(left)
+    """Once btc_price serves fresh prices again: wait until create's last price 503 is older than
+    one price call's bound plus its refusal window. A call in flight when btc_price turned fresh
+    fails (and its orders log their 503s) within its bound; after a failure create refuses that
+    currency from memory for RETRY_AFTER_S. Past both, the next order is priced."""
+    quiet_s = CREATE_PRICE_TIMEOUT_S + RETRY_AFTER_S + 0.1
+
+    def quiet() -> bool:
+        refused_at = _last_price_refusal(stack)
+        return refused_at is None or time.time() - refused_at > quiet_s
+
+    await asyncio.to_thread(
+        wait_until, quiet, timeout=30, what="create past its price refusals", interval=0.05
+    )
 
 
 async def _ready(stack: Stack, feed: CoinbaseStub, *, fresh_prices: bool = True) -> Stack:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -29,23 +30,35 @@ async def test_idle_connections_expire_well_before_the_server_closes_them():
 
 
 class _SlowPriceService:
-    """btc_price behind an httpx.MockTransport: every call waits for `release`, then answers
-    `status`; `calls` counts them."""
+    """btc_price behind an httpx.MockTransport: every call says it `entered`, waits for `release`,
+    then answers `status`; `calls` counts them."""
 
     def __init__(self, status: int) -> None:
         self.status = status
         self.calls = 0
+        self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
+        self.entered.set()
         await self.release.wait()
         return httpx.Response(self.status, json={"amount": "91234.56", "age_s": 0.1})
 
 
 def _client(service: _SlowPriceService) -> PriceServiceClient:
     http = httpx.AsyncClient(base_url="http://btc-price", transport=httpx.MockTransport(service))
-    return PriceServiceClient("http://btc-price", timeout_s=5, max_age_s=5, client=http)
+    # A failure is remembered far longer than the test lasts: nothing here depends on timing.
+    return PriceServiceClient("http://btc-price", timeout_s=5, max_age_s=60, retry_after_s=60, client=http)
+
+
+async def _orders_waiting(client: PriceServiceClient, service: _SlowPriceService, n: int) -> list[Any]:
+    """`n` orders for USD, all waiting while the one call is held; then the call answers."""
+    waiting = [asyncio.ensure_future(client.price(Currency.USD)) for _ in range(n)]
+    await service.entered.wait()  # the call is made after every order has started waiting on it
+    assert not any(w.done() for w in waiting)
+    service.release.set()
+    return list(await asyncio.gather(*waiting, return_exceptions=True))
 
 
 async def test_concurrent_orders_share_one_failed_call_and_then_fail_at_once():
@@ -55,10 +68,7 @@ async def test_concurrent_orders_share_one_failed_call_and_then_fail_at_once():
     service = _SlowPriceService(503)
     client = _client(service)
     try:
-        waiting = [asyncio.ensure_future(client.price(Currency.USD)) for _ in range(50)]
-        await asyncio.sleep(0)  # let every order reach the shared call before it answers
-        service.release.set()
-        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        outcomes = await _orders_waiting(client, service, 50)
         assert service.calls == 1
         assert all(isinstance(o, PriceUnavailableError) for o in outcomes), outcomes[:3]
         with pytest.raises(PriceUnavailableError):
@@ -72,11 +82,8 @@ async def test_a_good_answer_is_shared_and_kept_while_young():
     service = _SlowPriceService(200)
     client = _client(service)
     try:
-        waiting = [asyncio.ensure_future(client.price(Currency.EUR)) for _ in range(20)]
-        await asyncio.sleep(0)
-        service.release.set()
-        assert set(await asyncio.gather(*waiting)) == {Decimal("91234.56")}
-        assert await client.price(Currency.EUR) == Decimal("91234.56")
+        assert set(await _orders_waiting(client, service, 20)) == {Decimal("91234.56")}
+        assert await client.price(Currency.USD) == Decimal("91234.56")
         assert service.calls == 1
     finally:
         await client.aclose()

@@ -202,8 +202,8 @@ class EnvelopeConsumer:
                         reason=one.reason,
                         body_prefix=one.body[:200].decode("utf-8", "replace"),
                     )
-        except TRANSIENT as exc:  # asyncio.TimeoutError included
-            await self._dead_letter_link.reset()
+        except Exception as exc:  # a lost node, a closed channel, the timeout: requeue it
+            self._dead_letter_link.drop()
             log.warning("dead_letter_failed", message_id=source.message_id, error=type(exc).__name__)
             return False
         return True

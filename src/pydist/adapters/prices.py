@@ -31,6 +31,8 @@ KEEPALIVE_EXPIRY_S = 2.0
 `timeout_keep_alive`, 5 s). httpx's default expiry is the same 5 s, so a connection reused at that
 instant met a closing server: a spurious 503 `RemoteProtocolError` (about 1 call in 60 after an
 idle of 4.99 s, measured 2026-12-01)."""
+RETRY_AFTER_S = 0.25
+"""After a failed call to btc_price, orders for that currency are refused at once this long."""
 
 
 async def get_json(
@@ -108,7 +110,7 @@ class PriceServiceClient:
         *,
         timeout_s: float,
         max_age_s: float,
-        retry_after_s: float = 0.25,
+        retry_after_s: float = RETRY_AFTER_S,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._client = client or httpx.AsyncClient(

@@ -47,7 +47,13 @@ DLQ_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 """No delivery limit on the DLQ: `pydist dlq list` reads it by taking and returning messages, and
 every return counts as a delivery; with a limit, listing it often enough would drop messages."""
 
-TRANSIENT = (OSError, ConnectionError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError)
+TRANSIENT = (
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,  # a RuntimeError: a channel already closed
+)
 """What a lost node, a closed channel or a broker still starting raise."""
 
 
@@ -76,6 +82,7 @@ class BrokerLink:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lost = False  # a connection that had worked was dropped: try the next node first
+        self._closing: set[asyncio.Future[None]] = set()
 
     @property
     def node(self) -> str:
@@ -115,8 +122,22 @@ class BrokerLink:
             self._lost = True
         await self.close()
 
+    def drop(self) -> None:
+        """Like `reset()`, without waiting: the connection is closed in the background. A node
+        that stopped reading it (a resource alarm) holds a graceful close for CONNECT_TIMEOUT_S."""
+        if self._connection is not None:
+            self._lost = True
+        closing = asyncio.ensure_future(self._close(self._connection))
+        self._connection, self._channel = None, None
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        await asyncio.gather(self._close(connection), *self._closing)
+
+    @staticmethod
+    async def _close(connection: AbstractConnection | None) -> None:
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_S)
