@@ -201,6 +201,10 @@ class Bench:
         stage["profiles"] = profiles
         stage["sustained"] = self.sustained(plan.create_c, plan.lag_s)
         stage["sustained_headroom"] = self.sustained(plan.headroom_c, plan.headroom_s)
+        # The open loop's 80% stage outruns create whenever the pipeline takes over a fifth of its
+        # rate, and the requests queued then set create's peak: its RSS under load is read first.
+        self.snapshot_rss()
+        self.r["rss_before_open_loop_mb"] = dict(self.r["rss_mb"])
         stage["open_loop"] = [self.open_loop(share, stage["create"]["rps"]["median"]) for share in (0.5, 0.8)]
 
     def open_loop(self, share: float, max_rate: float) -> dict[str, Any]:
