@@ -81,28 +81,12 @@ def alarm_vhost(cluster_all_up: RabbitCluster) -> Iterator[tuple[RabbitCluster, 
 
 
 def _clear_alarm(cluster: RabbitCluster) -> None:
-    cluster.ctl(cluster.names[0], "set_vm_memory_high_watermark", "0.4")
+    cluster.ctl(cluster.names[0], "set_vm_memory_high_watermark", "0.4")  # RabbitMQ's default
 
 
 def _alarmed(cluster: RabbitCluster) -> bool:
     out = cluster.ctl(cluster.names[0], "alarms", tool="rabbitmq-diagnostics")
     return "memory" in out.lower()
-
-
-def _counts(cluster: RabbitCluster, vhost: str) -> dict[str, tuple[int, int]]:
-    """Per queue: (ready, unacknowledged), as the broker itself counts them."""
-    out = cluster.ctl(
-        cluster.names[0],
-        "list_queues",
-        "-p",
-        vhost,
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-        "--formatter",
-        "json",
-    )
-    return {q["name"]: (q["messages_ready"], q["messages_unacknowledged"]) for q in json.loads(out)}
 
 
 async def _read_rows(read_url: str) -> int:
@@ -165,9 +149,9 @@ def _connection_states(cluster: RabbitCluster) -> dict[str, set[str]]:
 async def _drained(cluster: RabbitCluster, vhost: str, read_url: str) -> bool:
     """Both orders projected and acked, and the poison in the DLQ: during the alarm only the
     broker itself can have put it there (at the delivery limit), so it has left the sync queue."""
-    counts = await asyncio.to_thread(_counts, cluster, vhost)
-    dead = counts.get(DEAD_LETTER_QUEUE, (0, 0))[0]
-    return counts.get(QUEUE) == (0, 0) and dead >= 1 and await _read_rows(read_url) == 2
+    messages = {q["name"]: q["messages"] for q in await asyncio.to_thread(cluster.queues, vhost)}
+    drained = messages.get(QUEUE) == 0 and messages.get(DEAD_LETTER_QUEUE, 0) >= 1  # ready + unacked
+    return drained and await _read_rows(read_url) == 2
 
 
 async def _wait_alarm(cluster: RabbitCluster, on: bool) -> None:

@@ -117,18 +117,19 @@ class BrokerLink:
         raise ConnectionError("no broker node answered: " + "; ".join(errors))
 
     async def reset(self) -> None:
-        """Drop the connection after a failure: the next `channel()` starts with the next node."""
-        if self._connection is not None:
-            self._lost = True
+        """Drop the connection after a failure and wait for its close."""
+        self.drop()
         await self.close()
 
     def drop(self) -> None:
-        """Like `reset()`, without waiting: the connection is closed in the background. A node
-        that stopped reading it (a resource alarm) holds a graceful close for CONNECT_TIMEOUT_S."""
-        if self._connection is not None:
-            self._lost = True
-        closing = asyncio.ensure_future(self._close(self._connection))
-        self._connection, self._channel = None, None
+        """Drop the connection after a failure: the next `channel()` starts with the next node.
+        Its close runs in the background, because a node that stopped reading it (a resource
+        alarm) holds a graceful close for CONNECT_TIMEOUT_S; `close()` waits for it."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is None:
+            return
+        self._lost = True
+        closing = asyncio.ensure_future(self._close(connection))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
