@@ -32,6 +32,7 @@ from pydist.adapters.rabbit import (
 )
 from pydist.bootstrap import build_sync
 from pydist.domain.events import BuyOrderCreated
+from pydist.metrics import EVENTS_DEAD_LETTERED
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
@@ -308,6 +309,119 @@ async def test_invalid_events_inside_an_envelope_are_dead_lettered_alone(
         assert h[REASON]
         assert h[EVENT_INDEX] == index
     assert "refused by the read model" in headers[str(bad[9]["event_id"])][REASON]
+
+
+async def test_a_dead_letter_refused_part_way_requeues_the_envelope_and_loses_nothing(
+    stores: Stores, clean: Databases, amqp_url: str
+):
+    """An envelope of 3 good events and 2 unreadable ones, with the DLQ limited by a policy to one
+    message (overflow reject-publish): the first dead letter is confirmed, the broker refuses the
+    second. The envelope is requeued, not acked, and only the confirmed dead letter is counted.
+    Redelivered once the limit is lifted, it dead-letters both: the DLQ holds the first twice
+    (at least once) and the second once, and the 3 orders are projected once each."""
+    await create_orders(stores, 3)
+    items: list[object] = [e.to_message() for e in await outbox_events(clean.write_url)]
+    bad = [{**_good_message(), "event_version": 7}, orjson.loads(POISON["unknown currency"])]
+    items[1:1], items[3:3] = [bad[0]], [bad[1]]
+    projector, gate, calls = Projector(stores.read).publish, asyncio.Event(), []
+
+    async def held_on_redelivery(events: Sequence[BuyOrderCreated]) -> None:
+        calls.append(len(events))
+        if len(calls) > 1:
+            await gate.wait()
+        await projector(events)
+
+    consumer = EnvelopeConsumer(amqp_url, held_on_redelivery, prefetch=1)
+    counted = _dead_lettered()
+    async with broker_probe(amqp_url) as probe:
+        try:
+            with structlog.testing.capture_logs() as logs:
+                async with background() as bg:
+                    await _limit_dlq_to_one(amqp_url)
+                    bg.start(consumer.run, "consumer")
+                    await probe.publish_raw(_envelope_body(items), message_id="env-2", type=ENVELOPE_TYPE)
+                    await wait_until(lambda: _true(len(calls) == 2), timeout=30, what="redelivery", bg=bg)
+                    assert _dead_lettered() - counted == 1
+                    assert await count(clean.read_url) == 3  # projected on the first delivery
+                    await _lift_dlq_limit(amqp_url)
+                    gate.set()
+                    await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=30, what="acked", bg=bg)
+        finally:
+            await consumer.close()
+            _clear_dlq_policy(amqp_url)
+        dead = await probe.get_all(DEAD_LETTER_QUEUE, 5, timeout=2)
+    assert calls == [3, 3]
+    failed = [e for e in logs if e["event"] == "dead_letter_failed"]
+    assert [e["message_id"] for e in failed] == ["env-2"]
+    ids = sorted(m.message_id or "" for m in dead if m.message_id != _PROBE)
+    first, second = (str(b["event_id"]) for b in bad)
+    assert ids == sorted([first, first, second])
+    assert _dead_lettered() - counted == 3 == sum(e["event"] == "event_dead_lettered" for e in logs)
+    assert await count(clean.read_url) == 3
+    report = await read_model_admin.check(stores.write.db, stores.read.db)
+    assert report.clean, report
+
+
+_PROBE = "probe-dlq-limit"
+_DLQ_POLICY = "pydist-test-dlq-limit"
+
+
+def _dead_lettered() -> float:
+    (family,) = EVENTS_DEAD_LETTERED.collect()
+    return next(sample.value for sample in family.samples if sample.name.endswith("_total"))
+
+
+async def _limit_dlq_to_one(url: str) -> None:
+    """A policy holding the DLQ to one message: a quorum queue refuses a publish once it is over
+    its max-length, so 0 lets one in. Returned once the broker applies it (a second probe message
+    is refused), with the DLQ empty again."""
+    definition = '{"max-length": 0, "overflow": "reject-publish"}'
+    _rabbitmqctl(url, "set_policy", "--apply-to", "queues", _DLQ_POLICY, f"^{DEAD_LETTER_QUEUE}$", definition)
+    async with await aio_pika.connect(url, timeout=10) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+
+        async def refuses_a_second() -> bool:
+            await queue.purge()
+            try:
+                for _ in range(2):
+                    await _publish_probe(channel)
+            except aio_pika.exceptions.DeliveryError:
+                return True
+            return False
+
+        await wait_until(refuses_a_second, timeout=30, what="the DLQ limit applied")
+        await queue.purge()
+
+
+async def _lift_dlq_limit(url: str) -> None:
+    """Clear the policy; returned once the DLQ, holding one message, accepts a probe."""
+    _clear_dlq_policy(url)
+    async with await aio_pika.connect(url, timeout=10) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+
+        async def accepts() -> bool:
+            try:
+                await _publish_probe(channel)
+            except aio_pika.exceptions.DeliveryError:
+                return False
+            return True
+
+        await wait_until(accepts, timeout=30, what="the DLQ limit lifted")
+
+
+async def _publish_probe(channel: aio_pika.abc.AbstractChannel) -> None:
+    message = aio_pika.Message(b"probe", message_id=_PROBE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    await channel.default_exchange.publish(message, routing_key=DEAD_LETTER_QUEUE)
+
+
+def _clear_dlq_policy(url: str) -> None:
+    _rabbitmqctl(url, "clear_policy", _DLQ_POLICY, check=False)
+
+
+def _rabbitmqctl(url: str, *args: str, check: bool = True) -> None:
+    vhost = urlsplit(url).path.lstrip("/")
+    subprocess.run(["rabbitmqctl", "-q", *args[:1], "-p", vhost, *args[1:]], check=check, capture_output=True)
 
 
 async def test_a_message_that_always_fails_ends_in_the_dlq_after_the_delivery_limit(
