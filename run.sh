@@ -50,7 +50,7 @@ direct="the relay projects straight into the read model"
 if [ -n "${BROKER_URL:-}" ]; then
   sync_mode="RabbitMQ (BROKER_URL as given)"
 elif [ "${PYDIST_EMBEDDED_BROKER:-1}" = "0" ]; then
-  sync_mode="embedded (PYDIST_EMBEDDED_BROKER=0): $direct"
+  sync_mode="no broker (PYDIST_EMBEDDED_BROKER=0): $direct"
 else
   rabbit_port=${PYDIST_RABBITMQ_PORT:-5673}
   echo "run.sh: no BROKER_URL: starting a private RabbitMQ node in $rabbit_dir (if rabbitmq-server is installed)"
@@ -62,7 +62,7 @@ else
     sync_mode="RabbitMQ (private node pydist-dev@localhost on 127.0.0.1:$rabbit_port, data in $rabbit_dir)"
   elif [ "$rc" = 3 ]; then
     rabbit=0
-    sync_mode="embedded (rabbitmq-server not installed): $direct"
+    sync_mode="no broker (rabbitmq-server not installed): $direct"
   else
     echo "run.sh: the private RabbitMQ node did not start (log: $rabbit_dir/log); set" \
       "PYDIST_RABBITMQ_PORT for another port, or PYDIST_EMBEDDED_BROKER=0 to run without a broker" >&2

@@ -1,11 +1,11 @@
 """The one place each process's object graph is built from Settings: databases, stores, clients,
 use cases, relay, consumer, publisher.
 
-The app factories, the CLI's admin commands, the benchmark and the integration tests all take
-their objects from here, so the wiring is the same wherever it runs. A test hands its fake to a
-builder (`create(settings, create_order=fake)`) instead of patching module names. Settings are an
-argument: only the outermost entries (a factory called bare by uvicorn, the CLI) read the
-environment.
+The app factories, the CLI's admin commands and the integration tests all take their objects
+from here (the benchmark runs the real processes), so the wiring is the same wherever it runs. A
+test hands its fake to a builder (`create(settings, create_order=fake)`) instead of patching
+module names. Settings are an argument: only the outermost entries (a factory called bare by
+uvicorn, the CLI) read the environment.
 
 Builders import their adapters themselves, so a process loads only what it runs (btc_price needs
 no asyncpg: ~20 MB of RSS). Building opens nothing (connections are made on
@@ -54,7 +54,7 @@ class Pages(Protocol):
 
 
 def projector(read_db: Database) -> Projector:
-    """The projector on the read model: read_model_sync's, the embedded relay's, `dlq replay`'s."""
+    """The projector on the read model: read_model_sync's, the direct-mode relay's, `dlq replay`'s."""
     from pydist.adapters.projection import ProjectionStore
 
     return Projector(ProjectionStore(read_db))
@@ -153,7 +153,7 @@ class RelayGraph:
     publisher: BrokerPublisher | None = None
     """Broker mode: where the relay publishes."""
     read_db: Database | None = None
-    """Embedded mode (no BROKER_URL): the read model the relay projects into directly."""
+    """Direct mode (no BROKER_URL): the read model the relay projects into directly."""
 
     async def aclose(self) -> None:
         if self.publisher is not None:

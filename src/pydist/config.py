@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     write_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_write")
     read_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_read")
     broker_url: SecretStr | None = Field(
-        default=None, description="amqp:// URL; unset means the embedded in-process read-model sync"
+        default=None,
+        description="amqp:// URL; unset means no broker: the relay projects straight into the read model",
     )
     coinbase_api_url: str = "https://api.coinbase.com"
     price_max_age_s: float = Field(default=10.0, gt=0)
@@ -80,8 +81,8 @@ class Settings(BaseSettings):
     otel_telemetry: bool = Field(
         default=False,
         description="FastAPI's native OpenTelemetry instrumentation: on only where an OTel provider "
-        "is configured (pydist's own telemetry is Prometheus + structlog); off, it costs nothing per "
-        "request, on, it looks the providers up on every request",
+        "is configured (pydist's own: Prometheus, structlog, and its tracing when OTEL_* is set); "
+        "off, it costs nothing per request, on, it looks the providers up on every request",
     )
 
     @model_validator(mode="after")

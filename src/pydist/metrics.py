@@ -84,7 +84,7 @@ EVENTS_PER_MESSAGE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=None,
 )
-# read_model_sync, and the relay in embedded mode
+# read_model_sync, and the relay in direct mode
 EVENTS_PROJECTED = Counter("pydist_events_projected_total", "Events applied to the read model", registry=None)
 EVENTS_DEAD_LETTERED = Counter(
     "pydist_events_dead_lettered_total",
@@ -94,7 +94,7 @@ EVENTS_DEAD_LETTERED = Counter(
 DLQ_MESSAGES = Gauge("pydist_dlq_messages", "Messages waiting in the dead-letter queue", registry=None)
 READ_MODEL_LAG = Histogram(
     "pydist_read_model_lag_seconds",
-    "Order commit to visible in the read model",
+    "Order written to projected: created_at to the read-model row's projected_at",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
     registry=None,
 )

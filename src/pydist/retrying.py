@@ -36,8 +36,7 @@ def until_stopped(
         on_retry(state, state.upcoming_sleep)
 
     async def sleep(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await sleep_unless_stopped(stop, seconds)
         if stop.is_set() and last[0] is not None:  # stopped while waiting: no further attempt
             raise last[0]
 
@@ -49,6 +48,13 @@ def until_stopped(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or until `stop` is set if that comes first: every wait of a loop that runs
+    until its process stops (a SIGTERM must not wait out a backoff or a poll period)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def failure(state: RetryCallState) -> BaseException | None:

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: orders created over HTTP reach the read model (embedded relay, and the
+"""Issue 3 end to end: orders created over HTTP reach the read model (direct-mode relay, and the
 broker topology relay → RabbitMQ → read_model_sync) and GET /buy_orders walks them page by page."""
 
 from __future__ import annotations

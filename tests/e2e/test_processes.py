@@ -149,7 +149,7 @@ async def test_metrics_of_every_process(embedded: Stack, brokered: Stack) -> Non
         for series in absent:
             assert not has_series(samples, series), (name, series)
 
-    # relay (embedded mode) projects itself: its lag histogram saw the embedded order.
+    # relay (direct mode) projects itself: its lag histogram saw the embedded order.
     m = scrape(embedded.url("relay"))
     assert metric(m, "pydist_read_model_lag_seconds_count") == (
         metric(before_embedded_relay, "pydist_read_model_lag_seconds_count") + 1

@@ -165,7 +165,7 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
     rabbit_dir = data_dir / "rabbitmq"
     if not with_broker:
         assert modes == [
-            "read-model sync: embedded (rabbitmq-server not installed): "
+            "read-model sync: no broker (rabbitmq-server not installed): "
             "the relay projects straight into the read model"
         ], text[-3000:]
         return

@@ -113,7 +113,7 @@ async def test_rebuild_while_orders_are_created_and_projected_deletes_nothing_ne
     stores: Stores, clean: Databases
 ):
     """A rebuild (small chunks, so it takes a while) runs while orders are created and the
-    embedded relay projects them: no new row is deleted, an injected extra is, and once things
+    direct-mode relay projects them: no new row is deleted, an injected extra is, and once things
     settle the check is clean."""
     await create_orders(stores, 300)
     await project_all(stores, clean)

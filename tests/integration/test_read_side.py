@@ -162,7 +162,7 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
             await publisher.close()
         assert await probe.depth(QUEUE) == 0
 
-    # 3. embedded mode, the projector applying a batch that repeats itself and what is stored
+    # 3. direct mode, the projector applying a batch that repeats itself and what is stored
     projector = Projector(stores.read)
     await projector.publish([*events[:5], *events[:5]])
     await projector.publish(events)

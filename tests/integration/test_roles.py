@@ -92,7 +92,7 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     finally:
         await writer.stop()
 
-    # relay (embedded mode) claims and marks the outbox; sync projects (twice: idempotent).
+    # relay (direct mode) claims and marks the outbox; sync projects (twice: idempotent).
     outbox = Outbox(dbs["relay"])
     assert (await store.status()).outbox_backlog == 2
     projector = Projector(ProjectionStore(dbs["sync"]))

@@ -262,7 +262,7 @@ def test_one_worker_runs_in_process_without_a_multiprocess_dir(
     monkeypatch.delitem(sys.modules, "prometheus_client")  # as in `pydist serve`: not imported yet
     serve.serve("create", workers=1)
     factory, kwargs, directory = quiet_serve["run"]
-    assert (factory.func, factory.args) == (serve.build_app, ("create",))
+    assert (factory.func, factory.args) == (serve.process_app, ("create",))
     assert kwargs["workers"] == 1
     assert directory is None
     assert "workers" not in quiet_serve
@@ -281,8 +281,8 @@ def test_several_workers_go_through_the_metrics_supervisor(quiet_serve: dict[str
 def test_a_process_imports_only_its_own_app(name: str, absent: tuple[str, ...]) -> None:
     """btc_price needs neither the database driver nor the broker client (~20 MB of RSS)."""
     script = (
-        "import sys\nfrom pydist.entrypoints.serve import build_app\n"
-        f"app = build_app({name!r})\nprint(app.title)\n"
+        "import sys\nfrom pydist.entrypoints.serve import process_app\n"
+        f"app = process_app({name!r})\nprint(app.title)\n"
         f"print(*[m for m in {absent!r} if m in sys.modules])\n"
     )
     out = subprocess.run(
@@ -295,7 +295,7 @@ def test_a_process_imports_only_its_own_app(name: str, absent: tuple[str, ...]) 
 
 def test_an_unknown_process_is_refused() -> None:
     with pytest.raises(ValueError, match="no process 'nope'"):
-        serve.build_app("nope")
+        serve.process_app("nope")
 
 
 @pytest.mark.parametrize("name", ["price", "relay", "sync"])
@@ -325,7 +325,7 @@ def test_serve_workers_sets_the_directory_before_the_workers_and_removes_it(
     config = {"factory": True, "host": "127.0.0.1", "port": 0, "log_config": None}
     serve.serve_workers("fetch", "fetch_buy_orders", 2, Settings(), config)
     assert seen["workers"] == 2
-    assert (seen["app"].func, seen["app"].args) == (serve.build_app, ("fetch",))  # built in each worker
+    assert (seen["app"].func, seen["app"].args) == (serve.process_app, ("fetch",))  # built in each worker
     assert seen["existed"]
     assert seen["env"] == str(seen["directory"])
     assert not seen["directory"].exists()  # the run's own directory goes with it

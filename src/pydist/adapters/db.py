@@ -35,14 +35,20 @@ STORE_DEADLINE_S = 4.0
 """The longest a request waits on the write model (a partition can hold a connection silently for
 much longer): past it the client gets a 503 and retries with its key, which is safe either way."""
 
-ORDER_COLUMNS = "id, idempotence_key, created_at, currency, currency_amount, btc_rate, btc_amount"
+_ORDER_TYPES = {
+    "id": "uuid",
+    "idempotence_key": "uuid",
+    "created_at": "timestamptz",
+    "currency": "text",
+    "currency_amount": "numeric",
+    "btc_rate": "numeric",
+    "btc_amount": "numeric",
+}
+ORDER_COLUMNS = ", ".join(_ORDER_TYPES)
 """buy_orders' order columns, the same in both models; order_from_row() reads them back."""
-ORDER_RECORD = (
-    "id uuid, idempotence_key uuid, created_at timestamptz, currency text, "
-    "currency_amount numeric, btc_rate numeric, btc_amount numeric"
-)
-"""ORDER_COLUMNS with their types: the read model's batch writes unpack JSON rows with
-jsonb_to_recordset(...) AS r(ORDER_RECORD)."""
+ORDER_RECORD = ", ".join(f"{name} {kind}" for name, kind in _ORDER_TYPES.items())
+"""ORDER_COLUMNS with their types, in the same order: the read model's batch writes unpack JSON
+rows with jsonb_to_recordset(...) AS r(ORDER_RECORD) and insert `r.*` into ORDER_COLUMNS."""
 
 ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 """What "the database is unavailable right now" looks like: the network, a timeout, the server's

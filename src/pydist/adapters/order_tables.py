@@ -26,10 +26,8 @@ _DELETE = "DELETE FROM buy_orders WHERE id = ANY($1::uuid[])"
 # an unconstrained NUMERIC, compared as text so that its scale counts too. Rows the rebuild adds
 # get a fresh event_id (the outbox has no index by order to look the original up cheaply).
 _UPSERT = f"""
-    INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
-                            btc_amount, event_id)
-    SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
-           r.btc_amount, gen_random_uuid()
+    INSERT INTO buy_orders ({ORDER_COLUMNS}, event_id)
+    SELECT r.*, gen_random_uuid()
     FROM jsonb_to_recordset($1::jsonb) AS r({ORDER_RECORD})
     ORDER BY r.id
     ON CONFLICT (id) DO UPDATE SET
@@ -69,7 +67,7 @@ class ReadModelTable(OrderTable):
     """The read model's buy_orders, with the repairs a rebuild makes (service.ports.ReadModelRows)."""
 
     async def upsert(self, orders: list[BuyOrder]) -> None:
-        rows = [{**o.to_public(), "idempotence_key": str(o.idempotence_key)} for o in orders]
+        rows = [o.to_record() for o in orders]
         await self.db.fetch(_UPSERT, orjson.dumps(rows).decode())
 
     async def delete(self, ids: list[uuid.UUID]) -> None:

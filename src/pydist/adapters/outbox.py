@@ -16,7 +16,7 @@ from tenacity import RetryCallState
 
 from pydist.adapters.db import ERRORS, Database, order_from_row
 from pydist.domain.events import BuyOrderCreated
-from pydist.retrying import failure, until_stopped
+from pydist.retrying import failure, sleep_unless_stopped, until_stopped
 
 log = structlog.get_logger()
 LISTENER = "pydist-relay-listen"
@@ -72,8 +72,7 @@ class Outbox:
             await conn.add_listener(CHANNEL, lambda *_: on_notify())
             on_notify()  # catch up on anything committed while not listening
             while not stop.is_set() and not conn.is_closed():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=5)
+                await sleep_unless_stopped(stop, 5)
                 if not stop.is_set():
                     await conn.execute("SELECT 1", timeout=5)
             if not stop.is_set():

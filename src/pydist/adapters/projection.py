@@ -1,4 +1,4 @@
-"""The read model as the projector writes it (read_model_sync, the embedded relay, `dlq replay`)."""
+"""The read model as the projector writes it (read_model_sync, the relay in direct mode, `dlq replay`)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
-from pydist.adapters.db import ORDER_RECORD, Database
+from pydist.adapters.db import ORDER_COLUMNS, ORDER_RECORD, Database
 from pydist.domain.events import BuyOrderCreated
 from pydist.service.ports import EventRejectedError, Projected
 
 # One statement, its own transaction: no BEGIN/COMMIT round trips.
-_UPSERT = f"""
-    INSERT INTO buy_orders (id, idempotence_key, created_at, currency, currency_amount, btc_rate,
-                            btc_amount, event_id)
-    SELECT r.id, r.idempotence_key, r.created_at, r.currency, r.currency_amount, r.btc_rate,
-           r.btc_amount, r.event_id
+_INSERT = f"""
+    INSERT INTO buy_orders ({ORDER_COLUMNS}, event_id)
+    SELECT r.*
     FROM jsonb_to_recordset($1::jsonb) AS r({ORDER_RECORD}, event_id uuid)
     ORDER BY r.id
     ON CONFLICT (id) DO NOTHING
@@ -36,18 +34,12 @@ class ProjectionStore:
         Raises EventRejectedError when the database refuses the data itself (SQLSTATE class 22
         data exception / 23 constraint): the same events would fail again. Any other database
         failure (connection, timeout, …) is a StoreUnavailableError, worth a retry."""
+        ordered = sorted(events, key=lambda e: e.order.id)
         payload = orjson.dumps(
-            [
-                {
-                    **e.order.to_public(),
-                    "idempotence_key": str(e.order.idempotence_key),
-                    "event_id": str(e.event_id),
-                }
-                for e in sorted(events, key=lambda e: e.order.id)
-            ]
+            [{**e.order.to_record(), "event_id": str(e.event_id)} for e in ordered]
         ).decode()
         try:
-            rows = await self.db.fetch(_UPSERT, payload)
+            rows = await self.db.fetch(_INSERT, payload)
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise EventRejectedError(f"read model refused the data (SQLSTATE {exc.sqlstate})") from exc
         return [Projected(r["id"], r["created_at"], r["projected_at"]) for r in rows]

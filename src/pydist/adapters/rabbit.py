@@ -7,8 +7,9 @@ node it first reached, which for a cluster is the one that is down.
 
 The sync queue and its dead-letter queue are quorum queues: replicated over the cluster, with a
 delivery limit on the sync queue, so a message that makes the consumer fail every time ends in the
-DLQ after `DELIVERY_LIMIT` deliveries instead of looping for ever. Dead-lettering is at-least-once
-(the broker keeps the message until the DLQ confirms it), so nothing is lost on the way.
+DLQ after `DELIVERY_LIMIT` + 1 deliveries (the limit counts redeliveries) instead of looping for
+ever. Dead-lettering is at-least-once (the broker keeps the message until the DLQ confirms it), so
+nothing is lost on the way.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Domain errors: each maps to one HTTP problem type at the edge, and to nothing here."""
+"""Domain errors: the edge maps each that reaches it to an HTTP problem type
+(entrypoints/problems.PROBLEM_TYPES); the money errors never reach it (the body's validation
+and the price clients turn them into a 422 and a PriceUnavailableError first)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ class BuyOrderCreated:
             "event_type": BUY_ORDER_CREATED,
             "event_version": EVENT_VERSION,
             "request_id": self.request_id,
-            "data": {**self.order.to_public(), "idempotence_key": str(self.order.idempotence_key)},
+            "data": self.order.to_record(),
         }
         if self.traceparent is not None:
             message["traceparent"] = self.traceparent

@@ -84,6 +84,11 @@ class BuyOrder:
             "btc_amount": f"{self.btc_amount:f}",
         }
 
+    def to_record(self) -> dict[str, str]:
+        """The whole order, as the events carry it and the read model stores it: the wire shape
+        plus the idempotency key (which the APIs never show)."""
+        return {**self.to_public(), "idempotence_key": str(self.idempotence_key)}
+
 
 @dataclass(frozen=True, slots=True)
 class Placed:

@@ -21,7 +21,7 @@ from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, Pr
 from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
-from pydist.entrypoints.problems import ProblemError, problem_type
+from pydist.entrypoints.problems import ProblemError, field_error, problem_type
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses, read_json_object
 from pydist.metrics import (
     CAP_REMAINING,
@@ -60,7 +60,7 @@ def _header_key(raw: str | None) -> uuid.UUID | None:
             422,
             "validation-error",
             f"Idempotency-Key header must be at most {_MAX_KEY_HEADER} characters",
-            errors=[{"field": "Idempotency-Key", "message": "too long"}],
+            **field_error("Idempotency-Key", "too long"),
         )
     text = raw.strip()
     if len(text) > 2 and text[0] == text[-1] == '"':
@@ -72,7 +72,7 @@ def _header_key(raw: str | None) -> uuid.UUID | None:
             422,
             "validation-error",
             "Idempotency-Key header must be a UUID",
-            errors=[{"field": "Idempotency-Key", "message": "must be a UUID"}],
+            **field_error("Idempotency-Key", "must be a UUID"),
         ) from None
 
 
@@ -129,9 +129,9 @@ def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
             partial(await_dependency, "write_database", graph.store.ping),
             partial(every, seconds=WATCH_S, job=gauges),
         ]
+        # At the stop graph.aclose finishes the queued orders, then closes the price client and pool.
         async with running("service", jobs, graph.aclose, stop_s=2, port=port):
             yield
-            await graph.writer.stop()  # the queued orders first, before the jobs get their time
 
     return lifespan
 

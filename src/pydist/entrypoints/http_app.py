@@ -211,11 +211,11 @@ def _route_ops(app: FastAPI, service: str, ready: Callable[[], Awaitable[None]])
     @app.get(
         "/readyz",
         tags=["ops"],
-        summary="Readiness: the process and its database answer",
+        summary="Readiness: the process can do its work (its database answers; btc_price: a fresh quote)",
         response_class=Response,
         responses={
             200: {"description": "Ready", "content": {"application/json": {"schema": _STATUS_SCHEMA}}},
-            503: {"description": "A dependency (the database) is down", "content": PROBLEM_SCHEMA},
+            503: {"description": "Not ready: a dependency is down", "content": PROBLEM_SCHEMA},
         },
     )
     async def readyz() -> Response:

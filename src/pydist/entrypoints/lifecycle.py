@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from tenacity import RetryCallState
 
-from pydist.retrying import failure, until_stopped
+from pydist.retrying import failure, sleep_unless_stopped, until_stopped
 
 log = structlog.get_logger()
 
@@ -116,8 +116,7 @@ async def every(stop: asyncio.Event, seconds: float, job: Callable[[], Awaitable
             await job()
         except Exception as exc:
             log.debug("job_failed", job=getattr(job, "__name__", "?"), error=type(exc).__name__)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await sleep_unless_stopped(stop, seconds)
 
 
 async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> None:

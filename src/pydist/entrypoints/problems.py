@@ -124,8 +124,8 @@ class ProblemType:
         return problem(self.status, self.slug, detail, title=self.title, headers=headers, **extensions)
 
 
-def _field_error(field: str, message: str) -> dict[str, Any]:
-    """The `errors` list of a validation problem, for one field."""
+def field_error(field: str, message: str) -> dict[str, Any]:
+    """The `errors` extension of a 422 problem about one field."""
     return {"errors": [{"field": field, "message": message}]}
 
 
@@ -147,12 +147,12 @@ PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
         "had another currency or amount",
     ),
     IdempotencyKeyMissingError: ProblemType(
-        422, "validation-error", extensions=lambda _: _field_error("idempotence_key", "required")
+        422, "validation-error", extensions=lambda _: field_error("idempotence_key", "required")
     ),
     IdempotencyKeysDifferError: ProblemType(
         422,
         "validation-error",
-        extensions=lambda _: _field_error("idempotence_key", "differs from Idempotency-Key"),
+        extensions=lambda _: field_error("idempotence_key", "differs from Idempotency-Key"),
     ),
     PriceUnavailableError: ProblemType(
         503,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from starlette.requests import Request
 
 from pydist.domain.money import BTC_CAP, Currency, parse_fiat_amount
-from pydist.entrypoints.problems import ProblemError
+from pydist.entrypoints.problems import ProblemError, field_error
 
 # Exactly what parse_fiat_amount accepts, so a schema-driven client (or fuzzer) and the server agree:
 # a decimal string of at most 10 integer digits and 2 decimals, not zero, below 1,000,000,000; or a
@@ -198,17 +198,12 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         reason = "body is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "body is not valid JSON"
         if isinstance(exc, ValueError) and "duplicate key" in str(exc):
             reason = str(exc)
-        raise ProblemError(
-            422,
-            "invalid-json",
-            reason,
-            errors=[{"field": "body", "message": reason}],
-        ) from None
+        raise ProblemError(422, "invalid-json", reason, **field_error("body", reason)) from None
     if not isinstance(parsed, dict):
         raise ProblemError(
             422,
             "validation-error",
             "body must be a JSON object",
-            errors=[{"field": "body", "message": "must be a JSON object"}],
+            **field_error("body", "must be a JSON object"),
         )
     return parsed

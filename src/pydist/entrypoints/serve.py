@@ -1,6 +1,6 @@
 """Run one process's ASGI app under uvicorn with graceful SIGTERM/SIGINT handling and exit 0.
 
-uvicorn is handed `partial(build_app, name)`, which imports the one app module the process runs
+uvicorn is handed `partial(process_app, name)`, which imports the one app module the process runs
 when uvicorn builds the app: after `serve` has settled the metrics directory (prometheus_client
 reads it when first imported), and in each worker only (uvicorn's multi-worker mode pickles the
 partial and every spawned worker builds its own app; the supervisor imports no app). No app
@@ -40,7 +40,7 @@ PORTS = {
 """Each process's port setting and its service name (in logs and metrics)."""
 
 
-def build_app(name: str) -> FastAPI:
+def process_app(name: str) -> FastAPI:
     """Import process `name`'s app module (and only it), and build its app."""
     if name == "create":
         from pydist.entrypoints import create_api
@@ -153,7 +153,7 @@ def serve(name: str, *, workers: int | None = None) -> None:
         if "prometheus_client" not in sys.modules:
             os.environ.pop(MULTIPROC_DIR_ENV, None)
             os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)  # the deprecated spelling
-        uvicorn.run(partial(build_app, name), workers=1, **config)
+        uvicorn.run(partial(process_app, name), workers=1, **config)
         return
     serve_workers(name, service, n, settings, config)
 
@@ -170,7 +170,7 @@ def serve_workers(name: str, service: str, n: int, settings: Settings, config: d
     os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)
     log.info("metrics_multiprocess", directory=str(directory), workers=n, owned=owned)
     try:
-        uv_config = uvicorn.Config(partial(build_app, name), workers=n, **config)
+        uv_config = uvicorn.Config(partial(process_app, name), workers=n, **config)
         sock = uv_config.bind_socket()
         MetricsSupervisor(uv_config, sockets=[sock], directory=directory).run()
     finally:

@@ -94,11 +94,11 @@ def _worker_app(settings: Settings, worker: _Worker) -> FastAPI:
 def create_relay_app(
     settings: Settings | None = None, *, graph: bootstrap.RelayGraph | None = None
 ) -> FastAPI:
-    """Outbox → broker; with no BROKER_URL, outbox → projector → read model (embedded mode)."""
+    """Outbox → broker; with no BROKER_URL, outbox → projector → read model (direct mode)."""
     settings = settings or get_settings()
     g = graph or bootstrap.relay(settings)
     expose(*RELAY_METRICS, *(BROKER_RELAY_METRICS if g.publisher else PROJECTION_METRICS))
-    mode = "broker" if g.publisher else "embedded"
+    mode = "broker" if g.publisher else "direct"
     pings: dict[str, Check] = {"write_database": g.db.ping}
     if g.read_db is not None:
         pings["read_database"] = g.read_db.ping
@@ -137,7 +137,10 @@ def create_sync_app(settings: Settings | None = None, *, graph: bootstrap.SyncGr
         await asyncio.gather(g.consumer.run(stop), every(stop, WATCH_S, measure_dlq))
 
     database = (g.db.ping,)
-    dependencies = [("read_database", database[0], 5.0), ("broker", g.consumer.start, BROKER_ATTEMPT_S)]
+    dependencies = [
+        ("read_database", database[0], DATABASE_ATTEMPT_S),
+        ("broker", g.consumer.start, BROKER_ATTEMPT_S),
+    ]
     description = "Projects events into the read model."
     return _worker_app(
         settings,

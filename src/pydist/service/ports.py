@@ -31,7 +31,7 @@ class PriceSource(Protocol):
 
 
 class EventSink(Protocol):
-    """Where the relay hands events: the broker, or (embedded mode) the projector directly."""
+    """Where the relay hands events: the broker, or (direct mode) the projector directly."""
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The projector: applies events to the read model. read_model_sync and the embedded relay share it."""
+"""The projector: applies events to the read model. read_model_sync and the relay in direct mode share it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Projector:
         self._read_model = read_model
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
-        """Same signature as the broker publisher: in embedded mode the relay calls this directly."""
+        """Same signature as the broker publisher: in direct mode the relay calls this directly."""
         projected = await self._read_model.apply(events)
         for row in projected:
             READ_MODEL_LAG.observe(max((row.projected_at - row.created_at).total_seconds(), 0.0))

@@ -19,7 +19,7 @@ from tenacity import RetryCallState
 
 from pydist.domain.events import BuyOrderCreated
 from pydist.metrics import EVENTS_PUBLISHED
-from pydist.retrying import failure, until_stopped
+from pydist.retrying import failure, sleep_unless_stopped, until_stopped
 from pydist.service.ports import EventSink
 
 log = structlog.get_logger()
@@ -75,7 +75,7 @@ class Relay:
         spell longer than that)."""
         left = self._claimed_at + self._pace_s - time.monotonic()
         if left > 0:
-            await _wait_any(stop, asyncio.Event(), left)
+            await sleep_unless_stopped(stop, left)
 
     async def _relay_until_it_works(self, stop: asyncio.Event) -> int:
         """One batch, retried (0.05 s, doubling up to `max_backoff_s`) while it fails."""
