@@ -4,6 +4,7 @@ in flight per currency, none sooner than min_interval after the last, bounded un
 from __future__ import annotations
 
 import asyncio
+import math
 from decimal import Decimal
 
 import pytest
@@ -302,3 +303,17 @@ def test_never_stale_and_one_call_per_expiry_property(steps: list[tuple[float, i
             assert len(upstream.calls) == expected_calls
 
     asyncio.run(run())
+
+
+async def test_age_is_the_newest_quotes_counted_from_its_request_fresh_or_not() -> None:
+    """The gauge's age: NaN before any quote; then from when the quote was asked for (a slow
+    upstream's 3 s count), and still shown once the quote is too old to serve."""
+    cache, clock, upstream = make()
+    assert math.isnan(cache.age(Currency.EUR))
+    upstream.takes = 3.0
+    await cache.get(Currency.EUR)
+    assert cache.age(Currency.EUR) == 3.0
+    clock.advance(MAX_AGE)
+    assert cache.fresh(Currency.EUR) is None
+    assert cache.age(Currency.EUR) == MAX_AGE + 3.0
+    assert math.isnan(cache.age(Currency.USD))

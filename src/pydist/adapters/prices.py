@@ -65,11 +65,9 @@ def _rate_and_age(body: Any) -> tuple[Decimal, float]:
 
 
 class CoinbaseSpot:
-    """Each call is counted in pydist_price_upstream_calls_total (ok/error), and `fetched_at`
-    keeps when each currency's newest price arrived (monotonic), for btc_price's age gauge."""
+    """Each call is counted in pydist_price_upstream_calls_total (ok/error)."""
 
     def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
-        self.fetched_at: dict[Currency, float] = {}
         self._timeout_s = timeout_s
         self._client = client or httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -86,7 +84,6 @@ class CoinbaseSpot:
             log.warning("price_fetch_failed", currency=currency.value, error=str(exc))
             raise
         PRICE_UPSTREAM_CALLS.labels(currency.value, "ok").inc()
-        self.fetched_at[currency] = time.monotonic()
         return price
 
     async def aclose(self) -> None:

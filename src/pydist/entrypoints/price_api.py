@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -28,10 +27,9 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph 
     settings = settings or get_settings()
     graph = graph or bootstrap.price(settings)
     expose(*PRICE_METRICS)
-    # Read at scrape time: the age of the newest quote, NaN before the first one.
-    for c in Currency:
-        PRICE_AGE.labels(c.value).set_function(_age_of(graph.coinbase.fetched_at, c))
     cache = graph.cache
+    for c in Currency:  # read at scrape time
+        PRICE_AGE.labels(c.value).set_function(partial(cache.age, c))
 
     async def ready() -> None:
         if not any(cache.fresh(c) for c in Currency):
@@ -64,14 +62,6 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph 
         return Response(orjson.dumps(body), media_type="application/json")
 
     return app
-
-
-def _age_of(fetched_at: dict[Currency, float], currency: Currency) -> Callable[[], float]:
-    def age() -> float:
-        at = fetched_at.get(currency)
-        return math.nan if at is None else time.monotonic() - at
-
-    return age
 
 
 def _lifespan(graph: bootstrap.PriceGraph, settings: Settings) -> Lifespan:

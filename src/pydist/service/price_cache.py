@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class PriceCache:
         self._locks = {c: asyncio.Lock() for c in Currency}
         self._last_attempt: dict[Currency, float] = {}
         self.upstream_calls = 0
+
+    def age(self, currency: Currency) -> float:
+        """Seconds since the newest quote was asked for, fresh or not (NaN before the first): the
+        age btc_price's gauge shows, counted as the cache counts it."""
+        quote = self._quotes.get(currency)
+        return math.nan if quote is None else quote.age(self._clock())
 
     def fresh(self, currency: Currency) -> Quote | None:
         quote = self._quotes.get(currency)
