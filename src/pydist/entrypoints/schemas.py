@@ -64,6 +64,8 @@ class BuyOrderIn(BaseModel):
         Field(description="ISO 4217 code: EUR, GBP or USD")
     )
     amount: FiatAmount
+    # "idempotence_key" is the API contract's name for it (body, responses, both databases); the
+    # IETF header is Idempotency-Key, and the code speaks of the idempotency key.
     idempotence_key: uuid.UUID | None = Field(
         default=None, description="Client-chosen UUID; or send it as the Idempotency-Key header"
     )
