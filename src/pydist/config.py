@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     )
     sync_prefetch: int = Field(default=16, ge=1, description="unacked envelopes held by read_model_sync")
     max_body_bytes: int = 16 * 1024
+    max_in_flight: int = Field(
+        default=1000,
+        ge=1,
+        description="requests in progress per worker process past which a new one is answered "
+        "503 overloaded at once (the ops paths never are)",
+    )
     api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")
     log_level: str = "INFO"
     fluentd_host: str | None = None

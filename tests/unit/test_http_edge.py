@@ -14,6 +14,7 @@ Every response of every test is also checked for leaks (stack traces, driver or 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -709,3 +710,39 @@ def test_fastapi_native_telemetry_is_off_unless_asked_for() -> None:
 def test_each_refusal_is_counted_under_its_problem_slug(error: Exception, reason: str) -> None:
     """pydist_orders_refused_total's `reason` values are a contract (alerts, dashboards)."""
     assert _refusal_reason(error) == reason
+
+
+@dataclass
+class HeldCreate:
+    """A use case that holds every order until `release` is set, counting those it holds."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0
+
+    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+        self.held += 1
+        await self.release.wait()
+        return Outcome(stored_order(request.idempotence_key), replayed=False)
+
+
+async def test_past_max_in_flight_a_request_is_shed_with_a_503_and_the_ops_paths_still_answer() -> None:
+    settings = make_settings(max_in_flight=3)
+    held = HeldCreate()
+    app = create_api.create_app(settings, graph=bootstrap.create(settings, create_order=held))
+    async with client_for(app) as client:
+        orders = [asyncio.create_task(put(client, body(idempotence_key=str(uuid.uuid4())))) for _ in range(3)]
+        for _ in range(10_000):  # until all three are inside the use case (no clock involved)
+            if held.held == 3:
+                break
+            await asyncio.sleep(0)
+        assert held.held == 3
+        shed = await asyncio.wait_for(put(client, body(idempotence_key=str(uuid.uuid4()))), 30)
+        problem_doc = assert_problem(shed, 503)
+        assert problem_doc["type"] == "/problems/overloaded"
+        assert shed.headers["retry-after"] == "1"
+        assert held.held == 3  # refused before it reached the use case
+        assert (await client.get("/healthcheck")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        held.release.set()
+        assert [r.status_code for r in await asyncio.gather(*orders)] == [200, 200, 200]
+        assert (await put(client, body(idempotence_key=str(uuid.uuid4())))).status_code == 200
