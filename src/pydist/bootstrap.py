@@ -68,7 +68,8 @@ class CreateGraph:
     create_order: CreateOrder
 
     async def aclose(self) -> None:
-        """Finish the orders already queued, then close the price client and the pool."""
+        """Finish the orders already queued (if create's lifespan has not already), then close
+        the price client and the pool."""
         await self.writer.stop()
         await self.prices.aclose()
         await self.store.db.close()
@@ -177,7 +178,7 @@ def relay(settings: Settings) -> RelayGraph:
 
         publisher = BrokerPublisher(settings.broker_url.get_secret_value())
         return RelayGraph(db, outbox, relay_to(publisher), publisher)
-    read_db = Database(settings.read_database_url.get_secret_value(), 4, "pydist-relay-embedded")
+    read_db = Database(settings.read_database_url.get_secret_value(), 4, "pydist-relay-direct")
     return RelayGraph(db, outbox, relay_to(projector(read_db)), read_db=read_db)
 
 

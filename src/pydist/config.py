@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         default=1000,
         ge=1,
-        description="requests in progress per worker process past which a new one is answered "
-        "503 overloaded at once (the ops paths never are)",
+        description="requests in progress per worker process (counted once the body has arrived "
+        "whole) at which a new one is answered 503 overloaded at once (the ops paths never are)",
     )
     api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")
     log_level: str = "INFO"

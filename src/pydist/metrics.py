@@ -32,6 +32,9 @@ HTTP_LATENCY = Histogram(
     ["service", "method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+HTTP_SHED = Counter(
+    "pydist_http_requests_shed_total", "Requests answered 503 overloaded at once (MAX_IN_FLIGHT)", ["service"]
+)
 # create_buy_order
 ORDERS_CREATED = Counter("pydist_orders_created_total", "Orders stored", ["currency"], registry=None)
 ORDERS_REPLAYED = Counter("pydist_orders_replayed_total", "Idempotent replays answered", registry=None)
@@ -116,7 +119,9 @@ BROKER_RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PER_MESSAGE,)
 SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
 
 
-_EXPOSED: set[str] = {family.name for family in HTTP_LATENCY.describe()}
+_EXPOSED: set[str] = {
+    family.name for collector in (HTTP_LATENCY, HTTP_SHED) for family in collector.describe()
+}
 """The metric families this process's /metrics shows (names as prometheus-client's collectors
 and multiprocess files carry them: a counter's without its `_total`)."""
 

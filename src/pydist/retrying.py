@@ -51,8 +51,9 @@ def until_stopped(
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or until `stop` is set if that comes first: every wait of a loop that runs
-    until its process stops (a SIGTERM must not wait out a backoff or a poll period)."""
+    """Sleep `seconds`, or until `stop` is set if that comes first: the plain waits of the loops
+    that run until their process stops (a SIGTERM must not wait out a backoff or a poll period).
+    A wait for stop *or* another event (the relay's wake-up) is its own."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 

@@ -2,13 +2,13 @@
 
 Two stacks, each on its own throw-away write and read databases:
 
-- embedded: btc_price, create_buy_order, fetch_buy_orders and relay with no BROKER_URL (the relay
+- direct: btc_price, create_buy_order, fetch_buy_orders and relay with no BROKER_URL (the relay
   projects straight into the read model);
 - brokered: create_buy_order, fetch_buy_orders, relay and read_model_sync on a private RabbitMQ
-  vhost, priced by the embedded stack's btc_price.
+  vhost, priced by the direct stack's btc_price.
 
 They are started once for the package, all processes at once, and only if a selected test asks
-for them (the `embedded` / `brokered` fixtures). Between tests the databases are reset while the
+for them (the `direct` / `brokered` fixtures). Between tests the databases are reset while the
 processes keep running; a test that stopped or froze a process leaves it to `healthy()` to restart
 it (on the same port) for the next one.
 """
@@ -50,7 +50,7 @@ from tests.support.services import (
 PRICE_MAX_AGE_S = 2.0  # base_env's PRICE_MAX_AGE_S
 PROBLEM_JSON = "application/problem+json"
 CURRENCIES = ("USD", "EUR", "GBP")
-EMBEDDED = ("price", "create", "fetch", "relay")
+DIRECT = ("price", "create", "fetch", "relay")
 BROKERED = ("create", "fetch", "relay", "sync")
 SERVICE_NAMES = {
     "price": "btc_price",
@@ -238,12 +238,12 @@ _RUNNING: list[Stacks] = []
 
 @dataclass
 class Stacks:
-    embedded: Stack
+    direct: Stack
     brokered: Stack | None
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, in parallel); `Stack.healthy()` starts them again."""
-        for stack in (self.brokered, self.embedded):
+        for stack in (self.brokered, self.direct):
             if stack is not None:
                 stack.system.stop_all()
 
@@ -293,16 +293,16 @@ def stacks(request: pytest.FixtureRequest, feed_stub: CoinbaseStub) -> Iterator[
     try:
         # btc_price first (without waiting): the brokered create needs its URL.
         emb_system.start("price", wait=False)
-        embedded = Stack("embedded", emb_dbs, emb_system, EMBEDDED, emb_system, emb_env)
+        direct = Stack("direct", emb_dbs, emb_system, DIRECT, emb_system, emb_env)
         brokered = None
-        systems = [(emb_system, EMBEDDED)]
+        systems = [(emb_system, DIRECT)]
         if brk_dbs is not None and amqp_url is not None:
             brk_env = base_env(brk_dbs.write_url, brk_dbs.read_url, feed_stub.url, amqp_url)
             brk_env["BTC_PRICE_URL"] = emb_system.url("price")
             brk_system = System(brk_env, log_dir=emb_system.log_dir)
             systems.append((brk_system, BROKERED))
             brokered = Stack("brokered", brk_dbs, brk_system, BROKERED, emb_system, brk_env)
-        started = Stacks(embedded, brokered)
+        started = Stacks(direct, brokered)
         _RUNNING.append(started)
         _start(*systems)
         yield started
@@ -405,16 +405,16 @@ async def _ready(stack: Stack, feed: CoinbaseStub, *, fresh_prices: bool = True)
 
 
 @pytest.fixture
-async def embedded(stacks: Stacks, feed: CoinbaseStub) -> Stack:
-    """The embedded stack, every process alive, empty models and cap, fresh default prices."""
-    return await _ready(stacks.embedded, feed)
+async def direct(stacks: Stacks, feed: CoinbaseStub) -> Stack:
+    """The direct stack, every process alive, empty models and cap, fresh default prices."""
+    return await _ready(stacks.direct, feed)
 
 
 @pytest.fixture
-async def embedded_any_price(stacks: Stacks, feed: CoinbaseStub) -> Stack:
-    """Like `embedded` but without waiting for fresh prices: for tests that break the feed anyway
+async def direct_any_price(stacks: Stacks, feed: CoinbaseStub) -> Stack:
+    """Like `direct` but without waiting for fresh prices: for tests that break the feed anyway
     (consecutive ones then need not wait for a fresh quote to expire again)."""
-    return await _ready(stacks.embedded, feed, fresh_prices=False)
+    return await _ready(stacks.direct, feed, fresh_prices=False)
 
 
 @pytest.fixture

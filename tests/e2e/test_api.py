@@ -1,5 +1,5 @@
 """Issue 2 over HTTP, against real processes: btc_price, create_buy_order, fetch_buy_orders and an
-embedded-mode relay, priced by the Coinbase-compatible stub (a real HTTP server)."""
+direct-mode relay, priced by the Coinbase-compatible stub (a real HTTP server)."""
 
 from __future__ import annotations
 
@@ -76,10 +76,10 @@ async def stored_orders(stack: Stack) -> list[dict[str, object]]:
     ],
 )
 async def test_create_answers_the_exact_contract(
-    embedded: Stack, currency: str, amount: str, rate: str, btc: str, stored_amount: str
+    direct: Stack, currency: str, amount: str, rate: str, btc: str, stored_amount: str
 ) -> None:
     key = str(uuid.uuid4())
-    response = put(embedded, order_body(currency, amount, key))
+    response = put(direct, order_body(currency, amount, key))
 
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
@@ -105,20 +105,20 @@ async def test_create_answers_the_exact_contract(
     assert Decimal(btc) * Decimal(rate) >= Decimal(amount)
     assert (Decimal(btc) - Decimal("0.00000001")) * Decimal(rate) < Decimal(amount)
 
-    stored = await stored_orders(embedded)
+    stored = await stored_orders(direct)
     assert len(stored) == 1
     assert str(stored[0]["id"]) == order["id"]
     assert stored[0]["btc_amount"] == Decimal(btc)
     assert stored[0]["btc_rate"] == Decimal(rate)
-    assert await embedded.cap_used() == Decimal(btc)
+    assert await direct.cap_used() == Decimal(btc)
 
 
-async def test_rate_is_stored_and_answered_exactly_as_received(embedded: Stack, feed: CoinbaseStub) -> None:
+async def test_rate_is_stored_and_answered_exactly_as_received(direct: Stack, feed: CoinbaseStub) -> None:
     """A rate with trailing zeros and many decimals comes back character for character."""
     feed.configure(prices={"EUR": "91234.500000"})
     wait_until(
         lambda: (
-            httpx.get(f"{embedded.url('price')}/prices/EUR", timeout=5).json().get("amount") == "91234.500000"
+            httpx.get(f"{direct.url('price')}/prices/EUR", timeout=5).json().get("amount") == "91234.500000"
         ),
         timeout=PRICE_MAX_AGE_S + 8,
         what="btc_price to serve the new EUR rate",
@@ -127,7 +127,7 @@ async def test_rate_is_stored_and_answered_exactly_as_received(embedded: Stack, 
     # The create service may still hold the previous quote (it expires within PRICE_MAX_AGE_S).
     deadline = time.monotonic() + PRICE_MAX_AGE_S + 8
     while True:
-        response = put(embedded, order_body("EUR", "10.00", str(uuid.uuid4())))
+        response = put(direct, order_body("EUR", "10.00", str(uuid.uuid4())))
         assert response.status_code == 200, response.text
         if response.json()["buy_order"]["btc_rate"] == "91234.500000" or time.monotonic() > deadline:
             break
@@ -140,44 +140,44 @@ async def test_rate_is_stored_and_answered_exactly_as_received(embedded: Stack, 
 # ------------------------------------------------------------------------------ idempotency
 
 
-async def test_replay_returns_the_identical_body_with_the_replay_header(embedded: Stack) -> None:
+async def test_replay_returns_the_identical_body_with_the_replay_header(direct: Stack) -> None:
     key = str(uuid.uuid4())
-    first = put(embedded, order_body("USD", "123.45", key))
+    first = put(direct, order_body("USD", "123.45", key))
     assert first.status_code == 200, first.text
-    again = put(embedded, order_body("USD", "123.45", key))
+    again = put(direct, order_body("USD", "123.45", key))
     assert again.status_code == 200, again.text
     assert again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content  # byte for byte: same id, rate, created_at
-    assert await embedded.written() == 1
-    assert await embedded.cap_used() == Decimal("0.00127269")
+    assert await direct.written() == 1
+    assert await direct.cap_used() == Decimal("0.00127269")
 
 
 @pytest.mark.parametrize("header_form", ["bare", "sf-string"])
-async def test_key_in_the_idempotency_key_header(embedded: Stack, header_form: str) -> None:
+async def test_key_in_the_idempotency_key_header(direct: Stack, header_form: str) -> None:
     key = str(uuid.uuid4())
     header = key if header_form == "bare" else f'"{key}"'
-    first = put(embedded, order_body("GBP", "250.00", None), {"Idempotency-Key": header})
+    first = put(direct, order_body("GBP", "250.00", None), {"Idempotency-Key": header})
     assert first.status_code == 200, first.text
     assert first.json()["idempotence_key"] == key
     # The same key, now in the body only, and in both places (matching): both replays.
-    by_body = put(embedded, order_body("GBP", "250.00", key))
-    both = put(embedded, order_body("GBP", "250.00", key), {"Idempotency-Key": header})
+    by_body = put(direct, order_body("GBP", "250.00", key))
+    both = put(direct, order_body("GBP", "250.00", key), {"Idempotency-Key": header})
     for replay in (by_body, both):
         assert replay.status_code == 200, replay.text
         assert replay.headers["idempotent-replayed"] == "true"
         assert replay.content == first.content
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
 
 
-async def test_body_and_header_keys_that_differ_are_refused(embedded: Stack) -> None:
+async def test_body_and_header_keys_that_differ_are_refused(direct: Stack) -> None:
     response = put(
-        embedded,
+        direct,
         order_body("USD", "10.00", str(uuid.uuid4())),
         {"Idempotency-Key": str(uuid.uuid4())},
     )
     problem = assert_problem(response, 422, "validation-error")
     assert any(e["field"] == "idempotence_key" for e in problem["errors"])
-    assert await embedded.written() == 0
+    assert await direct.written() == 0
 
 
 @pytest.mark.parametrize(
@@ -185,65 +185,65 @@ async def test_body_and_header_keys_that_differ_are_refused(embedded: Stack) -> 
     [{}, {"Idempotency-Key": "not-a-uuid"}, {"Idempotency-Key": '"12345"'}],
     ids=["missing", "header-not-uuid", "sf-string-not-uuid"],
 )
-async def test_missing_or_malformed_key_is_refused(embedded: Stack, headers: dict[str, str]) -> None:
-    response = put(embedded, order_body("USD", "10.00", None), headers)
+async def test_missing_or_malformed_key_is_refused(direct: Stack, headers: dict[str, str]) -> None:
+    response = put(direct, order_body("USD", "10.00", None), headers)
     problem = assert_problem(response, 422, "validation-error")
     assert problem["errors"], problem
-    assert await embedded.written() == 0
+    assert await direct.written() == 0
 
 
 @pytest.mark.parametrize(
     ("currency", "amount"), [("USD", "123.46"), ("EUR", "123.45")], ids=["amount", "currency"]
 )
-async def test_same_key_different_request_is_422(embedded: Stack, currency: str, amount: str) -> None:
+async def test_same_key_different_request_is_422(direct: Stack, currency: str, amount: str) -> None:
     key = str(uuid.uuid4())
-    first = put(embedded, order_body("USD", "123.45", key))
+    first = put(direct, order_body("USD", "123.45", key))
     assert first.status_code == 200, first.text
-    response = put(embedded, order_body(currency, amount, key))
+    response = put(direct, order_body(currency, amount, key))
     problem = assert_problem(response, 422, "idempotency-key-reused")
     assert "idempotency key reused with a different request" in problem["detail"]
     assert "idempotent-replayed" not in response.headers
-    stored = await stored_orders(embedded)
+    stored = await stored_orders(direct)
     assert len(stored) == 1
     assert stored[0]["currency_amount"] == Decimal("123.45")
 
 
-async def test_twenty_concurrent_identical_puts_make_one_order(embedded: Stack) -> None:
+async def test_twenty_concurrent_identical_puts_make_one_order(direct: Stack) -> None:
     key = str(uuid.uuid4())
     body = order_body("EUR", "77.77", key)
     async with httpx.AsyncClient(timeout=15, limits=httpx.Limits(max_connections=20)) as client:
-        url = f"{embedded.url('create')}/buy_order"
+        url = f"{direct.url('create')}/buy_order"
         responses = await asyncio.gather(*(client.put(url, json=body) for _ in range(20)))
 
     assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses]
     assert len({r.content for r in responses}) == 1, "every response must be identical"
     replayed = Counter(r.headers.get("idempotent-replayed") for r in responses)
     assert replayed == {None: 1, "true": 19}, replayed  # one created it, 19 were answered with it
-    stored = await stored_orders(embedded)
+    stored = await stored_orders(direct)
     assert len(stored) == 1
     assert str(stored[0]["id"]) == responses[0].json()["buy_order"]["id"]
-    assert await embedded.cap_used() == Decimal(responses[0].json()["buy_order"]["btc_amount"])
+    assert await direct.cap_used() == Decimal(responses[0].json()["buy_order"]["btc_amount"])
 
 
 async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
-    embedded: Stack, feed: CoinbaseStub
+    direct: Stack, feed: CoinbaseStub
 ) -> None:
     key = str(uuid.uuid4())
-    first = put(embedded, order_body("USD", "123.45", key))
+    first = put(direct, order_body("USD", "123.45", key))
     assert first.status_code == 200, first.text
 
     # The feed goes down and the cap fills up: a new order is refused...
     feed.configure(mode="down")
-    wait_price_stale(embedded)
-    await testdb.reset_cap_only(embedded.dbs.write_url, Decimal(100))
-    fresh = put(embedded, order_body("USD", "123.45", str(uuid.uuid4())))
+    wait_price_stale(direct)
+    await testdb.reset_cap_only(direct.dbs.write_url, Decimal(100))
+    fresh = put(direct, order_body("USD", "123.45", str(uuid.uuid4())))
     assert_problem(fresh, 503, "price-unavailable")
 
     # ...but a replay is answered from the write model alone. btc_price is frozen meanwhile, so
     # any price request would hang and fail the replay, and its background refresher cannot
     # touch the stub: a changed hit count could only come from the replays.
-    price_proc = embedded.price.procs["price"]
-    before = scrape(embedded.url("price"))
+    price_proc = direct.price.procs["price"]
+    before = scrape(direct.url("price"))
     price_proc.pause()
     try:
         # Any upstream call already on the wire reaches the stub and is counted first. A request
@@ -260,8 +260,8 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
             raise AssertionError(f"{exc}: {_stub_busy(feed)}") from None
         hits = Counter(feed.hits)
         replays = [
-            put(embedded, order_body("USD", "123.45", key)),
-            put(embedded, order_body("USD", "123.45", None), {"Idempotency-Key": key}),
+            put(direct, order_body("USD", "123.45", key)),
+            put(direct, order_body("USD", "123.45", None), {"Idempotency-Key": key}),
         ]
         assert Counter(feed.hits) == hits, "a replay must not call the price feed"
     finally:
@@ -270,12 +270,12 @@ async def test_replay_needs_neither_the_feed_nor_room_under_the_cap(
         assert replay.status_code == 200, replay.text
         assert replay.headers["idempotent-replayed"] == "true"
         assert replay.content == first.content
-    after = scrape(embedded.url("price"))
+    after = scrape(direct.url("price"))
     route = {"service": SERVICE_NAMES["price"], "route": "/prices/{currency}"}
     name = "pydist_http_request_duration_seconds_count"
     # The only price request in the window is the refused fresh order's (before the snapshot).
     assert metric(after, name, **route) == metric(before, name, **route)
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
 
 
 def _no_call_for(feed: CoinbaseStub, currency: str | None, seconds: float) -> Callable[[], float]:
@@ -323,24 +323,24 @@ def _stub_busy(feed: CoinbaseStub) -> list[str]:
 # ------------------------------------------------------------------------------ the cap
 
 
-async def test_order_over_the_cap_is_409_with_the_available_btc(embedded: Stack) -> None:
-    await testdb.reset_cap_only(embedded.dbs.write_url, Decimal("99.999"))
-    response = put(embedded, order_body("USD", "123.45", str(uuid.uuid4())))  # needs 0.00127269
+async def test_order_over_the_cap_is_409_with_the_available_btc(direct: Stack) -> None:
+    await testdb.reset_cap_only(direct.dbs.write_url, Decimal("99.999"))
+    response = put(direct, order_body("USD", "123.45", str(uuid.uuid4())))  # needs 0.00127269
 
     problem = assert_problem(response, 409, "cap-exceeded")
     assert Decimal(problem["available_btc"]) == Decimal("0.001")
     assert "0.001" in problem["detail"]
     assert Decimal(problem["requested_btc"]) == Decimal("0.00127269")
-    assert await embedded.written() == 0
-    assert await embedded.cap_used() == Decimal("99.999")
+    assert await direct.written() == 0
+    assert await direct.cap_used() == Decimal("99.999")
 
 
-async def test_an_order_may_fill_the_cap_exactly(embedded: Stack) -> None:
-    await testdb.reset_cap_only(embedded.dbs.write_url, Decimal(100) - Decimal("0.00127269"))
-    response = put(embedded, order_body("USD", "123.45", str(uuid.uuid4())))
+async def test_an_order_may_fill_the_cap_exactly(direct: Stack) -> None:
+    await testdb.reset_cap_only(direct.dbs.write_url, Decimal(100) - Decimal("0.00127269"))
+    response = put(direct, order_body("USD", "123.45", str(uuid.uuid4())))
     assert response.status_code == 200, response.text
-    assert await embedded.cap_used() == Decimal(100)
-    after = put(embedded, order_body("USD", "0.01", str(uuid.uuid4())))
+    assert await direct.cap_used() == Decimal(100)
+    after = put(direct, order_body("USD", "0.01", str(uuid.uuid4())))
     assert Decimal(assert_problem(after, 409, "cap-exceeded")["available_btc"]) == 0
 
 
@@ -349,11 +349,11 @@ async def test_an_order_may_fill_the_cap_exactly(embedded: Stack) -> None:
 
 @pytest.mark.parametrize("mode", ["down", "slow", "garbage", "negative", "zero", "not_json", "wrong_pair"])
 async def test_price_feed_fault_is_503_within_5s_and_writes_nothing(
-    embedded_any_price: Stack, feed: CoinbaseStub, mode: str
+    direct_any_price: Stack, feed: CoinbaseStub, mode: str
 ) -> None:
-    embedded = embedded_any_price
+    direct = direct_any_price
     feed.configure(mode=mode, delay_s=10.0)
-    wait_price_stale(embedded)
+    wait_price_stale(direct)
     # btc_price's last upstream attempt is PRICE_MIN_INTERVAL_S old: the order's own price request
     # may go upstream (for "slow": hang there until the timeouts cut it short). Measured: 0.25 s
     # to 0.46 s under this test's load (btc_price keeps its quotes warm meanwhile); bound 10 s.
@@ -366,7 +366,7 @@ async def test_price_feed_fault_is_503_within_5s_and_writes_nothing(
     feed.configure(reset_hits=True)
 
     started = time.monotonic()
-    response = put(embedded, order_body("USD", "123.45", str(uuid.uuid4())))
+    response = put(direct, order_body("USD", "123.45", str(uuid.uuid4())))
     elapsed = time.monotonic() - started
 
     problem = assert_problem(response, 503, "price-unavailable")
@@ -374,37 +374,37 @@ async def test_price_feed_fault_is_503_within_5s_and_writes_nothing(
     print(f"feed {mode}: 503 after {elapsed:.3f}s")
     assert response.headers["retry-after"]
     assert "nothing was stored" in problem["detail"]
-    assert await embedded.written() == 0
-    assert await embedded.cap_used() == 0
+    assert await direct.written() == 0
+    assert await direct.cap_used() == 0
     # The feed was asked while misbehaving, and what it said was not taken for a price.
     wait_until(lambda: feed.hits["USD"] > 0, timeout=5, what="an upstream call in this mode")
-    assert httpx.get(f"{embedded.url('price')}/prices/USD", timeout=5).status_code == 503
+    assert httpx.get(f"{direct.url('price')}/prices/USD", timeout=5).status_code == 503
 
 
-async def test_orders_resume_when_the_feed_recovers(embedded_any_price: Stack, feed: CoinbaseStub) -> None:
-    embedded = embedded_any_price
+async def test_orders_resume_when_the_feed_recovers(direct_any_price: Stack, feed: CoinbaseStub) -> None:
+    direct = direct_any_price
     feed.configure(mode="down")
-    wait_price_stale(embedded)
+    wait_price_stale(direct)
     key = str(uuid.uuid4())
-    assert_problem(put(embedded, order_body("USD", "123.45", key)), 503, "price-unavailable")
+    assert_problem(put(direct, order_body("USD", "123.45", key)), 503, "price-unavailable")
 
     feed.configure(mode="ok")
     # Retry with the same key, as the 503 says, until the feed is back (bounded).
     response = wait_until(
-        lambda: (r := put(embedded, order_body("USD", "123.45", key))).status_code == 200 and r,
+        lambda: (r := put(direct, order_body("USD", "123.45", key))).status_code == 200 and r,
         timeout=10,
         what="an order once the feed is ok again",
         interval=0.2,
     )
     assert response.json()["buy_order"]["btc_amount"] == "0.00127269"
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
 
 
 # ------------------------------------------------------------------------------ ops endpoints
 
 
-def test_every_process_is_live_and_ready(embedded: Stack) -> None:
-    for name, proc in embedded.procs().items():
+def test_every_process_is_live_and_ready(direct: Stack) -> None:
+    for name, proc in direct.procs().items():
         health = httpx.get(f"{proc.url}/healthcheck", timeout=5)
         assert health.status_code == 200, (name, health.text)
         assert health.json() == {"status": "ok"}
@@ -412,12 +412,12 @@ def test_every_process_is_live_and_ready(embedded: Stack) -> None:
         assert ready.status_code == 200, (name, ready.text)
 
 
-def test_openapi_and_docs_are_served_with_examples(embedded: Stack) -> None:
+def test_openapi_and_docs_are_served_with_examples(direct: Stack) -> None:
     for name in ("create", "fetch"):
-        docs = httpx.get(f"{embedded.url(name)}/docs", timeout=5)
+        docs = httpx.get(f"{direct.url(name)}/docs", timeout=5)
         assert docs.status_code == 200
         assert "swagger-ui" in docs.text.lower()
-    spec = httpx.get(f"{embedded.url('create')}/openapi.json", timeout=5).json()
+    spec = httpx.get(f"{direct.url('create')}/openapi.json", timeout=5).json()
     put_op = spec["paths"]["/buy_order"]["put"]
     body_schema = put_op["requestBody"]["content"]["application/json"]["schema"]
     example = body_schema["examples"][0]
@@ -428,6 +428,6 @@ def test_openapi_and_docs_are_served_with_examples(embedded: Stack) -> None:
     out = spec["components"]["schemas"]["BuyOrderOut"]["properties"]
     assert out["btc_amount"]["examples"] == ["0.00127269"]
     assert out["btc_rate"]["examples"] == ["97000.00"]
-    fetch_spec = httpx.get(f"{embedded.url('fetch')}/openapi.json", timeout=5).json()
+    fetch_spec = httpx.get(f"{direct.url('fetch')}/openapi.json", timeout=5).json()
     params = {p["name"] for p in fetch_spec["paths"]["/buy_orders"]["get"]["parameters"]}
     assert params == {"page_size", "last_reference"}

@@ -1,5 +1,5 @@
 """The `pydist` CLI (issue 4) as an operator runs it: the installed console script, in its own
-process, with the same environment as the services, against the running embedded stack."""
+process, with the same environment as the services, against the running direct stack."""
 
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ async def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(run_cli, stack.env, *args)
 
 
-async def test_orders_create_prints_the_key_and_replays_with_it(embedded: Stack) -> None:
-    create = embedded.url("create")
-    result = await cli(embedded, "orders", "create", "--currency", "EUR", "--amount", "10", "--url", create)
+async def test_orders_create_prints_the_key_and_replays_with_it(direct: Stack) -> None:
+    create = direct.url("create")
+    result = await cli(direct, "orders", "create", "--currency", "EUR", "--amount", "10", "--url", create)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(rf"idempotency key: ({UUID_RE})", result.stdout)
     assert match, result.stdout
     key = match.group(1)
     rows = await testdb.fetch(
-        embedded.dbs.write_url,
+        direct.dbs.write_url,
         "SELECT id, btc_amount FROM buy_orders WHERE idempotence_key = $1",
         uuid.UUID(key),
     )
@@ -50,7 +50,7 @@ async def test_orders_create_prints_the_key_and_replays_with_it(embedded: Stack)
 
     # --json, reusing the printed key: a replay of the same order, machine-readable.
     again = await cli(
-        embedded,
+        direct,
         "orders",
         "create",
         "--currency",
@@ -69,11 +69,11 @@ async def test_orders_create_prints_the_key_and_replays_with_it(embedded: Stack)
     assert doc["idempotence_key"] == key
     assert doc["buy_order"]["id"] == str(rows[0]["id"])
     assert doc["buy_order"]["currency_amount"] == "10.00"
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
 
     # A refused order: exit 1, the problem in the JSON.
     refused = await cli(
-        embedded,
+        direct,
         "orders",
         "create",
         "--currency",
@@ -90,22 +90,22 @@ async def test_orders_create_prints_the_key_and_replays_with_it(embedded: Stack)
     assert json.loads(refused.stdout)["status"] == 422
 
 
-async def test_orders_create_retries_with_the_same_key(embedded: Stack, feed: CoinbaseStub) -> None:
+async def test_orders_create_retries_with_the_same_key(direct: Stack, feed: CoinbaseStub) -> None:
     """The feed is down when the CLI starts: it gets 503s, retries with the same key, and the
     order is stored exactly once when the feed comes back."""
     feed.configure(mode="down")
     wait_until(
-        lambda: httpx.get(f"{embedded.url('price')}/prices/EUR", timeout=5).status_code == 503,
+        lambda: httpx.get(f"{direct.url('price')}/prices/EUR", timeout=5).status_code == 503,
         timeout=PRICE_MAX_AGE_S + 8,
         what="btc_price to drop its cached EUR quote",
         interval=0.1,
     )
     key = str(uuid.uuid4())
-    create_proc = embedded.system.procs["create"]
+    create_proc = direct.system.procs["create"]
     args = ["orders", "create", "--currency", "EUR", "--amount", "10", "--key", key, "--json"]
     proc = subprocess.Popen(
-        [PYDIST, *args, "--url", embedded.url("create")],
-        env=embedded.env,
+        [PYDIST, *args, "--url", direct.url("create")],
+        env=direct.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -137,7 +137,7 @@ async def test_orders_create_retries_with_the_same_key(embedded: Stack, feed: Co
     ]
     assert len(created) == 1
     assert refusals() >= 1  # at least one 503 before, every attempt with the same key
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
 
 
 async def _orders(stack: Stack, n: int) -> list[dict[str, str]]:
@@ -154,10 +154,10 @@ async def _orders(stack: Stack, n: int) -> list[dict[str, str]]:
     return made
 
 
-async def test_orders_list_all_json(embedded: Stack) -> None:
-    made = await _orders(embedded, 5)
+async def test_orders_list_all_json(direct: Stack) -> None:
+    made = await _orders(direct, 5)
     result = await cli(
-        embedded, "orders", "list", "--all", "--page-size", "2", "--json", "--url", embedded.url("fetch")
+        direct, "orders", "list", "--all", "--page-size", "2", "--json", "--url", direct.url("fetch")
     )
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(result.stdout)
@@ -166,9 +166,9 @@ async def test_orders_list_all_json(embedded: Stack) -> None:
     assert doc["last_reference"] == made[0]["id"]
 
 
-async def test_cap_json_agrees_with_the_orders(embedded: Stack) -> None:
-    made = await _orders(embedded, 3)
-    result = await cli(embedded, "cap", "--json")
+async def test_cap_json_agrees_with_the_orders(direct: Stack) -> None:
+    made = await _orders(direct, 3)
+    result = await cli(direct, "cap", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     cap = json.loads(result.stdout)
     used = sum(Decimal(o["btc_amount"]) for o in made)
@@ -177,45 +177,45 @@ async def test_cap_json_agrees_with_the_orders(embedded: Stack) -> None:
     assert Decimal(cap["available_btc"]) == 100 - used
 
 
-async def test_read_model_check_and_rebuild(embedded: Stack) -> None:
-    made = await _orders(embedded, 4)  # settled: the read model has them (a clean check: test_listing)
+async def test_read_model_check_and_rebuild(direct: Stack) -> None:
+    made = await _orders(direct, 4)  # settled: the read model has them (a clean check: test_listing)
 
     # Lose one read row (and corrupt another): check reports both and exits 1...
     lost, changed = uuid.UUID(made[1]["id"]), uuid.UUID(made[2]["id"])
-    await testdb.fetch(embedded.dbs.read_url, "DELETE FROM buy_orders WHERE id = $1", lost)
-    await testdb.fetch(embedded.dbs.read_url, "UPDATE buy_orders SET btc_amount = 1 WHERE id = $1", changed)
-    broken = await cli(embedded, "read-model", "check", "--json")
+    await testdb.fetch(direct.dbs.read_url, "DELETE FROM buy_orders WHERE id = $1", lost)
+    await testdb.fetch(direct.dbs.read_url, "UPDATE buy_orders SET btc_amount = 1 WHERE id = $1", changed)
+    broken = await cli(direct, "read-model", "check", "--json")
     assert broken.returncode == 1, broken.stdout + broken.stderr
     report = json.loads(broken.stdout)
     assert report["missing"] == [str(lost)]
     assert report["different"] == [str(changed)]
     assert report["clean"] is False
-    human = await cli(embedded, "read-model", "check")
+    human = await cli(direct, "read-model", "check")
     assert human.returncode == 1
     assert "1 missing, 1 different" in human.stdout
 
     # ...rebuild puts the write model's truth back, and the listing shows it again.
-    rebuilt = await cli(embedded, "read-model", "rebuild")
+    rebuilt = await cli(direct, "read-model", "rebuild")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert "rebuilt" in rebuilt.stdout
-    after = await cli(embedded, "read-model", "check", "--json")
+    after = await cli(direct, "read-model", "check", "--json")
     assert after.returncode == 0, after.stdout
     assert json.loads(after.stdout)["clean"] is True
-    listed = httpx.get(f"{embedded.url('fetch')}/buy_orders", params={"page_size": 10}, timeout=5).json()
+    listed = httpx.get(f"{direct.url('fetch')}/buy_orders", params={"page_size": 10}, timeout=5).json()
     assert listed["rows"] == list(reversed(made))
 
 
-async def test_migrate_is_idempotent(embedded: Stack) -> None:
+async def test_migrate_is_idempotent(direct: Stack) -> None:
     versions = []
     for _ in range(2):
-        result = await cli(embedded, "migrate")
+        result = await cli(direct, "migrate")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "migrations applied" in result.stdout
-        write = await testdb.fetch(embedded.dbs.write_url, "SELECT version_num FROM alembic_version")
-        read = await testdb.fetch(embedded.dbs.read_url, "SELECT version_num FROM alembic_version")
+        write = await testdb.fetch(direct.dbs.write_url, "SELECT version_num FROM alembic_version")
+        read = await testdb.fetch(direct.dbs.read_url, "SELECT version_num FROM alembic_version")
         versions.append(([r["version_num"] for r in write], [r["version_num"] for r in read]))
     assert versions[0] == versions[1]
     assert all(len(v) == 1 for v in versions[0])
     # The running system is unaffected.
-    ok = httpx.put(f"{embedded.url('create')}/buy_order", json=order_body("USD", "5.00", str(uuid.uuid4())))
+    ok = httpx.put(f"{direct.url('create')}/buy_order", json=order_body("USD", "5.00", str(uuid.uuid4())))
     assert ok.status_code == 200, ok.text

@@ -102,10 +102,10 @@ def check_listing(stack: Stack, created: list[dict[str, str]]) -> None:
     assert "link" not in exact[0][1].headers
 
 
-async def test_walk_every_page_embedded(embedded: Stack) -> None:
-    created = await create_orders(embedded, N)
-    await wait_listed(embedded, N)
-    check_listing(embedded, created)
+async def test_walk_every_page_direct(direct: Stack) -> None:
+    created = await create_orders(direct, N)
+    await wait_listed(direct, N)
+    check_listing(direct, created)
 
 
 async def test_walk_every_page_broker_topology(brokered: Stack) -> None:
@@ -129,34 +129,32 @@ async def test_walk_every_page_broker_topology(brokered: Stack) -> None:
     }
 
 
-def test_empty_listing(embedded: Stack) -> None:
-    response = httpx.get(f"{embedded.url('fetch')}/buy_orders", timeout=5)
+def test_empty_listing(direct: Stack) -> None:
+    response = httpx.get(f"{direct.url('fetch')}/buy_orders", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"rows": [], "last_reference": None}
     assert "link" not in response.headers
 
 
 @pytest.mark.parametrize("page_size", ["0", "101", "abc", "-1", "1.5", ""])
-def test_bad_page_size_is_422_problem(embedded: Stack, page_size: str) -> None:
-    response = httpx.get(f"{embedded.url('fetch')}/buy_orders", params={"page_size": page_size}, timeout=5)
+def test_bad_page_size_is_422_problem(direct: Stack, page_size: str) -> None:
+    response = httpx.get(f"{direct.url('fetch')}/buy_orders", params={"page_size": page_size}, timeout=5)
     problem = assert_problem(response, 422, "validation-error")
     assert [e["field"] for e in problem["errors"]] == ["page_size"]
 
 
 @pytest.mark.parametrize("reference", ["nope", "12345", "0" * 33, "{uuid}x"])
-def test_malformed_last_reference_is_422_problem(embedded: Stack, reference: str) -> None:
+def test_malformed_last_reference_is_422_problem(direct: Stack, reference: str) -> None:
     reference = reference.replace("{uuid}", str(uuid.uuid4()))
-    response = httpx.get(
-        f"{embedded.url('fetch')}/buy_orders", params={"last_reference": reference}, timeout=5
-    )
+    response = httpx.get(f"{direct.url('fetch')}/buy_orders", params={"last_reference": reference}, timeout=5)
     problem = assert_problem(response, 422, "validation-error")
     assert [e["field"] for e in problem["errors"]] == ["last_reference"]
 
 
-async def test_unknown_last_reference_is_404_problem(embedded: Stack) -> None:
-    await create_orders(embedded, 3)
-    await wait_listed(embedded, 3)
+async def test_unknown_last_reference_is_404_problem(direct: Stack) -> None:
+    await create_orders(direct, 3)
+    await wait_listed(direct, 3)
     unknown = str(uuid.uuid4())
-    response = httpx.get(f"{embedded.url('fetch')}/buy_orders", params={"last_reference": unknown}, timeout=5)
+    response = httpx.get(f"{direct.url('fetch')}/buy_orders", params={"last_reference": unknown}, timeout=5)
     problem = assert_problem(response, 404, "unknown-reference")
     assert unknown in problem["detail"]

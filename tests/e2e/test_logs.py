@@ -60,14 +60,14 @@ async def test_request_id_travels_through_outbox_and_broker(brokered: Stack) -> 
     await _trace(brokered, "sync")
 
 
-async def test_request_id_travels_through_outbox_to_embedded_relay(embedded: Stack) -> None:
-    await _trace(embedded, "relay")
+async def test_request_id_travels_through_outbox_to_the_direct_relay(direct: Stack) -> None:
+    await _trace(direct, "relay")
 
 
-async def test_every_line_of_every_process_is_a_json_event(embedded: Stack, brokered: Stack) -> None:
+async def test_every_line_of_every_process_is_a_json_event(direct: Stack, brokered: Stack) -> None:
     # Some variety first: a created order, a client error, a 404, a request uvicorn itself rejects
     # (its own logger's warning), and the workers' projections.
-    for stack in (embedded, brokered):
+    for stack in (direct, brokered):
         create = stack.url("create")
         assert httpx.put(f"{create}/buy_order", json=order_body("USD", "1.00", None)).status_code == 422
         ok = httpx.put(f"{create}/buy_order", json=order_body("USD", "1.00", str(uuid.uuid4())))
@@ -82,7 +82,7 @@ async def test_every_line_of_every_process_is_a_json_event(embedded: Stack, brok
 
     checked = 0
     uvicorn_lines = 0
-    for stack in (embedded, brokered):
+    for stack in (direct, brokered):
         for name, proc in stack.procs().items():
             lines = json_lines(proc.log())
             assert lines, f"{name} wrote nothing"
@@ -98,6 +98,6 @@ async def test_every_line_of_every_process_is_a_json_event(embedded: Stack, brok
                 checked += 1
     assert uvicorn_lines > 0, "uvicorn's own lines are part of the check"
     # uvicorn's warning about the invalid request is one of them, in the same shape.
-    fetch_lines = json_lines(embedded.procs()["fetch"].log())
+    fetch_lines = json_lines(direct.procs()["fetch"].log())
     assert any(e["event"] == "Invalid HTTP request received." for e in fetch_lines)
     print(f"{checked} log lines checked, {uvicorn_lines} of them from uvicorn")

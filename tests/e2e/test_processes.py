@@ -47,9 +47,9 @@ def put(url: str, body: object, headers: dict[str, str] | None = None) -> httpx.
 # ------------------------------------------------------------------------------ metrics
 
 
-async def test_metrics_of_every_process(embedded: Stack, brokered: Stack) -> None:
+async def test_metrics_of_every_process(direct: Stack, brokered: Stack) -> None:
     before = {n: scrape(p.url) for n, p in brokered.procs().items()}
-    before_embedded_relay = scrape(embedded.url("relay"))
+    before_direct_relay = scrape(direct.url("relay"))
 
     key = str(uuid.uuid4())
     created = put(brokered.url("create"), order_body("USD", "123.45", key))
@@ -63,10 +63,10 @@ async def test_metrics_of_every_process(embedded: Stack, brokered: Stack) -> Non
     listed = httpx.get(f"{brokered.url('fetch')}/buy_orders", timeout=5)
     assert listed.status_code == 200
     assert httpx.get(f"{brokered.url('fetch')}/buy_orders?page_size=0", timeout=5).status_code == 422
-    embedded_order = put(embedded.url("create"), order_body("EUR", "10.00", str(uuid.uuid4())))
-    assert embedded_order.status_code == 200, embedded_order.text
+    direct_order = put(direct.url("create"), order_body("EUR", "10.00", str(uuid.uuid4())))
+    assert direct_order.status_code == 200, direct_order.text
     await async_wait_until(brokered.settled, timeout=15, what="the order projected through RabbitMQ")
-    await async_wait_until(embedded.settled, timeout=15, what="the order projected by the relay")
+    await async_wait_until(direct.settled, timeout=15, what="the order projected by the relay")
     used = await brokered.cap_used()
     assert used == Decimal("0.00127269")
 
@@ -149,19 +149,19 @@ async def test_metrics_of_every_process(embedded: Stack, brokered: Stack) -> Non
         for series in absent:
             assert not has_series(samples, series), (name, series)
 
-    # relay (direct mode) projects itself: its lag histogram saw the embedded order.
-    m = scrape(embedded.url("relay"))
+    # relay (direct mode) projects itself: its lag histogram saw the direct order.
+    m = scrape(direct.url("relay"))
     assert metric(m, "pydist_read_model_lag_seconds_count") == (
-        metric(before_embedded_relay, "pydist_read_model_lag_seconds_count") + 1
+        metric(before_direct_relay, "pydist_read_model_lag_seconds_count") + 1
     )
-    wait_until(lambda: backlog_zero(embedded.url("create")), timeout=10, what="embedded backlog 0")
+    wait_until(lambda: backlog_zero(direct.url("create")), timeout=10, what="direct backlog 0")
 
 
 # ------------------------------------------------------------------------------ start-up
 
 
-def test_every_process_of_both_topologies_is_live_and_ready(embedded: Stack, brokered: Stack) -> None:
-    for stack in (embedded, brokered):
+def test_every_process_of_both_topologies_is_live_and_ready(direct: Stack, brokered: Stack) -> None:
+    for stack in (direct, brokered):
         for name, proc in stack.procs().items():
             assert httpx.get(f"{proc.url}/healthcheck", timeout=5).json() == {"status": "ok"}, name
             ready = httpx.get(f"{proc.url}/readyz", timeout=5)
@@ -169,17 +169,17 @@ def test_every_process_of_both_topologies_is_live_and_ready(embedded: Stack, bro
             assert ready.json() == {"status": "ready"}
 
 
-async def test_database_down_at_start_up_is_waited_for(embedded: Stack) -> None:
+async def test_database_down_at_start_up_is_waited_for(direct: Stack) -> None:
     """create and fetch started while their database refuses connections: they stay up, answer
     /healthcheck, say 503 on /readyz and on requests, and become ready once it is back."""
-    pg = urlsplit(embedded.dbs.write_url)
+    pg = urlsplit(direct.dbs.write_url)
     proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432).start()
     proxy.down()
     env = {
-        **embedded.env,
-        "WRITE_DATABASE_URL": proxy.url_for(embedded.dbs.write_url),
-        "READ_DATABASE_URL": proxy.url_for(embedded.dbs.read_url),
-        "BTC_PRICE_URL": embedded.url("price"),
+        **direct.env,
+        "WRITE_DATABASE_URL": proxy.url_for(direct.dbs.write_url),
+        "READ_DATABASE_URL": proxy.url_for(direct.dbs.read_url),
+        "BTC_PRICE_URL": direct.url("price"),
     }
     system = System(env)
     try:
@@ -224,7 +224,7 @@ async def test_database_down_at_start_up_is_waited_for(embedded: Stack) -> None:
             )
         created = put(system.url("create"), order_body("USD", "10.00", str(uuid.uuid4())))
         assert created.status_code == 200, created.text
-        assert await embedded.written() == 1
+        assert await direct.written() == 1
         for name in ("create", "fetch"):
             assert system.procs[name].stop(timeout=10) == 0
     finally:
@@ -243,11 +243,11 @@ def _status(url: str) -> int | None:
 # ------------------------------------------------------------------------------ SIGTERM
 
 
-async def test_sigterm_lets_an_in_flight_request_finish(embedded: Stack) -> None:
+async def test_sigterm_lets_an_in_flight_request_finish(direct: Stack) -> None:
     """A PUT whose body is still arriving when create_buy_order gets SIGTERM: the process stops
     accepting connections at once, yet the request completes with 200 and the order is stored,
     then the process exits 0."""
-    proc = embedded.system.procs["create"]
+    proc = direct.system.procs["create"]
     host, port = "127.0.0.1", proc.port
     key = str(uuid.uuid4())
     payload = json.dumps(order_body("GBP", "250.00", key)).encode()
@@ -280,7 +280,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(embedded: Stack) -> None
     assert proc.popen.wait(timeout=SIGTERM_EXIT_S + 5) == 0
     exited = time.monotonic() - terminated
     assert exited < SIGTERM_EXIT_S, f"exit took {exited:.1f}s"
-    assert await embedded.written() == 1
+    assert await direct.written() == 1
     events = [e["event"] for e in json_lines(proc.log())]
     assert "service_stopped" in events
     assert events[-1].startswith("Finished server process"), events[-5:]
@@ -311,14 +311,14 @@ def _read_http_response(conn: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("stack_name", ["brokered", "embedded"])
+@pytest.mark.parametrize("stack_name", ["brokered", "direct"])
 def test_sigterm_stops_every_process_with_exit_0(
     stacks: Stacks, broker_stack: Stack, stack_name: str
 ) -> None:
     """SIGTERM to every running process of a stack at once (brokered: create, fetch, relay, sync;
-    embedded: price, fetch, relay, and create unless the in-flight test already stopped it): each
+    direct: price, fetch, relay, and create unless the in-flight test already stopped it): each
     exits 0 within a few seconds, its last lines say so, and every line it wrote is JSON."""
-    stack = broker_stack if stack_name == "brokered" else stacks.embedded
+    stack = broker_stack if stack_name == "brokered" else stacks.direct
     procs = {name: proc for name, proc in stack.system.procs.items() if proc.alive()}
     assert len(procs) >= 3, procs
     started = time.monotonic()

@@ -332,11 +332,12 @@ async def test_a_dead_letter_refused_part_way_requeues_the_envelope_and_loses_no
         await projector(events)
 
     consumer = EnvelopeConsumer(amqp_url, held_on_redelivery, prefetch=1)
-    counted = _dead_lettered()
+    counted, limited = _dead_lettered(), [False]
     async with broker_probe(amqp_url) as probe:
         try:
             with structlog.testing.capture_logs() as logs:
                 async with background() as bg:
+                    limited[0] = True
                     await _limit_dlq_to_one(amqp_url)
                     bg.start(consumer.run, "consumer")
                     await probe.publish_raw(_envelope_body(items), message_id="env-2", type=ENVELOPE_TYPE)
@@ -344,12 +345,15 @@ async def test_a_dead_letter_refused_part_way_requeues_the_envelope_and_loses_no
                     assert _dead_lettered() - counted == 1
                     assert await count(clean.read_url) == 3  # projected on the first delivery
                     await _lift_dlq_limit(amqp_url)
+                    limited[0] = False
                     gate.set()
-                    await wait_until(lambda: _depth_zero(probe, QUEUE), timeout=30, what="acked", bg=bg)
+                    # ready + unacked: 0 once the redelivered envelope is acked (not only taken)
+                    await wait_until(lambda: _messages_zero(amqp_url, QUEUE), timeout=30, what="acked", bg=bg)
         finally:
             await consumer.close()
-            _clear_dlq_policy(amqp_url)
-        dead = await probe.get_all(DEAD_LETTER_QUEUE, 5, timeout=2)
+            if limited[0]:  # the test failed with the limit on: it must not outlive the test
+                _clear_dlq_policy(amqp_url)
+        dead = await probe.get_all(DEAD_LETTER_QUEUE, 4, timeout=30)  # the first twice, a probe, the second
     assert calls == [3, 3]
     failed = [e for e in logs if e["event"] == "dead_letter_failed"]
     assert [e["message_id"] for e in failed] == ["env-2"]
@@ -383,11 +387,14 @@ async def _limit_dlq_to_one(url: str) -> None:
 
         async def refuses_a_second() -> bool:
             await queue.purge()
+            fresh = await connection.channel(publisher_confirms=True)  # a refused publish taints none
             try:
                 for _ in range(2):
-                    await _publish_probe(channel)
+                    await _publish_probe(fresh)
             except aio_pika.exceptions.DeliveryError:
                 return True
+            finally:
+                await fresh.close()
             return False
 
         await wait_until(refuses_a_second, timeout=30, what="the DLQ limit applied")
@@ -396,15 +403,18 @@ async def _limit_dlq_to_one(url: str) -> None:
 
 async def _lift_dlq_limit(url: str) -> None:
     """Clear the policy; returned once the DLQ, holding one message, accepts a probe."""
-    _clear_dlq_policy(url)
+    await asyncio.to_thread(_clear_dlq_policy, url)
     async with await aio_pika.connect(url, timeout=10) as connection:
-        channel = await connection.channel(publisher_confirms=True)
 
         async def accepts() -> bool:
+            # a fresh channel each time: RabbitMQ 3.10 may keep refusing a publisher it once refused
+            channel = await connection.channel(publisher_confirms=True)
             try:
                 await _publish_probe(channel)
             except aio_pika.exceptions.DeliveryError:
                 return False
+            finally:
+                await channel.close()
             return True
 
         await wait_until(accepts, timeout=30, what="the DLQ limit lifted")
@@ -416,12 +426,21 @@ async def _publish_probe(channel: aio_pika.abc.AbstractChannel) -> None:
 
 
 def _clear_dlq_policy(url: str) -> None:
-    _rabbitmqctl(url, "clear_policy", _DLQ_POLICY, check=False)
+    """Raises if the policy cannot be cleared: left on the session's vhost, it would fail later
+    tests far from the cause."""
+    _rabbitmqctl(url, "clear_policy", _DLQ_POLICY)
 
 
-def _rabbitmqctl(url: str, *args: str, check: bool = True) -> None:
+def _rabbitmqctl(url: str, *args: str) -> None:
     vhost = urlsplit(url).path.lstrip("/")
-    subprocess.run(["rabbitmqctl", "-q", *args[:1], "-p", vhost, *args[1:]], check=check, capture_output=True)
+    cmd = ["rabbitmqctl", "-q", *args[:1], "-p", vhost, *args[1:]]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+
+async def _messages_zero(url: str, queue: str) -> bool:
+    """The queue holds no message, ready or unacked (rabbitmqctl, off the event loop)."""
+    rows = await asyncio.to_thread(_rabbitmqctl_rows, url, "queues", "name", "messages")
+    return dict(rows).get(queue) == "0"
 
 
 async def test_a_message_that_always_fails_ends_in_the_dlq_after_the_delivery_limit(
@@ -623,7 +642,7 @@ def _rabbitmqctl_rows(url: str, what: str, *columns: str) -> list[tuple[str, ...
     """`rabbitmqctl list_<what>` of the URL's vhost: one tuple of `columns` per row."""
     vhost = urlsplit(url).path.lstrip("/")
     cmd = ["rabbitmqctl", "-q", f"list_{what}", "-p", vhost, *columns, "--no-table-headers"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
     return [tuple(line.split("\t")) for line in out.splitlines() if line.strip()]
 
 

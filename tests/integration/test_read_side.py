@@ -48,7 +48,7 @@ async def assert_models_agree(stores: Stores, expected: int) -> None:
     assert (report.write_count, report.read_count) == (expected, expected)
 
 
-async def test_embedded_relay_projects_every_order_identically(stores: Stores, clean: Databases):
+async def test_the_direct_relay_projects_every_order_identically(stores: Stores, clean: Databases):
     """No broker: relay → projector → read model. Each read row equals the order the create path
     returned, field for field, and in the wire form the listing serves."""
     orders = await create_orders(stores, 60)

@@ -42,6 +42,7 @@ GRAFANA_DASHBOARD_PROVIDER = GRAFANA_DIR / "provisioning" / "dashboards" / "pydi
 # Every metric the processes expose that alerts and dashboards may use, with its type.
 KNOWN_METRICS: dict[str, str] = {
     "pydist_http_request_duration_seconds": "histogram",
+    "pydist_http_requests_shed_total": "counter",
     "pydist_orders_created_total": "counter",
     "pydist_orders_replayed_total": "counter",
     "pydist_orders_refused_total": "counter",

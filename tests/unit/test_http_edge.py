@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from pydist import bootstrap
@@ -746,3 +747,48 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503_and_the_ops_paths
         held.release.set()
         assert [r.status_code for r in await asyncio.gather(*orders)] == [200, 200, 200]
         assert (await put(client, body(idempotence_key=str(uuid.uuid4())))).status_code == 200
+
+
+async def test_a_client_stalled_in_its_body_holds_no_slot() -> None:
+    """With room for one request, a client that sent half its body and stalls is not counted:
+    the next order is served; once the body arrives whole it is served too."""
+    settings = make_settings(max_in_flight=1)
+    held = HeldCreate()
+    held.release.set()
+    app = create_api.create_app(settings, graph=bootstrap.create(settings, create_order=held))
+    whole = json.dumps(body(idempotence_key=str(uuid.uuid4()))).encode()
+    rest = asyncio.Event()
+    sent_half = asyncio.Event()
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield whole[:10]
+        sent_half.set()
+        await rest.wait()
+        yield whole[10:]
+
+    async with client_for(app) as client:
+        stalled = asyncio.create_task(client.put("/buy_order", content=stalled_body(), headers=JSON))
+        await asyncio.wait_for(sent_half.wait(), 30)
+        other = await asyncio.wait_for(put(client, body(idempotence_key=str(uuid.uuid4()))), 30)
+        assert other.status_code == 200, other.text
+        rest.set()
+        assert (await asyncio.wait_for(stalled, 30)).status_code == 200
+    assert held.held == 2
+
+
+async def test_shed_requests_are_counted() -> None:
+    settings = make_settings(max_in_flight=1)
+    held = HeldCreate()
+    app = create_api.create_app(settings, graph=bootstrap.create(settings, create_order=held))
+    before = REGISTRY.get_sample_value("pydist_http_requests_shed_total", {"service": "create_buy_order"})
+    async with client_for(app) as client:
+        first = asyncio.create_task(put(client, body(idempotence_key=str(uuid.uuid4()))))
+        for _ in range(10_000):
+            if held.held == 1:
+                break
+            await asyncio.sleep(0)
+        assert (await put(client, body(idempotence_key=str(uuid.uuid4())))).status_code == 503
+        held.release.set()
+        assert (await first).status_code == 200
+    after = REGISTRY.get_sample_value("pydist_http_requests_shed_total", {"service": "create_buy_order"})
+    assert (after or 0.0) - (before or 0.0) == 1

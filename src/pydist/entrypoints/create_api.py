@@ -129,9 +129,12 @@ def _lifespan(graph: bootstrap.CreateGraph, port: int) -> Lifespan:
             partial(await_dependency, "write_database", graph.store.ping),
             partial(every, seconds=WATCH_S, job=gauges),
         ]
-        # At the stop graph.aclose finishes the queued orders, then closes the price client and pool.
         async with running("service", jobs, graph.aclose, stop_s=2, port=port):
             yield
+            # The queued orders first, before the jobs get their time: the shutdown stays within
+            # its budget. graph.aclose stops the writer again (a no-op then), for a graph closed
+            # without this lifespan (the CLI, tests).
+            await graph.writer.stop()
 
     return lifespan
 

@@ -23,7 +23,7 @@ from pydist.config import Settings
 from pydist.entrypoints.problems import install_problem_handlers, problem
 from pydist.entrypoints.schemas import PROBLEM_SCHEMA
 from pydist.logs import configure_logging
-from pydist.metrics import HTTP_LATENCY, render
+from pydist.metrics import HTTP_LATENCY, HTTP_SHED, render
 
 log = structlog.get_logger()
 OPEN_PATHS = frozenset({"/healthcheck", "/readyz", "/metrics"})
@@ -48,18 +48,24 @@ def _request_id(raw: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
 def _digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
 
 
 class EdgeMiddleware:
-    """Pure ASGI (no per-request task like BaseHTTPMiddleware): request id, auth, latency."""
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): request id, header size, load
+    shedding, auth, latency."""
 
     def __init__(self, app: ASGIApp, *, service: str, api_keys: frozenset[str], max_in_flight: int) -> None:
         self.app = app
         self.service = service
         self.max_in_flight = max_in_flight
         self._in_flight = 0
+        HTTP_SHED.labels(service)  # the series exists (at 0) before the first shed request
         # Keys are kept (and compared) as SHA-256 digests: equal lengths, so the comparison time
         # says nothing about a key's length or content.
         self.api_keys = tuple(_digest(k.encode()) for k in api_keys)
@@ -92,20 +98,48 @@ class EdgeMiddleware:
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> Response | None:
         """The answer to give without running the app, if any. Past `max_in_flight` requests in
-        progress a new one is shed at once (503, Retry-After) rather than queued: under overload
-        every queued request would wait out its deadlines, latency would climb for all, and the
-        process's memory with it (327 MB for create at 110% of its rate, docs/reliability.md).
-        The ops paths are never shed."""
+        progress (`_run_counted`) a new one is shed at once (503, Retry-After) rather than queued:
+        under overload every queued request would wait out its deadlines, latency would climb for
+        all, and the process's memory with it (327 MB for create at 110% of its rate,
+        docs/reliability.md). The ops paths are never shed."""
         if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
             detail = f"the request headers may be at most {MAX_HEADER_BYTES} bytes in total"
             return problem(431, "headers-too-large", detail)
         if self._in_flight >= self.max_in_flight and scope["path"] not in OPEN_PATHS:
+            HTTP_SHED.labels(self.service).inc()
             detail = f"{self.service} is at capacity; nothing was done. Retry shortly."
             return problem(503, "overloaded", detail, headers={"Retry-After": "1"})
         if not self._authorised(scope, headers):
             detail = "a valid API key is required: send 'Authorization: Bearer <key>'"
             return problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    async def _run_counted(
+        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
+        """The app, with the request counted in flight from the moment its body has arrived
+        whole (at once if it has none) until the app is done. A client that stalls in its body
+        holds no slot, so slow senders cannot lock the others out; the ops paths hold none."""
+        if scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        counted = not _has_body(headers)
+        if counted:
+            self._in_flight += 1
+
+        async def receive_counting() -> Message:
+            nonlocal counted
+            message = await receive()
+            if not counted and message["type"] == "http.request" and not message.get("more_body"):
+                counted = True
+                self._in_flight += 1
+            return message
+
+        try:
+            await self.app(scope, receive_counting, send)
+        finally:
+            if counted:
+                self._in_flight -= 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,11 +168,7 @@ class EdgeMiddleware:
             if refusal is not None:
                 await refusal(scope, receive, send_wrapper)
                 return
-            self._in_flight += 1
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                self._in_flight -= 1
+            await self._run_counted(scope, headers, receive, send_wrapper)
         except Exception as exc:
             # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the 500 also
             # carries X-Request-ID. Logged with its traceback; the client gets a bare problem.
