@@ -382,20 +382,12 @@ async def _limit_dlq_to_one(url: str) -> None:
     definition = '{"max-length": 0, "overflow": "reject-publish"}'
     _rabbitmqctl(url, "set_policy", "--apply-to", "queues", _DLQ_POLICY, f"^{DEAD_LETTER_QUEUE}$", definition)
     async with await aio_pika.connect(url, timeout=10) as connection:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel()
         queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
 
         async def refuses_a_second() -> bool:
             await queue.purge()
-            fresh = await connection.channel(publisher_confirms=True)  # a refused publish taints none
-            try:
-                for _ in range(2):
-                    await _publish_probe(fresh)
-            except aio_pika.exceptions.DeliveryError:
-                return True
-            finally:
-                await fresh.close()
-            return False
+            return await _probes_accepted(connection, 2) == 1
 
         await wait_until(refuses_a_second, timeout=30, what="the DLQ limit applied")
         await queue.purge()
@@ -407,22 +399,26 @@ async def _lift_dlq_limit(url: str) -> None:
     async with await aio_pika.connect(url, timeout=10) as connection:
 
         async def accepts() -> bool:
-            # a fresh channel each time: RabbitMQ 3.10 may keep refusing a publisher it once refused
-            channel = await connection.channel(publisher_confirms=True)
-            try:
-                await _publish_probe(channel)
-            except aio_pika.exceptions.DeliveryError:
-                return False
-            finally:
-                await channel.close()
-            return True
+            return await _probes_accepted(connection, 1) == 1
 
         await wait_until(accepts, timeout=30, what="the DLQ limit lifted")
 
 
-async def _publish_probe(channel: aio_pika.abc.AbstractChannel) -> None:
+async def _probes_accepted(connection: aio_pika.abc.AbstractConnection, n: int) -> int:
+    """Publish up to `n` probes to the DLQ, confirmed, until the broker refuses one: how many it
+    took. Each call uses a fresh channel: RabbitMQ 3.10 may keep refusing a publisher it once
+    refused."""
+    channel = await connection.channel(publisher_confirms=True)
     message = aio_pika.Message(b"probe", message_id=_PROBE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-    await channel.default_exchange.publish(message, routing_key=DEAD_LETTER_QUEUE)
+    try:
+        for sent in range(n):
+            try:
+                await channel.default_exchange.publish(message, routing_key=DEAD_LETTER_QUEUE)
+            except aio_pika.exceptions.DeliveryError:
+                return sent
+        return n
+    finally:
+        await channel.close()
 
 
 def _clear_dlq_policy(url: str) -> None:
