@@ -376,8 +376,12 @@ async def outbox_backlog(stack: Stack) -> tuple[int, float]:
 
 
 async def outbox_healthy(prom: Prometheus) -> tuple[float | None, str | None]:
-    """What Prometheus says of the outbox: the age create_buy_order reports, and the alert's state."""
-    return single(await prom.query(f"max({OUTBOX_AGE})")), await prom.state(OUTBOX_ALERT)
+    """What Prometheus says of the outbox: the age create_buy_order reports, and the alert's state.
+    The state is read first: a resolved alert then comes with an age read after it. The other
+    order could pair the age from before the backlog drained with the resolution that followed
+    (it did once: an alert resolved "at" 61.7 s)."""
+    state = await prom.state(OUTBOX_ALERT)
+    return single(await prom.query(f"max({OUTBOX_AGE})")), state
 
 
 def quiet(threshold_s: float) -> Callable[[tuple[float | None, str | None]], bool]:
