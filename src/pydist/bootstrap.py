@@ -23,8 +23,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from pydist.config import Settings
-from pydist.domain.order import OrderRequest
-from pydist.service.create_order import CreateBuyOrder, Outcome
+from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand, Outcome
 from pydist.service.price_cache import PriceCache
 from pydist.service.projector import Projector
 from pydist.service.relay import Relay
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from pydist.adapters.rabbit import BrokerLink
     from pydist.adapters.write_store import WriteStore
 
-CreateOrder = Callable[[OrderRequest, str | None], Awaitable[Outcome]]
+CreateOrder = Callable[[CreateBuyOrderCommand, str | None], Awaitable[Outcome]]
 """The create use case as the API calls it: CreateBuyOrder, or a test's fake."""
 
 

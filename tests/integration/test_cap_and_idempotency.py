@@ -13,8 +13,7 @@ from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
-from pydist.domain.order import OrderRequest
-from pydist.service.create_order import CreateBuyOrder
+from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.services import Databases
@@ -35,8 +34,10 @@ class FixedPrice:
         return self.rate
 
 
-def request(amount: str = "123.45", key: uuid.UUID | None = None, currency: str = "USD") -> OrderRequest:
-    return OrderRequest(key or uuid.uuid4(), Currency(currency), Decimal(amount))
+def request(
+    amount: str = "123.45", key: uuid.UUID | None = None, currency: str = "USD"
+) -> CreateBuyOrderCommand:
+    return CreateBuyOrderCommand(Currency(currency), Decimal(amount), body_key=key or uuid.uuid4())
 
 
 async def test_order_is_stored_with_outbox_event_in_one_transaction(stores: Stores, clean: Databases):

@@ -24,9 +24,8 @@ from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.write_store import WriteStore
 from pydist.domain.errors import CapExceededError
 from pydist.domain.money import Currency
-from pydist.domain.order import OrderRequest
 from pydist.migrations.roles import ensure_roles
-from pydist.service.create_order import CreateBuyOrder
+from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
 from pydist.service.projector import Projector
 from tests.support import db as testdb
 from tests.support.read_side import page_ids
@@ -79,14 +78,14 @@ async def test_each_role_does_its_job_through_the_real_adapters(
         create = CreateBuyOrder(store, FixedPrice(), writer)
         key = uuid.uuid4()
         placed = [
-            await create(OrderRequest(key, Currency.USD, Decimal("100.00")), "req-roles"),
-            await create(OrderRequest(uuid.uuid4(), Currency.EUR, Decimal("50.00")), None),
+            await create(CreateBuyOrderCommand(Currency.USD, Decimal("100.00"), key), "req-roles"),
+            await create(CreateBuyOrderCommand(Currency.EUR, Decimal("50.00"), uuid.uuid4()), None),
         ]
-        replay = await create(OrderRequest(key, Currency.USD, Decimal("100.00")), None)
+        replay = await create(CreateBuyOrderCommand(Currency.USD, Decimal("100.00"), key), None)
         assert replay.replayed
         assert replay.order == placed[0].order
         with pytest.raises(CapExceededError):
-            await create(OrderRequest(uuid.uuid4(), Currency.USD, Decimal("999999999.99")), None)
+            await create(CreateBuyOrderCommand(Currency.USD, Decimal("999999999.99"), uuid.uuid4()), None)
         status = await store.status()
         assert status.used_btc == sum(p.order.btc_amount for p in placed)
     finally:

@@ -24,8 +24,8 @@ from pydist.adapters.listing import Page
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE, declare_topology
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, OrderRequest
-from pydist.service.create_order import CreateBuyOrder
+from pydist.domain.order import BuyOrder
+from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
 from pydist.service.ports import EventSink
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
@@ -39,8 +39,9 @@ class FixedPrice:
         return RATE
 
 
-def order_request(i: int) -> OrderRequest:
-    return OrderRequest(uuid.uuid4(), CURRENCIES[i % 3], Decimal(f"{10 + i % 89}.{i % 100:02d}"))
+def order_request(i: int) -> CreateBuyOrderCommand:
+    amount = Decimal(f"{10 + i % 89}.{i % 100:02d}")
+    return CreateBuyOrderCommand(CURRENCIES[i % 3], amount, body_key=uuid.uuid4())
 
 
 async def create_orders(stores: Stores, n: int, *, concurrency: int = 50, start: int = 0) -> list[BuyOrder]:

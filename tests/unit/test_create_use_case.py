@@ -1,5 +1,5 @@
-"""CreateBuyOrder (service/create_order.py) against in-memory fakes of its three ports:
-replay first (no price call), then price, then place; and what each refusal becomes."""
+"""CreateBuyOrder (service/create_order.py) against in-memory fakes of its three ports: the one
+key first, then replay (no price call), then price, then place; and what each refusal becomes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from decimal import Decimal
 
 import pytest
 
-from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
+from pydist.domain.errors import (
+    CapExceededError,
+    IdempotencyKeyMissingError,
+    IdempotencyKeyReusedError,
+    IdempotencyKeysDifferError,
+    PriceUnavailableError,
+)
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, CapRefused, OrderRequest, Placed, PlaceResult, PricedOrder
-from pydist.service.create_order import CreateBuyOrder, Outcome
+from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand, Outcome
 from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
@@ -107,9 +113,16 @@ def request(currency: Currency = Currency.USD, amount: str = "123.45", key: uuid
     return OrderRequest(idempotence_key=key, currency=currency, amount=Decimal(amount))
 
 
+def command(
+    currency: Currency = Currency.USD, amount: str = "123.45", key: uuid.UUID = KEY
+) -> CreateBuyOrderCommand:
+    """The command with the key in the body, as most clients send it."""
+    return CreateBuyOrderCommand(currency, Decimal(amount), body_key=key)
+
+
 async def test_a_new_order_is_priced_and_placed_once() -> None:
     create, lookup, prices, placer = wire()
-    outcome = await create(request(), "req-1")
+    outcome = await create(command(), "req-1")
     assert lookup.calls == 1
     assert prices.calls == [Currency.USD]
     assert len(placer.placed) == 1
@@ -125,7 +138,7 @@ async def test_a_new_order_is_priced_and_placed_once() -> None:
 
 async def test_each_currency_is_priced_in_its_own_rate() -> None:
     create, _, prices, _ = wire()
-    outcome = await create(request(Currency.GBP, "76000.00", key=uuid.uuid4()))
+    outcome = await create(command(Currency.GBP, "76000.00", key=uuid.uuid4()))
     assert prices.calls == [Currency.GBP]
     assert outcome.order.btc_amount == Decimal("1")  # 76000 / 76000
 
@@ -136,7 +149,7 @@ async def test_a_replay_is_answered_without_price_or_place() -> None:
     create, _, prices, placer = wire(
         FakeLookup({KEY: existing}), FakePrices(down=True), FakePlacer(available_btc=Decimal(0))
     )
-    outcome = await create(request())
+    outcome = await create(command())
     assert outcome == Outcome(existing, replayed=True)
     assert outcome.order is existing  # the stored order itself: same id, rate and created_at
     assert prices.calls == []
@@ -146,7 +159,7 @@ async def test_a_replay_is_answered_without_price_or_place() -> None:
 async def test_a_replay_with_an_equal_decimal_amount_is_still_a_replay() -> None:
     existing = stored(amount="10.00")
     create, _, prices, placer = wire(FakeLookup({KEY: existing}))
-    outcome = await create(request(amount="10.0"))
+    outcome = await create(command(amount="10.0"))
     assert outcome.replayed
     assert outcome.order is existing
     assert prices.calls == []
@@ -159,7 +172,7 @@ async def test_same_key_other_request_is_refused_without_price_or_place(
 ) -> None:
     create, _, prices, placer = wire(FakeLookup({KEY: stored()}))
     with pytest.raises(IdempotencyKeyReusedError):
-        await create(request(currency, amount))
+        await create(command(currency, amount))
     assert prices.calls == []
     assert placer.placed == []
 
@@ -167,7 +180,7 @@ async def test_same_key_other_request_is_refused_without_price_or_place(
 async def test_cap_refusal_says_how_much_is_left() -> None:
     create, _, _, placer = wire(placer=FakePlacer(available_btc=Decimal("0.00127268")))
     with pytest.raises(CapExceededError) as caught:
-        await create(request())
+        await create(command())
     assert caught.value.available_btc == Decimal("0.00127268")
     assert caught.value.requested_btc == Decimal("0.00127269")
     assert "0.00127268" in str(caught.value)
@@ -178,7 +191,7 @@ async def test_the_cap_is_left_to_the_placer_even_at_exactly_the_remaining_btc()
     """The use case does not judge the cap itself: an order costing exactly what is left goes to
     the placer once, with the exact priced amount, and the placer's stored order is the answer."""
     create, _, _, placer = wire(placer=FakePlacer(available_btc=Decimal("0.00127269")))
-    outcome = await create(request(), "req-cap")
+    outcome = await create(command(), "req-cap")
     [(priced, request_id)] = placer.placed
     assert priced.btc_amount == Decimal("0.00127269")  # not rounded, not trimmed to fit
     assert request_id == "req-cap"
@@ -191,7 +204,7 @@ async def test_a_lost_race_is_answered_as_a_replay_of_the_winner() -> None:
     # Between our lookup (nothing) and our place, a concurrent request with the same key won.
     winner = stored()
     create, _, _, placer = wire(placer=FakePlacer(race_winner=winner))
-    outcome = await create(request())
+    outcome = await create(command())
     assert outcome == Outcome(winner, replayed=True)
     assert len(placer.placed) == 1
 
@@ -199,13 +212,13 @@ async def test_a_lost_race_is_answered_as_a_replay_of_the_winner() -> None:
 async def test_a_lost_race_to_a_different_request_is_a_key_reuse() -> None:
     create, _, _, _ = wire(placer=FakePlacer(race_winner=stored(amount="999.99")))
     with pytest.raises(IdempotencyKeyReusedError):
-        await create(request())
+        await create(command())
 
 
 async def test_price_down_places_nothing() -> None:
     create, _, prices, placer = wire(prices=FakePrices(down=True))
     with pytest.raises(PriceUnavailableError):
-        await create(request())
+        await create(command())
     assert prices.calls == [Currency.USD]
     assert placer.placed == []
 
@@ -213,13 +226,42 @@ async def test_price_down_places_nothing() -> None:
 async def test_two_keys_make_two_orders_and_a_retry_replays_the_first() -> None:
     lookup = FakeLookup()
     create, _, prices, placer = wire(lookup=lookup)
-    first = await create(request())
+    first = await create(command())
     lookup.orders[KEY] = first.order  # what the store would now find
-    second = await create(request(key=uuid.uuid4()))
-    retry = await create(request())
+    second = await create(command(key=uuid.uuid4()))
+    retry = await create(command())
     assert not first.replayed
     assert not second.replayed
     assert first.order.id != second.order.id
     assert retry == Outcome(first.order, replayed=True)
     assert len(placer.placed) == 2
     assert len(prices.calls) == 2
+
+
+# --- the one key: the body's, the header's, or both when they agree ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("body_key", "header_key"), [(KEY, None), (None, KEY), (KEY, KEY)], ids=["body", "header", "both"]
+)
+async def test_the_key_comes_from_the_body_or_the_header(
+    body_key: uuid.UUID | None, header_key: uuid.UUID | None
+) -> None:
+    create, _, _, placer = wire()
+    outcome = await create(CreateBuyOrderCommand(Currency.USD, Decimal("123.45"), body_key, header_key))
+    assert outcome.order.idempotence_key == KEY
+    assert placer.placed[0][0].request == request()
+
+
+@pytest.mark.parametrize(
+    ("body_key", "header_key", "error"),
+    [(KEY, uuid.uuid4(), IdempotencyKeysDifferError), (None, None, IdempotencyKeyMissingError)],
+    ids=["differ", "missing"],
+)
+async def test_keys_that_differ_or_no_key_are_refused_before_any_port_is_called(
+    body_key: uuid.UUID | None, header_key: uuid.UUID | None, error: type[Exception]
+) -> None:
+    create, lookup, prices, placer = wire()
+    with pytest.raises(error):
+        await create(CreateBuyOrderCommand(Currency.USD, Decimal("123.45"), body_key, header_key))
+    assert (lookup.calls, prices.calls, placer.placed) == (0, [], [])

@@ -40,7 +40,7 @@ from pydist.domain.order import BuyOrder, OrderRequest
 from pydist.entrypoints import create_api, fetch_api
 from pydist.entrypoints.create_api import _refusal_reason
 from pydist.entrypoints.http_app import _api_routes_first
-from pydist.service.create_order import Outcome
+from pydist.service.create_order import CreateBuyOrderCommand, Outcome
 from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
@@ -98,14 +98,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
 
 @dataclass
 class FakeCreate:
-    """Stands in for CreateBuyOrder: records each request, answers with a stored order for its key
-    (marked replayed when `replayed`), or raises `error`."""
+    """Stands in for CreateBuyOrder: decides the key by the command's own rule (so a missing or
+    conflicting key is refused as the real use case refuses it, and never recorded), records each
+    request, answers with a stored order for its key (marked replayed when `replayed`), or raises
+    `error`."""
 
     replayed: bool = False
     error: Exception | None = None
     calls: list[tuple[OrderRequest, str | None]] = field(default_factory=list)
 
-    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+    async def __call__(self, command: CreateBuyOrderCommand, request_id: str | None = None) -> Outcome:
+        request = command.request()
         self.calls.append((request, request_id))
         if self.error is not None:
             raise self.error
@@ -720,10 +723,10 @@ class HeldCreate:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0
 
-    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+    async def __call__(self, command: CreateBuyOrderCommand, request_id: str | None = None) -> Outcome:
         self.held += 1
         await self.release.wait()
-        return Outcome(stored_order(request.idempotence_key), replayed=False)
+        return Outcome(stored_order(command.request().idempotence_key), replayed=False)
 
 
 async def test_past_max_in_flight_a_request_is_shed_with_a_503_and_the_ops_paths_still_answer() -> None:

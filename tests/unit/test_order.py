@@ -14,14 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pydist.domain.errors import (
-    IdempotencyKeyMissingError,
-    IdempotencyKeyReusedError,
-    IdempotencyKeysDifferError,
-)
+from pydist.domain.errors import IdempotencyKeyReusedError
 from pydist.domain.events import BUY_ORDER_CREATED, EVENT_VERSION, BuyOrderCreated, order_from_message
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, OrderRequest, idempotency_key
+from pydist.domain.order import BuyOrder, OrderRequest
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 ORDER_ID = uuid.UUID("5d1c9a9e-1f0b-4c55-8a0e-6c1f2b3d4e5f")
@@ -260,14 +256,3 @@ def test_non_utc_offsets_are_accepted_and_mean_the_same_instant() -> None:
     _, order = order_from_message(msg)
     assert order.created_at == CREATED
     assert order.to_public()["created_at"] == "2026-11-30T12:00:00.123456Z"
-
-
-def test_the_idempotency_key_comes_from_the_body_or_the_header_and_both_must_agree() -> None:
-    body, header = uuid.uuid4(), uuid.uuid4()
-    assert idempotency_key(body, None) == body
-    assert idempotency_key(None, header) == header
-    assert idempotency_key(body, body) == body
-    with pytest.raises(IdempotencyKeysDifferError):
-        idempotency_key(body, header)
-    with pytest.raises(IdempotencyKeyMissingError):
-        idempotency_key(None, None)

@@ -7,23 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from pydist.domain.errors import (
-    IdempotencyKeyMissingError,
-    IdempotencyKeyReusedError,
-    IdempotencyKeysDifferError,
-)
+from pydist.domain.errors import IdempotencyKeyReusedError
 from pydist.domain.money import Currency, btc_for_fiat
-
-
-def idempotency_key(body_key: uuid.UUID | None, header_key: uuid.UUID | None) -> uuid.UUID:
-    """The key an order is asked under: `idempotence_key` in the body, or the IETF Idempotency-Key
-    header. Both may be given only if they agree; one of them must be."""
-    if body_key is not None and header_key is not None and body_key != header_key:
-        raise IdempotencyKeysDifferError()
-    key = body_key if body_key is not None else header_key
-    if key is None:
-        raise IdempotencyKeyMissingError()
-    return key
 
 
 @dataclass(frozen=True, slots=True)

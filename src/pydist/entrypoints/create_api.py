@@ -18,7 +18,6 @@ from pydist import bootstrap, telemetry
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
-from pydist.domain.order import OrderRequest, idempotency_key
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
 from pydist.entrypoints.problems import ProblemError, field_error, problem_type
@@ -34,6 +33,7 @@ from pydist.metrics import (
     OUTBOX_OLDEST_AGE,
     expose,
 )
+from pydist.service.create_order import CreateBuyOrderCommand
 from pydist.service.ports import StoreUnavailableError
 
 log = structlog.get_logger()
@@ -176,11 +176,11 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_
     ) -> Response:
         raw = await read_json_object(request, max_body_bytes)
         body = BuyOrderIn.model_validate(raw)  # ValidationError: a 422 problem
-        key = idempotency_key(body.idempotence_key, _header_key(idempotency_key_header))
-        order_request = OrderRequest(key, body.currency, body.amount)
-        structlog.contextvars.bind_contextvars(idempotence_key=str(order_request.idempotence_key))
+        command = CreateBuyOrderCommand(
+            body.currency, body.amount, body.idempotence_key, _header_key(idempotency_key_header)
+        )
         try:
-            outcome = await create_order(order_request, request.state.request_id)
+            outcome = await create_order(command, request.state.request_id)
         except REFUSALS as exc:
             ORDERS_REFUSED.labels(_refusal_reason(exc)).inc()
             raise

@@ -1,16 +1,41 @@
-"""The create-buy-order use case: replay, price, place — in that order, for a reason each."""
+"""The create-buy-order use case: key, replay, price, place — in that order, for a reason each."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 
 import structlog
 
-from pydist.domain.errors import CapExceededError
+from pydist.domain.errors import CapExceededError, IdempotencyKeyMissingError, IdempotencyKeysDifferError
+from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, CapRefused, OrderRequest
 from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateBuyOrderCommand:
+    """What the client sent, validated but not yet decided on: the idempotency key may come as
+    `idempotence_key` in the body, as the IETF Idempotency-Key header, or as both."""
+
+    currency: Currency
+    amount: Decimal
+    body_key: uuid.UUID | None = None
+    header_key: uuid.UUID | None = None
+
+    def request(self) -> OrderRequest:
+        """The order asked for, under its one key: both keys may be given only if they agree, and
+        one of them must be."""
+        body_key, header_key = self.body_key, self.header_key
+        if body_key is not None and header_key is not None and body_key != header_key:
+            raise IdempotencyKeysDifferError()
+        key = body_key if body_key is not None else header_key
+        if key is None:
+            raise IdempotencyKeyMissingError()
+        return OrderRequest(key, self.currency, self.amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +50,9 @@ class CreateBuyOrder:
         self._prices = prices
         self._placer = placer
 
-    async def __call__(self, request: OrderRequest, request_id: str | None = None) -> Outcome:
+    async def __call__(self, command: CreateBuyOrderCommand, request_id: str | None = None) -> Outcome:
+        request = command.request()
+        structlog.contextvars.bind_contextvars(idempotence_key=str(request.idempotence_key))
         # 1. A replay is answered from the store alone: no price call, whatever the cap or feed.
         existing = await self._lookup.find_by_key(request.idempotence_key)
         if existing is not None:
