@@ -26,24 +26,19 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    """Each field is the environment variable of its name in capitals, described (with its
+    default) in README.md's configuration table and in .env.example."""
+
+    model_config = SettingsConfigDict(extra="ignore")
 
     write_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_write")
     read_database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/pydist_read")
-    broker_url: SecretStr | None = Field(
-        default=None,
-        description="amqp:// URL; unset means no broker: the relay projects straight into the read model",
-    )
+    broker_url: SecretStr | None = None
     coinbase_api_url: str = "https://api.coinbase.com"
     price_max_age_s: float = Field(default=10.0, gt=0)
     price_timeout_s: float = Field(default=2.0, gt=0, le=4.0)
-    price_min_interval_s: float = Field(
-        default=1.0, ge=0, description="least time between two upstream calls for one currency"
-    )
-    btc_price_url: str | None = Field(
-        default=None,
-        description="where create finds btc_price; default http://127.0.0.1:BTC_PRICE_PORT",
-    )
+    price_min_interval_s: float = Field(default=1.0, ge=0)
+    btc_price_url: str | None = None
     create_buy_order_port: int = 8777
     fetch_buy_orders_port: int = 8778
     btc_price_port: int = 8779
@@ -51,45 +46,21 @@ class Settings(BaseSettings):
     sync_metrics_port: int = 8781
     bind_host: str = "127.0.0.1"
     web_concurrency: int = Field(default=1, ge=1, le=64)
-    prometheus_multiproc_dir: str | None = Field(
-        default=None,
-        description="with WEB_CONCURRENCY > 1: where the workers keep their metric files (wiped at "
-        "start; one directory per service instance); unset = a fresh temporary directory per run",
-    )
+    prometheus_multiproc_dir: str | None = None
     db_pool_size: int = Field(default=10, ge=1)
-    max_batch: int = Field(default=256, ge=1, le=5000, description="orders per write transaction")
-    write_window_s: float = Field(
-        default=0.002,
-        ge=0,
-        le=0.05,
-        description="under load, how long a write batch waits for company after its first order",
-    )
+    max_batch: int = Field(default=256, ge=1, le=5000)
+    write_window_s: float = Field(default=0.002, ge=0, le=0.05)
     relay_batch: int = Field(default=500, ge=1)
-    relay_pace_s: float = Field(
-        default=0.02,
-        ge=0,
-        le=0.1,
-        description="while events keep coming, the least time between two outbox claims of the relay",
-    )
-    sync_prefetch: int = Field(default=16, ge=1, description="unacked envelopes held by read_model_sync")
+    relay_pace_s: float = Field(default=0.02, ge=0, le=0.1)
+    sync_prefetch: int = Field(default=16, ge=1)
     max_body_bytes: int = 16 * 1024
-    max_in_flight: int = Field(
-        default=1000,
-        ge=1,
-        description="requests in progress per worker process (counted once the body has arrived "
-        "whole) at which a new one is answered 503 overloaded at once (the ops paths never are)",
-    )
-    api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer keys")
+    max_in_flight: int = Field(default=1000, ge=1)
+    api_keys: SecretStr | None = None
     log_level: str = "INFO"
     fluentd_host: str | None = None
     fluentd_port: int = 24224
     service_name: str = "pydist"
-    otel_telemetry: bool = Field(
-        default=False,
-        description="FastAPI's native OpenTelemetry instrumentation: on only where an OTel provider "
-        "is configured (pydist's own: Prometheus, structlog, and its tracing when OTEL_* is set); "
-        "off, it costs nothing per request, on, it looks the providers up on every request",
-    )
+    otel_telemetry: bool = False
 
     @model_validator(mode="after")
     def _price_timing_is_coherent(self) -> Settings:

@@ -61,7 +61,7 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
     host = settings.fluentd_host
     fluent = FluentForwarder(host, settings.fluentd_port, f"pydist.{service}") if host else None
     processors = [*context, *fields, *([fluent.processor("event")] if fluent else [])]
-    processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
+    processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps, default=str))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -89,10 +89,6 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
     root.setLevel(max(numeric, logging.INFO))
     for noisy in ("uvicorn.access", "aiormq", "aio_pika", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _dumps(obj: Any, **_: Any) -> bytes:
-    return orjson.dumps(obj, default=str)
 
 
 def _dumps_text(obj: Any, **_: Any) -> str:

@@ -28,9 +28,6 @@ def until_stopped(
 
     last: list[BaseException | None] = [None]
 
-    def stopping(_: RetryCallState) -> bool:
-        return stop.is_set()
-
     def before_sleep(state: RetryCallState) -> None:
         last[0] = failure(state)
         on_retry(state, state.upcoming_sleep)
@@ -43,7 +40,7 @@ def until_stopped(
     return AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
         wait=wait_exponential(multiplier=first_s, max=max_s),
-        stop=stopping,
+        stop=lambda _: stop.is_set(),
         sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,

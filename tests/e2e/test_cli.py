@@ -24,6 +24,7 @@ from tests.e2e.conftest import (
     wait_until,
 )
 from tests.support import db as testdb
+from tests.support.procs import free_port
 
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
@@ -219,3 +220,30 @@ async def test_migrate_is_idempotent(direct: Stack) -> None:
     # The running system is unaffected.
     ok = httpx.put(f"{direct.url('create')}/buy_order", json=order_body("USD", "5.00", str(uuid.uuid4())))
     assert ok.status_code == 200, ok.text
+
+
+async def test_an_unreachable_database_or_broker_is_named_and_exits_2(direct: Stack) -> None:
+    """Nothing listens on `closed`: each admin command says which service it could not reach, in
+    one line, with exit 2. A broker command names the broker, though a broker's refused
+    connection is an OSError, as a database's is."""
+    closed = f"127.0.0.1:{free_port()}"
+    no_database = {
+        **direct.env,
+        "WRITE_DATABASE_URL": f"postgresql://postgres@{closed}/pydist_write",
+        "READ_DATABASE_URL": f"postgresql://postgres@{closed}/pydist_read",
+    }
+    no_broker = {**direct.env, "BROKER_URL": f"amqp://guest:guest@{closed}/"}
+    cases = [
+        (no_database, ("cap",), "database unavailable"),
+        (no_database, ("read-model", "check"), "database unavailable"),
+        (no_broker, ("dlq", "list"), "broker unavailable"),
+        (no_broker, ("dlq", "replay"), "broker unavailable"),
+        (no_broker, ("broker", "migrate-queues"), "broker unavailable"),
+    ]
+    for env, args, said in cases:
+        result = await asyncio.to_thread(run_cli, env, *args)
+        assert (result.returncode, said) == (2, result.stdout.splitlines()[0].split(":")[0]), (
+            args,
+            result.stdout + result.stderr,
+        )
+        assert "Traceback" not in result.stdout + result.stderr, args

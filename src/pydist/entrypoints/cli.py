@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -37,6 +38,7 @@ console = Console()
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+DataDir = Annotated[Path, typer.Option(resolve_path=True)]
 
 
 class Service(StrEnum):
@@ -85,13 +87,24 @@ def migrate() -> None:
     console.print("[green]migrations applied[/green] (write and read models at head)")
 
 
-def _run_admin(coro: Coroutine[Any, Any, T]) -> T:
-    """Run an admin task; a database that cannot be reached is one clear line and exit 2, not a
-    page of traceback."""
+def _run_admin(coro: Coroutine[Any, Any, T], *, broker: bool = False) -> T:
+    """Run an admin task; a database (or, for a task that needs the `broker` too, a broker) that
+    cannot be reached is one clear line naming it, and exit 2, not a page of traceback."""
     from pydist.service.ports import StoreUnavailableError
 
+    broker_errors: tuple[type[Exception], ...] = ()
+    if broker:
+        import aio_pika
+
+        from pydist.adapters.rabbit import BrokerUnavailableError
+
+        errors = aio_pika.exceptions
+        broker_errors = (BrokerUnavailableError, errors.AMQPError, errors.ChannelInvalidStateError)
     try:
         return asyncio.run(coro)
+    except broker_errors as exc:
+        console.print(f"[red]broker unavailable[/red]: {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
     except (StoreUnavailableError, OSError) as exc:
         console.print(f"[red]database unavailable[/red]: {exc}")
         raise typer.Exit(2) from None
@@ -159,17 +172,6 @@ def _broker_url() -> str:
     return url.get_secret_value()
 
 
-def _run_broker(coro: Coroutine[Any, Any, T]) -> T:
-    """Like _run_admin, for tasks that need the broker too."""
-    from pydist.adapters.rabbit import TRANSIENT
-
-    try:
-        return _run_admin(coro)
-    except (*TRANSIENT, ConnectionError) as exc:
-        console.print(f"[red]broker unavailable[/red]: {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from None
-
-
 @dlq_app.command("list")
 def dlq_list(
     as_json: JsonOpt = False,
@@ -178,7 +180,7 @@ def dlq_list(
     """What the DLQ holds and why (changes nothing)."""
     from pydist.adapters.dlq import list_dead_letters
 
-    letters = _run_broker(list_dead_letters(_broker_url(), limit=limit))
+    letters = _run_admin(list_dead_letters(_broker_url(), limit=limit), broker=True)
     if as_json:
         print(json.dumps([letter.to_json() for letter in letters]))
         return
@@ -206,8 +208,8 @@ def dlq_replay(as_json: JsonOpt = False) -> None:
     from pydist.bootstrap import projector
 
     broker_url = _broker_url()
-    report = _run_broker(
-        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.db).publish))
+    report = _run_admin(
+        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.db).publish)), broker=True
     )
     if as_json:
         print(
@@ -235,7 +237,7 @@ def broker_migrate_queues() -> None:
     read_model_sync first; safe to run again)."""
     from pydist.adapters.queue_migration import migrate_queues
 
-    moved = _run_broker(migrate_queues(_broker_url()))
+    moved = _run_admin(migrate_queues(_broker_url()), broker=True)
     for name, count in moved.items():
         console.print(f"{name}: quorum queue, {count} message(s) moved")
 
@@ -364,18 +366,11 @@ def orders_list(
     if as_json:
         print(json.dumps({"rows": rows, "last_reference": ref}))
         return
+    columns = ("id", "created_at", "currency", "currency_amount", "btc_rate", "btc_amount")
     table = Table("id", "created_at", "currency", "amount", "rate", "btc")
-    total = Decimal(0)
     for r in rows:
-        table.add_row(
-            r["id"],
-            r["created_at"],
-            r["currency"],
-            r["currency_amount"],
-            r["btc_rate"],
-            r["btc_amount"],
-        )
-        total += Decimal(r["btc_amount"])
+        table.add_row(*(r[column] for column in columns))
+    total = sum((Decimal(r["btc_amount"]) for r in rows), Decimal(0))
     console.print(table)
     console.print(f"{len(rows)} orders, {total} BTC; last_reference: {ref}")
 
@@ -385,49 +380,41 @@ app.add_typer(dev_app, name="dev")
 
 
 @dev_app.command("postgres-start")
-def dev_postgres_start(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> None:
+def dev_postgres_start(data_dir: DataDir = Path(".data/pg")) -> None:
     """Start the embedded PostgreSQL; prints `export` lines for both database URLs."""
-    from pathlib import Path
-
     from pydist.devtools.embedded_pg import start
 
-    urls = start(Path(data_dir).resolve())
+    urls = start(data_dir)
     print(f"export WRITE_DATABASE_URL='{urls['pydist_write']}'")
     print(f"export READ_DATABASE_URL='{urls['pydist_read']}'")
 
 
 @dev_app.command("postgres-stop")
-def dev_postgres_stop(data_dir: Annotated[str, typer.Option()] = ".data/pg") -> None:
+def dev_postgres_stop(data_dir: DataDir = Path(".data/pg")) -> None:
     """Stop the embedded PostgreSQL (fast shutdown; data is kept)."""
-    from pathlib import Path
-
     from pydist.devtools.embedded_pg import stop
 
-    stop(Path(data_dir).resolve())
+    stop(data_dir)
 
 
 @dev_app.command("rabbitmq-start")
 def dev_rabbitmq_start(
-    data_dir: Annotated[str, typer.Option()] = ".data/rabbitmq",
+    data_dir: DataDir = Path(".data/rabbitmq"),
     port: Annotated[int, typer.Option(help="AMQP port; distribution and epmd ports follow")] = 5673,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for AMQP connections")] = 120.0,
 ) -> None:
     """Start (or reuse) a private RabbitMQ node; prints `export BROKER_URL=…`. Exit 3: not installed."""
     import sys
     import time
-    from pathlib import Path
 
     from pydist.devtools import embedded_rabbitmq as rmq
 
     t0 = time.monotonic()
     try:
-        cfg = rmq.start(Path(data_dir).resolve(), port, timeout)
-    except rmq.NotInstalledError as exc:
+        cfg = rmq.start(data_dir, port, timeout)
+    except (rmq.NotInstalledError, rmq.NodeError, ValueError) as exc:
         print(f"pydist dev rabbitmq-start: {exc}", file=sys.stderr)
-        raise typer.Exit(rmq.NOT_INSTALLED_EXIT) from None
-    except (rmq.NodeError, ValueError) as exc:
-        print(f"pydist dev rabbitmq-start: {exc}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        raise typer.Exit(rmq.NOT_INSTALLED_EXIT if isinstance(exc, rmq.NotInstalledError) else 1) from None
     print(
         f"pydist dev rabbitmq-start: {cfg.node_name} accepts AMQP after {time.monotonic() - t0:.1f}s",
         file=sys.stderr,
@@ -436,13 +423,11 @@ def dev_rabbitmq_start(
 
 
 @dev_app.command("rabbitmq-stop")
-def dev_rabbitmq_stop(data_dir: Annotated[str, typer.Option()] = ".data/rabbitmq") -> None:
+def dev_rabbitmq_stop(data_dir: DataDir = Path(".data/rabbitmq")) -> None:
     """Stop the private RabbitMQ node and its epmd (clean shutdown; data is kept)."""
-    from pathlib import Path
-
     from pydist.devtools.embedded_rabbitmq import stop
 
-    stop(Path(data_dir).resolve())
+    stop(data_dir)
 
 
 @dev_app.command("coinbase-stub")
@@ -465,7 +450,6 @@ def bench(
 ) -> None:
     """Run the benchmark suite (same as ./bench/run.sh)."""
     import subprocess
-    from pathlib import Path
 
     script = Path.cwd() / "bench" / "run.sh"
     if not script.exists():

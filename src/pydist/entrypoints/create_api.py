@@ -20,7 +20,7 @@ from pydist.config import Settings, get_settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
-from pydist.entrypoints.problems import ProblemError, field_error, problem_type
+from pydist.entrypoints.problems import invalid, problem_type
 from pydist.entrypoints.schemas import BuyOrderIn, CreateBuyOrderOut, problem_responses, read_json_object
 from pydist.metrics import (
     CAP_REMAINING,
@@ -56,24 +56,15 @@ def _header_key(raw: str | None) -> uuid.UUID | None:
     if raw is None:
         return None
     if len(raw) > _MAX_KEY_HEADER:
-        raise ProblemError(
-            422,
-            "validation-error",
-            f"Idempotency-Key header must be at most {_MAX_KEY_HEADER} characters",
-            **field_error("Idempotency-Key", "too long"),
-        )
+        detail = f"Idempotency-Key header must be at most {_MAX_KEY_HEADER} characters"
+        raise invalid("Idempotency-Key", "too long", detail)
     text = raw.strip()
     if len(text) > 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise ProblemError(
-            422,
-            "validation-error",
-            "Idempotency-Key header must be a UUID",
-            **field_error("Idempotency-Key", "must be a UUID"),
-        ) from None
+        raise invalid("Idempotency-Key", "must be a UUID", "Idempotency-Key header must be a UUID") from None
 
 
 def create_app(settings: Settings | None = None, *, graph: bootstrap.CreateGraph | None = None) -> FastAPI:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI, Request
@@ -11,20 +9,9 @@ from starlette.responses import Response
 
 from pydist import bootstrap
 from pydist.config import Settings, get_settings
-from pydist.entrypoints.http_app import Lifespan, build_app
+from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.lifecycle import await_dependency, running
 from pydist.entrypoints.schemas import BuyOrderPage, PageQuery, problem_responses
-
-
-def _lifespan(graph: bootstrap.FetchGraph, port: int) -> Lifespan:
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # The port opens at once; /readyz answers 503 until the read model answers.
-        waiting = partial(await_dependency, "read_database", graph.pages.ping)
-        async with running("service", [waiting], graph.aclose, stop_s=1, port=port):
-            yield
-
-    return lifespan
 
 
 def create_app(settings: Settings | None = None, *, graph: bootstrap.FetchGraph | None = None) -> FastAPI:
@@ -33,13 +20,16 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.FetchGraph 
     settings = settings or get_settings()
     graph = graph or bootstrap.fetch(settings)
     store = graph.pages
+    # The port opens at once; /readyz answers 503 until the read model answers.
+    waiting = partial(await_dependency, "read_database", store.ping)
+    port = settings.fetch_buy_orders_port
     app = build_app(
         service="fetch_buy_orders",
         title="pydist: fetch buy orders",
         description="Buy orders, newest first, keyset-paged: every page costs the same.",
         settings=settings,
         ready=store.ping,
-        lifespan=_lifespan(graph, settings.fetch_buy_orders_port),
+        lifespan=lambda _: running("service", [waiting], graph.aclose, stop_s=1, port=port),
     )
 
     @app.get(

@@ -90,11 +90,9 @@ class EdgeMiddleware:
         if scheme.lower() != b"bearer" or not token:
             return False
         presented = _digest(token.strip())
-        # Compare against every key, always, so timing says nothing about which matched.
-        matched = False
-        for key in self.api_keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched
+        # Compare against every key, always (a list, not any()'s short cut), so timing says
+        # nothing about which matched.
+        return any([hmac.compare_digest(presented, key) for key in self.api_keys])
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> Response | None:
         """The answer to give without running the app, if any. Past `max_in_flight` requests in
@@ -159,8 +157,7 @@ class EdgeMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -285,9 +282,7 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     plain_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = plain_openapi()
+        schema = plain_openapi()  # FastAPI's, made once and kept: what is set below is kept too
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
             "type": "http",
             "scheme": "bearer",
@@ -298,7 +293,6 @@ def _declare_bearer_auth(app: FastAPI) -> None:
             if path in OPEN_PATHS:
                 for operation in operations.values():
                     operation["security"] = []
-        app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

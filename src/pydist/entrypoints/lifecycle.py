@@ -97,7 +97,12 @@ async def running(
     log.info(f"{event}_started", **fields)
     yield
     stop.set()
-    await cancel_tasks(tasks, timeout=stop_s)
+    if tasks:  # given `stop_s` to finish on their own, then what is left is cancelled
+        _, pending = await asyncio.wait(tasks, timeout=stop_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1)
     await close()
     log.info(f"{event}_stopped")
 
@@ -117,14 +122,3 @@ async def every(stop: asyncio.Event, seconds: float, job: Callable[[], Awaitable
         except Exception as exc:
             log.debug("job_failed", job=getattr(job, "__name__", "?"), error=type(exc).__name__)
         await sleep_unless_stopped(stop, seconds)
-
-
-async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], timeout: float) -> None:
-    """Give `tasks` `timeout` seconds to finish on their own, then cancel what is left."""
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 
 import orjson
@@ -16,7 +14,7 @@ from pydist import bootstrap
 from pydist.config import Settings, get_settings
 from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
-from pydist.entrypoints.http_app import Lifespan, build_app
+from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.lifecycle import every, running
 from pydist.entrypoints.schemas import problem_responses
 from pydist.metrics import PRICE_AGE, PRICE_METRICS, expose
@@ -35,13 +33,23 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph 
         if not any(cache.fresh(c) for c in Currency):
             raise PriceUnavailableError("no fresh price yet")
 
+    async def refresh() -> None:
+        for currency in Currency:
+            with contextlib.suppress(PriceUnavailableError):
+                await cache.refresh(currency)
+
+    # Each currency refreshed at half its allowed age, so orders rarely wait for Coinbase.
+    period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
+    keep_warm = partial(every, seconds=period, job=refresh)
+    fields = {"port": settings.btc_price_port, "upstream": settings.coinbase_api_url}
+
     app = build_app(
         service="btc_price",
         title="pydist: btc_price",
         description="Cached BTC spot prices; the only client of the upstream price API.",
         settings=settings,
         ready=ready,
-        lifespan=_lifespan(graph, settings),
+        lifespan=lambda _: running("service", [keep_warm], graph.aclose, stop_s=0, **fields),
     )
 
     @app.get(
@@ -62,22 +70,3 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph 
         return Response(orjson.dumps(body), media_type="application/json")
 
     return app
-
-
-def _lifespan(graph: bootstrap.PriceGraph, settings: Settings) -> Lifespan:
-    async def refresh() -> None:
-        for currency in Currency:
-            with contextlib.suppress(PriceUnavailableError):
-                await graph.cache.refresh(currency)
-
-    # Each currency refreshed at half its allowed age, so orders rarely wait for Coinbase.
-    period = max(settings.price_max_age_s / 2, settings.price_min_interval_s, 0.05)
-    keep_warm = partial(every, seconds=period, job=refresh)
-    fields = {"port": settings.btc_price_port, "upstream": settings.coinbase_api_url}
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with running("service", [keep_warm], graph.aclose, stop_s=0, **fields):
-            yield
-
-    return lifespan

@@ -129,6 +129,11 @@ def field_error(field: str, message: str) -> dict[str, Any]:
     return {"errors": [{"field": field, "message": message}]}
 
 
+def invalid(field: str, message: str, detail: str, slug: str = "validation-error") -> ProblemError:
+    """A 422 problem about one field: raise it."""
+    return ProblemError(422, slug, detail, **field_error(field, message))
+
+
 PROBLEM_TYPES: dict[type[Exception], ProblemType] = {
     CapExceededError: ProblemType(
         409,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from starlette.requests import Request
 
 from pydist.domain.money import BTC_CAP, Currency, parse_fiat_amount
-from pydist.entrypoints.problems import ProblemError, field_error
+from pydist.entrypoints.problems import ProblemError, invalid
 
 # Exactly what parse_fiat_amount accepts, so a schema-driven client (or fuzzer) and the server agree:
 # a decimal string of at most 10 integer digits and 2 decimals, not zero, below 1,000,000,000; or a
@@ -160,9 +160,6 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": descriptions[s], "content": PROBLEM_SCHEMA} for s in statuses}
 
 
-_JSON_TYPES = ("application/json",)
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -178,7 +175,7 @@ def _no_constants(name: str) -> Any:
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+    if content_type != "application/json" and not content_type.endswith("+json"):
         raise ProblemError(415, "unsupported-media-type", "send the body as application/json")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
@@ -200,12 +197,7 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         reason = "body is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "body is not valid JSON"
         if isinstance(exc, ValueError) and "duplicate key" in str(exc):
             reason = str(exc)
-        raise ProblemError(422, "invalid-json", reason, **field_error("body", reason)) from None
+        raise invalid("body", reason, reason, slug="invalid-json") from None
     if not isinstance(parsed, dict):
-        raise ProblemError(
-            422,
-            "validation-error",
-            "body must be a JSON object",
-            **field_error("body", "must be a JSON object"),
-        )
+        raise invalid("body", "must be a JSON object", "body must be a JSON object")
     return parsed

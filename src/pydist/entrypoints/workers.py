@@ -7,9 +7,7 @@ soon as the databases (and the broker) answer, and /readyz says 503 until then."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -44,50 +42,46 @@ class _NotStarted(Exception):
     pass
 
 
-@dataclass
-class _Worker:
-    """What tells the two workers apart; `_worker_app` runs either the same way."""
+def _worker_app(
+    settings: Settings,
+    *,
+    service: str,
+    event: str,
+    description: str,
+    databases: dict[str, Check],
+    broker: Check | None,
+    work: Callable[[asyncio.Event], Awaitable[Any]],
+    is_running: Callable[[], bool],
+    close: Check,
+    **fields: str,
+) -> FastAPI:
+    """Either worker's app. `event` prefixes its log events (`relay_started`, `sync_stopped`, …).
+    Before the work starts the `databases` and then the `broker` are awaited in turn; once
+    `is_running`, /readyz pings the databases."""
+    dependencies = [(name, check, DATABASE_ATTEMPT_S) for name, check in databases.items()]
+    if broker is not None:
+        dependencies.append(("broker", broker, BROKER_ATTEMPT_S))
 
-    service: str
-    event: str
-    """The prefix of its log events (`relay_started`, `sync_stopped`, …)."""
-    description: str
-    dependencies: Sequence[tuple[str, Check, float]]
-    """Awaited in turn before the work starts: name, check, the bound of one attempt."""
-    work: Callable[[asyncio.Event], Awaitable[Any]]
-    running: Callable[[], bool]
-    databases: Sequence[Check]
-    """Pinged by /readyz once running."""
-    close: Check
-    fields: dict[str, str] = field(default_factory=dict)
-
-
-def _worker_app(settings: Settings, worker: _Worker) -> FastAPI:
     async def run(stop: asyncio.Event) -> None:
-        for name, check, attempt_s in worker.dependencies:
+        for name, check, attempt_s in dependencies:
             if not await await_dependency(name, check, stop, attempt_timeout_s=attempt_s):
                 return
-        await worker.work(stop)
+        await work(stop)
 
     async def ready() -> None:
-        if not worker.running():
-            raise _NotStarted(f"{worker.service} not running yet")
-        for check in worker.databases:
+        if not is_running():
+            raise _NotStarted(f"{service} not running yet")
+        for check in databases.values():
             await check()
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # At the stop the work ends: the consumer settles what it already holds.
-        async with running(worker.event, [run], worker.close, stop_s=SHUTDOWN_S, **worker.fields):
-            yield
-
     return build_app(
-        service=worker.service,
-        title=f"pydist: {worker.service}",
-        description=worker.description,
+        service=service,
+        title=f"pydist: {service}",
+        description=description,
         settings=settings,
         ready=ready,
-        lifespan=lifespan,
+        # At the stop the work ends: the consumer settles what it already holds.
+        lifespan=lambda _: running(event, [run], close, stop_s=SHUTDOWN_S, **fields),
     )
 
 
@@ -99,24 +93,28 @@ def create_relay_app(
     g = graph or bootstrap.relay(settings)
     expose(*RELAY_METRICS, *(BROKER_RELAY_METRICS if g.publisher else PROJECTION_METRICS))
     mode = "broker" if g.publisher else "direct"
-    pings: dict[str, Check] = {"write_database": g.db.ping}
+    databases: dict[str, Check] = {"write_database": g.db.ping}
     if g.read_db is not None:
-        pings["read_database"] = g.read_db.ping
-    dependencies = [(name, check, DATABASE_ATTEMPT_S) for name, check in pings.items()]
-    if g.publisher is not None:
-        dependencies.append(("broker", g.publisher.start, BROKER_ATTEMPT_S))
-    running = asyncio.Event()
+        databases["read_database"] = g.read_db.ping
+    relaying = asyncio.Event()
 
     async def work(stop: asyncio.Event) -> None:
-        running.set()
+        relaying.set()
         log.info("relay_running", mode=mode)
         await asyncio.gather(g.outbox.listen(g.relay.wake.set, stop), g.relay.run(stop))
 
-    description = "Publishes committed outbox events."
-    databases = list(pings.values())
-    worker = _Worker("relay", "relay", description, dependencies, work, running.is_set, databases, g.aclose)
-    worker.fields["mode"] = mode
-    return _worker_app(settings, worker)
+    return _worker_app(
+        settings,
+        service="relay",
+        event="relay",
+        description="Publishes committed outbox events.",
+        databases=databases,
+        broker=g.publisher.start if g.publisher else None,
+        work=work,
+        is_running=relaying.is_set,
+        close=g.aclose,
+        mode=mode,
+    )
 
 
 def create_sync_app(settings: Settings | None = None, *, graph: bootstrap.SyncGraph | None = None) -> FastAPI:
@@ -136,22 +134,14 @@ def create_sync_app(settings: Settings | None = None, *, graph: bootstrap.SyncGr
         log.info("sync_consuming")
         await asyncio.gather(g.consumer.run(stop), every(stop, WATCH_S, measure_dlq))
 
-    database = (g.db.ping,)
-    dependencies = [
-        ("read_database", database[0], DATABASE_ATTEMPT_S),
-        ("broker", g.consumer.start, BROKER_ATTEMPT_S),
-    ]
-    description = "Projects events into the read model."
     return _worker_app(
         settings,
-        _Worker(
-            "read_model_sync",
-            "sync",
-            description,
-            dependencies,
-            work,
-            g.consumer.consuming.is_set,
-            database,
-            g.aclose,
-        ),
+        service="read_model_sync",
+        event="sync",
+        description="Projects events into the read model.",
+        databases={"read_database": g.db.ping},
+        broker=g.consumer.start,
+        work=work,
+        is_running=g.consumer.consuming.is_set,
+        close=g.aclose,
     )
