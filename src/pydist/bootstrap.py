@@ -15,7 +15,6 @@ released with `aclose()`.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 from pydist.config import Settings
 from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand, Outcome
 from pydist.service.price_cache import PriceCache
-from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 
 if TYPE_CHECKING:
@@ -50,13 +48,6 @@ class Pages(Protocol):
     async def page(self, page_size: int, last_reference: uuid.UUID | None) -> Page: ...
 
     async def ping(self) -> None: ...
-
-
-def projector(read_db: Database) -> Projector:
-    """The projector on the read model: read_model_sync's, the direct-mode relay's, `dlq replay`'s."""
-    from pydist.adapters.projection import ProjectionStore
-
-    return Projector(ProjectionStore(read_db))
 
 
 @dataclass
@@ -157,8 +148,7 @@ class RelayGraph:
 
     async def aclose(self) -> None:
         if self.publisher is not None:
-            with contextlib.suppress(Exception):
-                await self.publisher.close()
+            await self.publisher.close()
         await self.db.close()
         if self.read_db is not None:
             await self.read_db.close()
@@ -168,6 +158,7 @@ def relay(settings: Settings) -> RelayGraph:
     """The relay: outbox → broker, or with no BROKER_URL outbox → projector → read model."""
     from pydist.adapters.db import Database
     from pydist.adapters.outbox import Outbox
+    from pydist.adapters.projection import ProjectionStore
 
     db = Database(settings.write_database_url.get_secret_value(), 4, "pydist-relay")
     outbox = Outbox(db)
@@ -178,7 +169,7 @@ def relay(settings: Settings) -> RelayGraph:
         publisher = BrokerPublisher(settings.broker_url.get_secret_value())
         return RelayGraph(db, outbox, relay_to(publisher), publisher)
     read_db = Database(settings.read_database_url.get_secret_value(), 4, "pydist-relay-direct")
-    return RelayGraph(db, outbox, relay_to(projector(read_db)), read_db=read_db)
+    return RelayGraph(db, outbox, relay_to(ProjectionStore(read_db)), read_db=read_db)
 
 
 def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[Database, EnvelopeConsumer]:
@@ -186,9 +177,10 @@ def build_sync(read_url: str, broker_url: str, *, prefetch: int) -> tuple[Databa
     tests)."""
     from pydist.adapters.consumer import EnvelopeConsumer
     from pydist.adapters.db import Database
+    from pydist.adapters.projection import ProjectionStore
 
     db = Database(read_url, 4, "pydist-sync")
-    return db, EnvelopeConsumer(broker_url, projector(db).publish, prefetch=prefetch)
+    return db, EnvelopeConsumer(broker_url, ProjectionStore(db).publish, prefetch=prefetch)
 
 
 @dataclass
@@ -199,9 +191,8 @@ class SyncGraph:
     """A link of its own for measuring the DLQ's depth."""
 
     async def aclose(self) -> None:
-        for link in (self.consumer, self.dlq_link):
-            with contextlib.suppress(Exception):
-                await link.close()
+        await self.consumer.close()
+        await self.dlq_link.close()
         await self.db.close()
 
 

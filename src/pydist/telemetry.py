@@ -89,7 +89,9 @@ def without_lone_statements(sampler: Sampler) -> Sampler:
             self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
         ) -> SamplingResult:
             lone = not trace.get_current_span(parent_context).get_span_context().is_valid
-            if lone and kind == trace.SpanKind.CLIENT and _is_statement(attributes):
+            # a statement: the asyncpg instrumentation's attributes (old and stable conventions)
+            statement = any(key in (attributes or {}) for key in ("db.system", "db.system.name"))
+            if lone and kind == trace.SpanKind.CLIENT and statement:
                 return SamplingResult(Decision.DROP)
             return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
@@ -97,11 +99,6 @@ def without_lone_statements(sampler: Sampler) -> Sampler:
             return f"WithoutLoneStatements{{{sampler.get_description()}}}"
 
     return WithoutLoneStatements()
-
-
-def _is_statement(attributes: Mapping[str, Any] | None) -> bool:
-    """The asyncpg instrumentation's attributes (old and stable semantic conventions)."""
-    return attributes is not None and ("db.system" in attributes or "db.system.name" in attributes)
 
 
 def instrument_app(app: FastAPI) -> None:
@@ -168,14 +165,10 @@ def links(traceparents: Sequence[str | None]) -> list[Link]:
     """One Link per distinct valid traceparent: a batch span's ties to its orders' traces."""
     from opentelemetry.trace import Link
 
-    seen: set[tuple[int, int]] = set()
-    out = []
-    for tp in traceparents:
-        ctx = span_context(tp)
-        if ctx is not None and (ctx.trace_id, ctx.span_id) not in seen:
-            seen.add((ctx.trace_id, ctx.span_id))
-            out.append(Link(ctx))
-    return out
+    first: dict[tuple[int, int], SpanContext] = {}
+    for ctx in filter(None, map(span_context, traceparents)):
+        first.setdefault((ctx.trace_id, ctx.span_id), ctx)
+    return [Link(ctx) for ctx in first.values()]
 
 
 def tracer() -> Any:

@@ -456,8 +456,8 @@ async def broker_channel(url: str) -> Any:
 async def publish_poison(broker_url: str) -> None:
     """A message no read model can apply: read_model_sync dead-letters it."""
     async with broker_channel(broker_url) as channel:
-        topology = await declare_topology(channel)
-        await topology.events.publish(
+        events, _ = await declare_topology(channel)
+        await events.publish(
             aio_pika.Message(body=b"not an envelope", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=ROUTING_KEY,
         )

@@ -35,7 +35,6 @@ from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, DELIVERY_LIMIT, QUEUE, ROU
 from pydist.domain.events import BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
-from pydist.service.projector import Projector
 from tests.support import db as testdb
 from tests.support.messages import single_event
 from tests.support.private_services import RabbitCluster, wait_for
@@ -98,7 +97,7 @@ async def test_the_consumer_drains_its_queue_through_a_memory_alarm(
 ) -> None:
     cluster, vhost, url = alarm_vhost
     read_db = Database(clean.read_url, 2, "pydist-test")
-    handler = Projector(ProjectionStore(read_db)).publish
+    handler = ProjectionStore(read_db).publish
     consumer = EnvelopeConsumer(url, handler, prefetch=10, dead_letter_timeout_s=DEAD_LETTER_TIMEOUT_S)
     async with broker_probe(url) as probe:
         await probe.exchange.publish(single_event(_event(1)), ROUTING_KEY)

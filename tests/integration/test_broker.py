@@ -33,7 +33,6 @@ from pydist.adapters.rabbit import (
 from pydist.bootstrap import build_sync
 from pydist.domain.events import BuyOrderCreated
 from pydist.metrics import EVENTS_DEAD_LETTERED
-from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
@@ -72,7 +71,7 @@ async def test_broker_link_cut_mid_stream_loses_and_duplicates_nothing(
     assert url != amqp_url
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(url)
-        handler = CountingHandler(Projector(stores.read).publish)
+        handler = CountingHandler(stores.read.publish)
         consumer = EnvelopeConsumer(url, handler, prefetch=100)
         relay = Relay(
             Outbox(stores.write.db),
@@ -144,7 +143,7 @@ async def test_consumer_reconnects_after_its_connection_is_reset(
     events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        handler = CountingHandler(Projector(stores.read).publish)
+        handler = CountingHandler(stores.read.publish)
         consumer = EnvelopeConsumer(rabbit_proxy.url_for(amqp_url), handler, prefetch=10)
         await consumer.start()
         try:
@@ -233,7 +232,7 @@ async def test_poison_messages_go_to_the_dlq_whole_and_consumption_continues(
     events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        handler = CountingHandler(Projector(stores.read).publish)
+        handler = CountingHandler(stores.read.publish)
         consumer = EnvelopeConsumer(amqp_url, handler, prefetch=50)
         try:
             with structlog.testing.capture_logs() as logs:
@@ -323,7 +322,7 @@ async def test_a_dead_letter_refused_part_way_requeues_the_envelope_and_loses_no
     items: list[object] = [e.to_message() for e in await outbox_events(clean.write_url)]
     bad = [{**_good_message(), "event_version": 7}, orjson.loads(POISON["unknown currency"])]
     items[1:1], items[3:3] = [bad[0]], [bad[1]]
-    projector, gate, calls = Projector(stores.read).publish, asyncio.Event(), []
+    projector, gate, calls = stores.read.publish, asyncio.Event(), []
 
     async def held_on_redelivery(events: Sequence[BuyOrderCreated]) -> None:
         calls.append(len(events))
@@ -480,7 +479,7 @@ async def test_v1_messages_and_envelopes_mixed_project_each_order_once(
     events = await outbox_events(clean.write_url)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url, max_events=7)
-        handler = CountingHandler(Projector(stores.read).publish)
+        handler = CountingHandler(stores.read.publish)
         consumer = EnvelopeConsumer(amqp_url, handler, prefetch=8)
         try:
             async with background() as bg:
@@ -549,7 +548,7 @@ async def test_dlq_replay_projects_once_the_cause_is_fixed(stores: Stores, clean
             assert len(await dlq.list_dead_letters(amqp_url)) == gbp  # listing removes nothing
 
             await testdb.fetch(clean.read_url, "ALTER TABLE buy_orders DROP CONSTRAINT no_gbp")
-            projector = Projector(stores.read).publish
+            projector = stores.read.publish
             first = await dlq.replay(amqp_url, projector)
             again = await dlq.replay(amqp_url, projector)
         finally:
@@ -599,7 +598,7 @@ async def test_classic_queues_move_to_quorum_with_nothing_lost(
             (EXCHANGE, QUEUE, "buy_order.#"),
         }, bindings
         publisher = BrokerPublisher(vhost_url)
-        consumer = EnvelopeConsumer(vhost_url, Projector(stores.read).publish, prefetch=4)
+        consumer = EnvelopeConsumer(vhost_url, stores.read.publish, prefetch=4)
         try:
             await publisher.publish(events[10:])
             async with background() as bg:

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pydist.adapters.outbox import Outbox
-from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
@@ -28,7 +27,7 @@ from tests.support.services import Databases
 
 
 async def project_all(stores: Stores, clean: Databases) -> None:
-    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=500)
+    relay = Relay(Outbox(stores.write.db), stores.read, batch=500)
     while await relay.relay_once():
         pass
     assert await backlog(clean.write_url) == 0
@@ -118,7 +117,7 @@ async def test_rebuild_while_orders_are_created_and_projected_deletes_nothing_ne
     await create_orders(stores, 300)
     await project_all(stores, clean)
     extra = await insert_extra(clean.read_url, datetime.now(UTC) - timedelta(days=3))
-    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=20, idle_poll_s=0.05)
+    relay = Relay(Outbox(stores.write.db), stores.read, batch=20, idle_poll_s=0.05)
 
     async def creating(stop: asyncio.Event) -> None:
         i = 300

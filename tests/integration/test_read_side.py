@@ -20,7 +20,6 @@ from pydist.adapters.publisher import BrokerPublisher
 from pydist.adapters.rabbit import QUEUE
 from pydist.bootstrap import build_sync
 from pydist.domain.events import BuyOrderCreated
-from pydist.service.projector import Projector
 from pydist.service.relay import Relay
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
@@ -52,7 +51,7 @@ async def test_the_direct_relay_projects_every_order_identically(stores: Stores,
     """No broker: relay → projector → read model. Each read row equals the order the create path
     returned, field for field, and in the wire form the listing serves."""
     orders = await create_orders(stores, 60)
-    relay = Relay(Outbox(stores.write.db), Projector(stores.read), batch=25)
+    relay = Relay(Outbox(stores.write.db), stores.read, batch=25)
     async with background() as bg:
         bg.start(relay.run, "relay")
         await wait_until(lambda: _has(clean.read_url, 60), timeout=30, what="60 read rows", bg=bg)
@@ -69,7 +68,7 @@ async def test_broker_mode_500_orders_all_arrive(stores: Stores, clean: Database
     """relay → RabbitMQ → EnvelopeConsumer → projector → read model, orders created meanwhile."""
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        consumer = EnvelopeConsumer(amqp_url, Projector(stores.read).publish, prefetch=200)
+        consumer = EnvelopeConsumer(amqp_url, stores.read.publish, prefetch=200)
         relay = Relay(Outbox(stores.write.db), publisher, batch=100, idle_poll_s=0.2)
         await consumer.start()
         try:
@@ -130,7 +129,7 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
     await create_orders(stores, 30)
     async with broker_probe(amqp_url) as probe:
         publisher = BrokerPublisher(amqp_url)
-        handler = CountingHandler(Projector(stores.read).publish)
+        handler = CountingHandler(stores.read.publish)
         consumer = EnvelopeConsumer(amqp_url, handler, prefetch=50)
         relay = Relay(Outbox(stores.write.db), publisher, batch=10, idle_poll_s=0.1)
         await consumer.start()
@@ -163,7 +162,7 @@ async def test_duplicate_deliveries_change_nothing(stores: Stores, clean: Databa
         assert await probe.depth(QUEUE) == 0
 
     # 3. direct mode, the projector applying a batch that repeats itself and what is stored
-    projector = Projector(stores.read)
+    projector = stores.read
     await projector.publish([*events[:5], *events[:5]])
     await projector.publish(events)
     assert await read_snapshot(clean.read_url) == first
@@ -177,7 +176,7 @@ async def test_two_relays_share_the_outbox_without_double_publishing(stores: Sto
     await create_orders(stores, 150)
     dbs = [Database(clean.write_url, 4, f"relay-{i}") for i in range(2)]
     read_dbs = [Database(clean.read_url, 4, f"projector-{i}") for i in range(2)]
-    sinks = [RecordingSink(Projector(ProjectionStore(d))) for d in read_dbs]
+    sinks = [RecordingSink(ProjectionStore(d)) for d in read_dbs]
     outboxes = [Outbox(d) for d in dbs]
     relays = [Relay(o, s, batch=7, idle_poll_s=0.2) for o, s in zip(outboxes, sinks, strict=True)]
     try:
@@ -208,7 +207,7 @@ async def test_notify_wakes_an_idle_relay(stores: Stores, clean: Databases):
     place_orders() wakes the relay (< 5 s is a correctness bound, not a timing target)."""
     wakes = 0
     passes = CountingClaims(Outbox(stores.write.db))
-    relay = Relay(passes, Projector(stores.read), batch=10, idle_poll_s=30)
+    relay = Relay(passes, stores.read, batch=10, idle_poll_s=30)
 
     def on_notify() -> None:
         nonlocal wakes
@@ -293,7 +292,7 @@ class FlakySink:
     """A real projector behind a fault: the first `fail_before` calls raise before projecting,
     the next `fail_after` raise after projecting (a publish whose confirm was lost)."""
 
-    def __init__(self, inner: Projector, fail_before: int, fail_after: int) -> None:
+    def __init__(self, inner: ProjectionStore, fail_before: int, fail_after: int) -> None:
         self.inner = inner
         self.fail_before = fail_before
         self.fail_after = fail_after
@@ -314,7 +313,7 @@ async def test_relay_marks_nothing_it_could_not_confirm(stores: Stores, clean: D
     """Sink failures before and after the events got through: rows stay unpublished until a
     publish is confirmed, then each order is in the read model exactly once."""
     await create_orders(stores, 40)
-    sink = FlakySink(Projector(stores.read), fail_before=2, fail_after=2)
+    sink = FlakySink(stores.read, fail_before=2, fail_after=2)
     relay = Relay(Outbox(stores.write.db), sink, batch=40, max_backoff_s=0.2)
     for _ in range(4):
         with pytest.raises((ConnectionError, TimeoutError)):
@@ -336,7 +335,7 @@ async def test_relay_survives_losing_its_database_connection_after_publishing(
 
     class KillAfterPublish:
         def __init__(self) -> None:
-            self.inner = Projector(stores.read)
+            self.inner = stores.read
             self.kills = 0
             self.published = 0
 
@@ -420,7 +419,7 @@ async def test_relay_replaces_a_pooled_connection_killed_while_idle(stores: Stor
     await create_orders(stores, 20)
     db = Database(clean.write_url, 4, "relay-idle-victim")
     outbox = Outbox(db)
-    relay = Relay(outbox, Projector(stores.read), batch=50, idle_poll_s=0.05, max_backoff_s=0.2)
+    relay = Relay(outbox, stores.read, batch=50, idle_poll_s=0.05, max_backoff_s=0.2)
     try:
         async with background() as bg:
             bg.start(relay.run, "relay")

@@ -26,7 +26,6 @@ from pydist.domain.errors import CapExceededError
 from pydist.domain.money import Currency
 from pydist.migrations.roles import ensure_roles
 from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
-from pydist.service.projector import Projector
 from tests.support import db as testdb
 from tests.support.read_side import page_ids
 from tests.support.services import PG_ADMIN_URL, Databases
@@ -94,7 +93,7 @@ async def test_each_role_does_its_job_through_the_real_adapters(
     # relay (direct mode) claims and marks the outbox; sync projects (twice: idempotent).
     outbox = Outbox(dbs["relay"])
     assert (await store.status()).outbox_backlog == 2
-    projector = Projector(ProjectionStore(dbs["sync"]))
+    projector = ProjectionStore(dbs["sync"])
     async with outbox.claim(100) as events:
         assert len(events) == 2
         await projector.publish(events)

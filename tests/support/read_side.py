@@ -217,11 +217,11 @@ async def broker_probe(amqp_url: str) -> AsyncIterator[BrokerProbe]:
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel()
-        topology = await declare_topology(channel)
-        await topology.queue.purge()
+        events, queue = await declare_topology(channel)
+        await queue.purge()
         dlq = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
         await dlq.purge()
-        yield BrokerProbe(channel, topology.events, topology.queue)
+        yield BrokerProbe(channel, events, queue)
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

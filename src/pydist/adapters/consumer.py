@@ -97,9 +97,9 @@ class EnvelopeConsumer:
     async def _consume(self, stop: asyncio.Event) -> None:
         channel = await self._link.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
-        topology = await declare_topology(channel)
+        _, queue = await declare_topology(channel)
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        tag = await topology.queue.consume(inbox.put)
+        tag = await queue.consume(inbox.put)
         self.consuming.set()
         try:
             while not stop.is_set():
@@ -111,7 +111,7 @@ class EnvelopeConsumer:
                     continue
                 await self.handle(message, stop)  # its own TimeoutError is a failure
             with contextlib.suppress(*TRANSIENT):
-                await topology.queue.cancel(tag)
+                await queue.cancel(tag)
             while not inbox.empty():  # what was already delivered; the broker redelivers the rest
                 await self.handle(inbox.get_nowait(), stop)
         finally:

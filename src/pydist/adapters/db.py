@@ -136,11 +136,11 @@ def unavailable(exc: BaseException) -> StoreUnavailableError:
     return StoreUnavailableError(f"database unavailable: {type(exc).__name__}")
 
 
-def order_from_row(row: Any, id_column: str = "id", key_column: str = "idempotence_key") -> BuyOrder:
-    """A BuyOrder from a row with ORDER_COLUMNS (place_orders() names two of them differently)."""
+def order_from_row(row: Any) -> BuyOrder:
+    """A BuyOrder from a row with ORDER_COLUMNS."""
     return BuyOrder(
-        id=row[id_column],
-        idempotence_key=row[key_column],
+        id=row["id"],
+        idempotence_key=row["idempotence_key"],
         created_at=row["created_at"],
         currency=Currency(row["currency"]),
         currency_amount=row["currency_amount"],

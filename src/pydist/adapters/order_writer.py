@@ -89,10 +89,21 @@ class BatchingOrderWriter:
         self._busy = len(batch) > 1
 
     async def _commit(self, batch: list[_Item]) -> None:
-        """Store one batch and settle every one of its futures (a failure fails them all)."""
+        """Store one batch with place_orders() and settle every one of its futures (a failure fails
+        them all). With tracing on, inside the write-transaction span (in the first order's trace,
+        linked to every order's), which names the orders it created."""
         WRITE_BATCH_SIZE.observe(len(batch))
+        orders = [(o, rid, tp) for o, rid, tp, _ in batch]
+        attrs = {"db.system.name": "postgresql", "db.operation.name": "place_orders"}
+        traceparents = [tp for *_, tp in orders]
         try:
-            results = await self._traced_place(batch)
+            with telemetry.batch_span(
+                "write_transaction place_orders", "INTERNAL", traceparents, attrs, first_order_parent=True
+            ) as span:
+                results = await self._store.place_batch(orders)
+                if span is not None:
+                    created = [r.order.id for r in results if isinstance(r, Placed)]
+                    span.set_attributes(telemetry.order_attributes(created))
         except StoreUnavailableError as exc:
             self._fail(batch, exc)
             return
@@ -104,23 +115,6 @@ class BatchingOrderWriter:
             if not future.done():
                 future.set_result(result)
         self._done(len(batch))
-
-    async def _traced_place(self, batch: list[_Item]) -> list[PlaceResult]:
-        """place_orders() for the batch; with tracing on, inside the write-transaction span (in
-        the first order's trace, linked to every order's), which names the orders it created."""
-        orders = [(o, rid, tp) for o, rid, tp, _ in batch]
-        if not telemetry.ENABLED:
-            return await self._store.place_batch(orders)
-        attrs = {"db.system.name": "postgresql", "db.operation.name": "place_orders"}
-        traceparents = [tp for *_, tp in orders]
-        with telemetry.batch_span(
-            "write_transaction place_orders", "INTERNAL", traceparents, attrs, first_order_parent=True
-        ) as span:
-            results = await self._store.place_batch(orders)
-            if span is not None:
-                created = [r.order.id for r in results if isinstance(r, Placed)]
-                span.set_attributes(telemetry.order_attributes(created))
-            return results
 
     def _fail(self, batch: list[_Item], exc: Exception) -> None:
         for *_, future in batch:

@@ -25,9 +25,7 @@ CHANNEL = "pydist_outbox"
 
 # SKIP LOCKED: several relays share the backlog and never claim the same row at once.
 _CLAIM = """
-    SELECT o.id AS outbox_id, o.event_id, o.request_id, o.traceparent,
-           b.id, b.idempotence_key, b.created_at, b.currency, b.currency_amount, b.btc_rate,
-           b.btc_amount
+    SELECT o.id AS outbox_id, o.event_id, o.request_id, o.traceparent, b.*
     FROM outbox o JOIN buy_orders b ON b.id = o.order_id
     WHERE o.published_at IS NULL
     ORDER BY o.id

@@ -67,9 +67,9 @@ def _rate_and_age(body: Any) -> tuple[Decimal, float]:
 class CoinbaseSpot:
     """Each call is counted in pydist_price_upstream_calls_total (ok/error)."""
 
-    def __init__(self, base_url: str, timeout_s: float, client: httpx.AsyncClient | None = None):
+    def __init__(self, base_url: str, timeout_s: float):
         self._timeout_s = timeout_s
-        self._client = client or httpx.AsyncClient(
+        self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s),
             headers={"Accept": "application/json", "User-Agent": "pydist-btc-price"},
@@ -122,16 +122,10 @@ class PriceServiceClient:
         self._failed: dict[Currency, tuple[PriceUnavailableError, float]] = {}
         self._inflight: dict[Currency, asyncio.Future[Decimal]] = {}
 
-    def _cached(self, currency: Currency) -> Decimal | None:
-        hit = self._cache.get(currency)
-        if hit is not None and time.monotonic() < hit[1]:
-            return hit[0]
-        return None
-
     async def price(self, currency: Currency) -> Decimal:
-        cached = self._cached(currency)
-        if cached is not None:
-            return cached
+        cached = self._cache.get(currency)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
         failed = self._failed.get(currency)
         if failed is not None and time.monotonic() < failed[1]:
             raise PriceUnavailableError(str(failed[0]))

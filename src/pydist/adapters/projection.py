@@ -1,4 +1,5 @@
-"""The read model as the projector writes it (read_model_sync, the relay in direct mode, `dlq replay`)."""
+"""The projector: applies events to the read model. read_model_sync, the relay in direct mode and
+`dlq replay` share it."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from collections.abc import Sequence
 
 import asyncpg
 import orjson
+import structlog
 
 from pydist.adapters.db import ORDER_COLUMNS, ORDER_RECORD, Database
 from pydist.domain.events import BuyOrderCreated
+from pydist.metrics import EVENTS_PROJECTED, READ_MODEL_LAG
 from pydist.service.ports import EventRejectedError, Projected
+
+log = structlog.get_logger()
 
 # One statement, its own transaction: no BEGIN/COMMIT round trips.
 _INSERT = f"""
@@ -25,6 +30,21 @@ _INSERT = f"""
 class ProjectionStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
+        """Apply `events`, then record their lag and log each order projected. Same signature as
+        the broker publisher: in direct mode the relay calls this directly."""
+        projected = await self.apply(events)
+        for row in projected:
+            READ_MODEL_LAG.observe(max((row.projected_at - row.created_at).total_seconds(), 0.0))
+        EVENTS_PROJECTED.inc(len(projected))
+        if len(projected) < len(events):
+            log.info("duplicate_events_ignored", count=len(events) - len(projected))
+        new = {row.order_id for row in projected}
+        for event in events:
+            if event.order.id in new:
+                new.discard(event.order.id)  # once, even if the batch repeats the event
+                log.info("order_projected", order_id=str(event.order.id), request_id=event.request_id)
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
         """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and

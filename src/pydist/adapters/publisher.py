@@ -17,6 +17,9 @@ from pydist.domain.events import BuyOrderCreated
 from pydist.metrics import EVENTS_PER_MESSAGE
 
 log = structlog.get_logger()
+TIMEOUT_S = 30.0
+"""One bound for a publish's (re)connect, topology and confirms: a node that accepts the connection
+and then stalls must not hold the claim's locks for ever."""
 
 
 class BrokerPublisher:
@@ -26,33 +29,32 @@ class BrokerPublisher:
     Any failure drops the connection; the next attempt reaches the next node that answers."""
 
     def __init__(
-        self,
-        urls: str | Sequence[str],
-        *,
-        timeout_s: float = 30.0,
-        max_events: int = MAX_EVENTS,
-        max_bytes: int = MAX_BYTES,
+        self, urls: str | Sequence[str], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
     ) -> None:
         self._link = BrokerLink(urls, name="pydist relay")
-        self._timeout_s = timeout_s
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._exchange: AbstractExchange | None = None
 
-    async def start(self) -> None:
+    async def start(self) -> AbstractExchange:
         """Connect and declare the topology (what readiness waits for)."""
-        self._exchange = (await declare_topology(await self._link.channel())).events
+        self._exchange, _ = await declare_topology(await self._link.channel())
+        return self._exchange
 
     async def publish(self, events: Sequence[BuyOrderCreated]) -> None:
         envelopes = batches(events, max_events=self._max_events, max_bytes=self._max_bytes)
         try:
-            # One bound for the (re)connect, the topology and the confirms: a node that accepts
-            # the connection and then stalls must not hold the claim's locks for ever.
-            async with asyncio.timeout(self._timeout_s):
-                if self._exchange is None or not self._link.is_open:
-                    await self.start()
-                assert self._exchange is not None
-                await self._confirmed(self._exchange, envelopes)
+            async with asyncio.timeout(TIMEOUT_S):
+                exchange = self._exchange
+                if exchange is None or not self._link.is_open:
+                    exchange = await self.start()
+                results = await asyncio.gather(
+                    *(_publish(exchange, batch, message) for batch, message in envelopes),
+                    return_exceptions=True,  # every publish settles before this returns or raises
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
         except BaseException as exc:
             self._exchange = None
             await self._link.reset()
@@ -60,18 +62,6 @@ class BrokerPublisher:
             raise
         for batch, _ in envelopes:
             EVENTS_PER_MESSAGE.observe(len(batch))
-
-    @staticmethod
-    async def _confirmed(
-        exchange: AbstractExchange, envelopes: list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]]
-    ) -> None:
-        results = await asyncio.gather(
-            *(_publish(exchange, batch, message) for batch, message in envelopes),
-            return_exceptions=True,  # every publish settles before this returns or raises
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def close(self) -> None:
         await self._link.close()

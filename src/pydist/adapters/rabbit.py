@@ -188,20 +188,14 @@ the queue migration unbinds exactly that binding."""
 SYNC = BoundQueue(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, aio_pika.ExchangeType.TOPIC, "buy_order.#")
 
 
-@dataclass(frozen=True, slots=True)
-class Topology:
-    events: AbstractExchange
-    queue: AbstractQueue
-
-
-async def declare_topology(channel: AbstractChannel) -> Topology:
-    """Both sides declare everything, so no message is unroutable whichever starts first.
+async def declare_topology(channel: AbstractChannel) -> tuple[AbstractExchange, AbstractQueue]:
+    """Both sides declare everything, so no message is unroutable whichever starts first; returns
+    the events exchange and the sync queue.
 
     A sync queue that still exists as a classic queue (from before quorum queues) makes this fail
     with PRECONDITION_FAILED: `pydist broker migrate-queues` moves it first (README, "Operating pydist")."""
     await DEAD_LETTERS.declare(channel)
-    events, queue = await SYNC.declare(channel)
-    return Topology(events, queue)
+    return await SYNC.declare(channel)
 
 
 async def depth(channel: AbstractChannel, name: str) -> int:

@@ -19,7 +19,8 @@ from pydist.domain.order import BuyOrder, CapRefused, Placed, PlaceResult, Price
 from pydist.shared_rounds import SharedRounds
 
 _FIND_KEYS = f"SELECT {ORDER_COLUMNS} FROM buy_orders WHERE idempotence_key = ANY($1::uuid[])"
-_PLACE = "SELECT * FROM place_orders($1::jsonb)"
+# place_orders() names two order columns differently: renamed back for order_from_row().
+_PLACE = "SELECT *, order_id AS id, key AS idempotence_key FROM place_orders($1::jsonb) ORDER BY idx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +84,12 @@ class WriteStore:
             for p, request_id, traceparent in orders
         ]
         rows = await self.db.fetch(_PLACE, orjson.dumps(items).decode())
-        results: list[PlaceResult | None] = [None] * len(orders)
-        for row in rows:
-            if row["outcome"] == "cap_exceeded":
-                results[row["idx"]] = CapRefused(row["available_btc"])
-            else:
-                order = order_from_row(row, id_column="order_id", key_column="key")
-                results[row["idx"]] = Placed(order, created=row["outcome"] == "created")
-        assert all(r is not None for r in results), "place_orders answered every order"
-        return [r for r in results if r is not None]
+        return [
+            CapRefused(row["available_btc"])
+            if row["outcome"] == "cap_exceeded"
+            else Placed(order_from_row(row), created=row["outcome"] == "created")
+            for row in rows
+        ]
 
     async def status(self) -> WriteModelStatus:
         row = (await self.db.fetch(_STATUS))[0]

@@ -54,11 +54,8 @@ def order_from_message(message: dict[str, Any]) -> tuple[uuid.UUID, BuyOrder]:
     if not isinstance(message, dict):
         raise TypeError("a message must be a JSON object")
     version = message.get("event_version")
-    if (
-        message.get("event_type") != BUY_ORDER_CREATED
-        or isinstance(version, bool)  # True == 1 in Python, but it is not version 1
-        or version != EVENT_VERSION
-    ):
+    # True == 1 and 1.0 == 1 in Python, but neither is version 1
+    if message.get("event_type") != BUY_ORDER_CREATED or type(version) is not int or version != EVENT_VERSION:
         raise ValueError(f"unknown event {message.get('event_type')!r:.60} v{version!r:.20}")
     data = message["data"]
     created_at = datetime.fromisoformat(str(data["created_at"]).replace("Z", "+00:00"))

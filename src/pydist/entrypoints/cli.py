@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
@@ -182,7 +183,7 @@ def dlq_list(
 
     letters = _run_admin(list_dead_letters(_broker_url(), limit=limit), broker=True)
     if as_json:
-        print(json.dumps([letter.to_json() for letter in letters]))
+        print(json.dumps([asdict(letter) for letter in letters]))
         return
     from rich.table import Table
 
@@ -205,11 +206,12 @@ def dlq_replay(as_json: JsonOpt = False) -> None:
     """Project the DLQ's events into the read model (idempotent); what still fails stays. Exit 1
     if anything stayed."""
     from pydist.adapters.dlq import replay
-    from pydist.bootstrap import projector
+    from pydist.adapters.projection import ProjectionStore
 
     broker_url = _broker_url()
     report = _run_admin(
-        _with_admin(lambda graph: replay(broker_url, projector(graph.read_model.db).publish)), broker=True
+        _with_admin(lambda graph: replay(broker_url, ProjectionStore(graph.read_model.db).publish)),
+        broker=True,
     )
     if as_json:
         print(
@@ -217,7 +219,7 @@ def dlq_replay(as_json: JsonOpt = False) -> None:
                 {
                     "replayed_messages": report.replayed_messages,
                     "replayed_events": report.replayed_events,
-                    "kept": [letter.to_json() for letter in report.kept],
+                    "kept": [asdict(letter) for letter in report.kept],
                 }
             )
         )

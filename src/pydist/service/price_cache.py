@@ -64,11 +64,8 @@ class PriceCache:
         quote = self.fresh(currency)
         if quote is not None:
             return quote
-        async with self._locks[currency]:
-            quote = self.fresh(currency)
-            if quote is not None:
-                return quote
-            return await self._refresh_locked(currency)
+        async with self._locks[currency]:  # another request may have refreshed it meanwhile
+            return self.fresh(currency) or await self._refresh_locked(currency)
 
     async def refresh(self, currency: Currency) -> Quote:
         """Refresh ahead of expiry (background), so requests rarely wait for upstream."""

@@ -37,10 +37,6 @@ class CheckReport:
         return not (self.missing or self.different or self.extra)
 
 
-def _wire(order: BuyOrder) -> tuple[dict[str, str], uuid.UUID]:
-    return order.to_public(), order.idempotence_key
-
-
 async def _chunks(rows: OrderRows, chunk: int) -> AsyncIterator[list[BuyOrder]]:
     orders = await rows.after(None, chunk)
     while orders:
@@ -73,7 +69,7 @@ async def check(
             projected = present.get(order.id)
             if projected is None:
                 report.missing.append(order.id)
-            elif _wire(projected) != _wire(order):
+            elif projected.to_record() != order.to_record():
                 report.different.append(order.id)
         progress(len(orders))
     report.read_count = await read.count()
