@@ -1,7 +1,5 @@
-"""A/B runs: variants loaded in turn (A, B, A, B, …) so that machine noise hits all alike. The loop
-is `ab_rounds`; ./bench/run.sh uses it for the first/deep page runs and for tracing on/off. Run as
-a program, it compares two create (or fetch) processes built from different source trees, on the
-same databases, broker and workers:
+"""A/B of create (or fetch) processes built from different source trees (or run with different
+settings), on the same databases, broker and workers, loaded in turn (harness.ab_rounds):
 
     uv run python -m bench.ab_create --src A=/tmp/old/src --src B=src --rounds 4 --seconds 5
     uv run python -m bench.ab_create --src off=src --src on=src --env-for off:WRITE_WINDOW_S=0
@@ -14,52 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from bench.harness import (
-    NAN,
-    WrkResult,
-    cores_text,
-    env_for,
-    histogram,
-    log,
-    processes,
-    resources,
-    run_wrk,
-    spawn,
-    stat,
-)
+from bench.harness import ab_rounds, env_for, histogram, log, processes, resources, spawn
 from bench.workload import BulkLoader
-
-
-def wrk_json(results: list[WrkResult]) -> dict[str, Any]:
-    """Runs as their medians and spreads (harness.stat), CPU by process included."""
-    out = {k: stat([getattr(x, k) for x in results]) for k in ("rps", "p50_ms", "p99_ms", "wrk_cpu")}
-    out["cpu"] = {k: stat([x.cpu.get(k, NAN) for x in results]) for k in results[0].cpu}
-    return out | {"errors": sum(x.errors for x in results), "requests": sum(x.requests for x in results)}
-
-
-def ab_rounds(
-    urls: dict[str, str],
-    script: str,
-    connections: int,
-    rounds: tuple[int, float],
-    meters: dict[str, dict[str, int]],
-    pg_dbs: Sequence[str] = (),
-) -> dict[str, dict[str, Any]]:
-    """A warm-up run of each variant (url), then `rounds` = (n, seconds): n rounds of one wrk run
-    per variant in turn. `meters` names the processes whose CPU each variant's runs measure."""
-    for url in urls.values():
-        run_wrk(url, script, connections, 1)
-    out: dict[str, list[WrkResult]] = {label: [] for label in urls}
-    for _ in range(rounds[0]):
-        for label, url in urls.items():
-            out[label].append(r := run_wrk(url, script, connections, rounds[1], meters.get(label), pg_dbs))
-            ms = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms"
-            log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cores_text(r.cpu)}")
-    return {label: wrk_json(results) for label, results in out.items()}
 
 
 def main() -> None:
@@ -77,11 +33,10 @@ def main() -> None:
     create = args.service == "create"
     path, script = ("/buy_order", "create.lua") if create else ("/buy_orders?page_size=10", "get.lua")
     srcs = dict(kv.split("=", 1) for kv in args.src)
+    envs = {k: {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""} for k, src in srcs.items()}
+    env_for(args.env_for, envs, new_labels=False)
     with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
-        paths = {k: str(Path(src).resolve()) if src else "" for k, src in srcs.items()}
-        envs = {k: {**extra, "PYTHONPATH": path} for k, path in paths.items()}
-        env_for(args.env_for, envs, new_labels=False)
         procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
         urls = {k: p.url + path for k, p in procs.items()}
         meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}

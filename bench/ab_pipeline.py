@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from statistics import median
 from typing import Any
 
+from tests.support.procs import System
+
 from bench import harness, open_loop
-from bench.harness import log, processes, resources, spawn, stat, stop_procs
+from bench.harness import Resources, log, processes, resources, spawn, stop_procs
 from bench.workload import BulkLoader, drained, lag_between
 
-PIPELINE = ("relay", "sync", "rabbitmq")
 
-
-def load(system: Any, res: Any, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+def load(system: System, res: Resources, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
     """Open loop at `args.rate`, or with `args.connections` wrk's closed loop."""
     if not args.connections:
         return open_loop.measured(system.url("create"), args.rate, args.seconds, pids, res.dbs)
@@ -32,21 +33,20 @@ def load(system: Any, res: Any, args: argparse.Namespace, pids: dict[str, int]) 
     return {k: getattr(run, k) for k in ("rps", "p50_ms", "p99_ms", "cpu", "t0", "t1")}
 
 
-def one_turn(system: Any, res: Any, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def one_turn(system: System, res: Resources, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     """Start a relay with `env`, load create, wait until everything is projected, stop the relay:
     the latencies, the CPU reading and the lag of that turn."""
     relay = spawn(system, {"relay": ("relay", env)})["relay"]
-    pids = {n: p.popen.pid for n, p in system.procs.items() if n != "price"}
-    pids |= dict(("rabbitmq", pid) for pid in harness.named("beam.smp")[-1:])
-    with drained(res.write_url, res.read_url):
+    pids = {n: p.popen.pid for n, p in system.procs.items() if n != "price"} | harness.rabbitmq()
+    with drained(res):
         r = load(system, res, args, pids)
-    r |= asyncio.run(lag_between(res.write_url, res.read_url, r["t0"], r["t1"]))
+    r |= asyncio.run(lag_between(res, r["t0"], r["t1"]))
     per_message = harness.histogram(relay.url, "pydist_events_per_message")
     r["events_per_message"] = per_message["sum"] / max(per_message["count"], 1.0)
     stop_procs(system, "relay")
     assert not relay.alive()
-    orders = max(r["written"], 1.0)
-    r["pipeline_us"] = sum(r["cpu"].get(f"{n}_cpu", 0.0) for n in PIPELINE) * args.seconds / orders * 1e6
+    cores = sum(r["cpu"].get(f"{n}_cpu", 0.0) for n in ("relay", "sync", "rabbitmq"))
+    r["pipeline_us"] = cores * args.seconds / max(r["written"], 1.0) * 1e6
     return r
 
 
@@ -70,8 +70,8 @@ def main() -> None:
                 if "pg_waits" in r:
                     log(f"  {open_loop.stalls(r)}")
     for label, rs in turns.items():
-        medians = {k: stat([r[k] for r in rs])["median"] for k in rs[0] if isinstance(rs[0][k], float)}
-        medians["cpu"] = {k: stat([r["cpu"][k] for r in rs])["median"] for k in rs[0]["cpu"]}
+        medians = {k: median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+        medians["cpu"] = {k: median(r["cpu"][k] for r in rs) for k in rs[0]["cpu"]}
         log(f"{label} (medians of {len(rs)}): {summary(medians)}")
 
 

@@ -1,5 +1,6 @@
-"""The benchmark's plumbing: its own databases, vhost and processes, wrk and pgbench runners,
-process CPU and memory readings, and py-spy. Only 127.0.0.1 is used."""
+"""The benchmark's plumbing: its own databases, vhost and processes, wrk and pgbench runners (and
+`ab_rounds`, variants loaded in turn), process CPU and memory readings, and py-spy. Only 127.0.0.1
+is used."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,20 +86,17 @@ def resources() -> Iterator[Resources]:
                 services.delete_vhost(vhost)
 
 
-def system_env(res: Resources, coinbase_url: str) -> dict[str, str]:
-    """The processes' environment: production price windows (base_env shortens them for tests),
-    one worker, and tracing off unless a stage turns it on."""
-    env = base_env(res.write_url, res.read_url, coinbase_url, res.amqp_url)
-    env.update(PRICE_MAX_AGE_S="10", PRICE_MIN_INTERVAL_S="1", PRICE_TIMEOUT_S="2", WEB_CONCURRENCY="1")
-    return {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-
-
 @contextlib.contextmanager
 def processes(res: Resources, *names: str, keep_logs: bool = False) -> Iterator[System]:
     """The Coinbase stub and the named pydist processes (all at once; price first: create is given
-    its URL), all stopped afterwards; their logs kept on failure or if asked."""
+    its URL), all stopped afterwards; their logs kept on failure or if asked. Their environment:
+    production price windows (base_env shortens them for tests), one worker, and tracing off
+    unless a stage turns it on."""
     stub = CoinbaseStub().start()
-    system = System(system_env(res, stub.url), log_dir=Path(tempfile.mkdtemp(prefix="pydist-bench-")))
+    env = base_env(res.write_url, res.read_url, stub.url, res.amqp_url)
+    env.update(PRICE_MAX_AGE_S="10", PRICE_MIN_INTERVAL_S="1", PRICE_TIMEOUT_S="2", WEB_CONCURRENCY="1")
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+    system = System(env, log_dir=Path(tempfile.mkdtemp(prefix="pydist-bench-")))
     log(f"process logs in {system.log_dir}")
     try:
         spawn(system, {n: (n, {}) for n in names})
@@ -112,26 +110,17 @@ def processes(res: Resources, *names: str, keep_logs: bool = False) -> Iterator[
         log(f"process logs kept in {system.log_dir}") if keep_logs else shutil.rmtree(system.log_dir, True)
 
 
-def start_server(
-    label: str, argv: Callable[[int], list[str]], log_dir: Path, env: dict[str, str] | None = None
-) -> Proc:
-    """`python -m <argv(port)>` (an ASGI server) on a free port, logged to `log_dir`; returned once
-    it answers /healthcheck (bench/hello_app.py) or, given a pydist `env`, /readyz."""
-    port = free_port()
-    with (log_dir / f"{label}-{port}.log").open("wb") as out:
-        cmd = [sys.executable, "-m", *argv(port)]
-        popen = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent)
-    proc = Proc(label, port, popen, Path(out.name))
-    wait_ready(proc, timeout=180, path="/healthcheck" if env is None else "/readyz")
-    return proc
-
-
 def start_hello(log_dir: Path) -> Proc:
-    """bench/hello_app.py under uvicorn, with the settings of pydist's HTTP processes."""
+    """bench/hello_app.py under uvicorn, with the settings of pydist's HTTP processes, on a free
+    port, logged to `log_dir`; returned once it answers GET /hello."""
+    port = free_port()
     opts = "--loop uvloop --http httptools --no-access-log --no-server-header --backlog 4096"
-    return start_server(
-        "hello", lambda port: ["uvicorn", "bench.hello_app:app", "--port", str(port), *opts.split()], log_dir
-    )
+    with (log_dir / f"hello-{port}.log").open("wb") as out:
+        cmd = [sys.executable, "-m", "uvicorn", "bench.hello_app:app", *opts.split(), "--port", str(port)]
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent)
+    proc = Proc("hello", port, popen, Path(out.name))
+    wait_ready(proc, timeout=180, path="/hello")
+    return proc
 
 
 def stop_procs(system: System, *names: str) -> None:
@@ -162,12 +151,18 @@ def wait_workers(proc: Proc, workers: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def _stat_fields(pid: int | str) -> list[str]:
+def _proc(path: str) -> str:
+    """The text of /proc/`path`; "" if the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{path}") as f:
+            return f.read()
     except OSError:
-        return []
+        return ""
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): state, ppid, …"""
+    return _proc(f"{pid}/stat").rpartition(")")[2].split()
 
 
 def tree(pid: int) -> list[int]:
@@ -187,9 +182,8 @@ def tree(pid: int) -> list[int]:
 def runq_seconds(pid: int) -> float:
     """How long the process's main thread (an event loop) has waited on a run queue: runnable,
     but with no core to run on (/proc/PID/schedstat, second field, ns)."""
-    with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[1]) / 1e9
-    return 0.0
+    fields = _proc(f"{pid}/schedstat").split()
+    return int(fields[1]) / 1e9 if len(fields) > 1 else 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -197,23 +191,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
 
 
-def named(comm: str) -> list[int]:
-    """The pids of every process called `comm` (postgres, beam.smp)."""
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
-            if f.read().strip() == comm:
-                out.append(int(entry))
-    return out
+def rabbitmq() -> dict[str, int]:
+    """The broker's VM (the last beam.smp process) as a CpuMeter entry; {} if none runs."""
+    pids = [e for e in filter(str.isdigit, os.listdir("/proc")) if _proc(f"{e}/comm").strip() == "beam.smp"]
+    return {"rabbitmq": int(pids[-1])} if pids else {}
 
 
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set since it started."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    found = re.search(r"^VmHWM:\s+(\d+)", _proc(f"{pid}/status"), re.MULTILINE)
+    return int(found[1]) / 1024 if found else 0.0
 
 
 def machine_jiffies() -> tuple[float, float, float]:
@@ -238,12 +225,12 @@ WHERE (datname = ANY($1::text[]) AND state = 'active' AND pid <> pg_backend_pid(
 
 
 class PgWaits:
-    """What the Postgres backends of `pg_dbs` (and the WAL writer) are doing, sampled every
-    `every_s` from pg_stat_activity in a thread of its own: per wait event (`CPU`: running), the
-    samples of each second of the window. A wait profile: where commits spend their time."""
+    """What the Postgres backends of `pg_dbs` (and the WAL writer) are doing, sampled every 10 ms
+    from pg_stat_activity in a thread of its own: per wait event (`CPU`: running), the samples of
+    each second of the window. A wait profile: where commits spend their time."""
 
-    def __init__(self, pg_dbs: Sequence[str], every_s: float = 0.01) -> None:
-        self.pg_dbs, self.every_s, self.t0 = list(pg_dbs), every_s, time.time()
+    def __init__(self, pg_dbs: Sequence[str]) -> None:
+        self.pg_dbs, self.t0 = list(pg_dbs), time.time()
         self.seconds: list[Counter[str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
@@ -257,7 +244,7 @@ class PgWaits:
                 while len(self.seconds) <= second:
                     self.seconds.append(Counter())
                 self.seconds[second].update(r[0] for r in await conn.fetch(_WAITS, self.pg_dbs))
-                await asyncio.sleep(self.every_s)
+                await asyncio.sleep(0.01)
         finally:
             await conn.close()
 
@@ -359,6 +346,35 @@ def run_wrk(
     )
 
 
+def wrk_json(results: list[WrkResult]) -> dict[str, Any]:
+    """Runs as their medians and spreads (stat), CPU by process included."""
+    out = {k: stat([getattr(x, k) for x in results]) for k in ("rps", "p50_ms", "p99_ms", "wrk_cpu")}
+    out["cpu"] = {k: stat([x.cpu.get(k, NAN) for x in results]) for k in results[0].cpu}
+    return out | {"errors": sum(x.errors for x in results), "requests": sum(x.requests for x in results)}
+
+
+def ab_rounds(
+    urls: dict[str, str],
+    script: str,
+    connections: int,
+    rounds: tuple[int, float],
+    meters: dict[str, dict[str, int]],
+    pg_dbs: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """Variants (urls) loaded in turn (A, B, A, B, …), so that machine noise hits all alike: a
+    warm-up run of each, then `rounds` = (n, seconds): n rounds of one wrk run per variant.
+    `meters` names the processes whose CPU each variant's runs measure."""
+    for url in urls.values():
+        run_wrk(url, script, connections, 1)
+    out: dict[str, list[WrkResult]] = {label: [] for label in urls}
+    for _ in range(rounds[0]):
+        for label, url in urls.items():
+            out[label].append(r := run_wrk(url, script, connections, rounds[1], meters.get(label), pg_dbs))
+            ms = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms"
+            log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cores_text(r.cpu)}")
+    return {label: wrk_json(results) for label, results in out.items()}
+
+
 def run_pgbench(url: str, script: Path, clients: int, seconds: float) -> tuple[float, float, int]:
     """(tps, mean latency ms, failed transactions) of one `pgbench -M prepared` run (2 threads)."""
     cmd = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(2, clients))]
@@ -386,9 +402,8 @@ def py_spy(pid: int, seconds: float, out: Path) -> dict[str, Any] | None:
     leaf: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     for stack, _, count in (line.rpartition(" ") for line in out.read_text().splitlines()):
-        frames = [_frame(f) for f in stack.split(";") if not f.startswith("process ")] or [
-            "(no Python frame)"
-        ]
+        frames = [_frame(f) for f in stack.split(";") if not f.startswith("process ")]
+        frames = frames or ["(no Python frame)"]
         leaf[frames[-1]] += int(count)
         inclusive.update(dict.fromkeys(frames, int(count)))
     n = sum(leaf.values())
@@ -436,11 +451,3 @@ def env_for(
             raise SystemExit(f"--env-for {spec}: no variant {label!r} (one of {', '.join(envs)})")
         envs.setdefault(label, {}).update([kv.split("=", 1)])
     return envs
-
-
-def wait_for_quiet(max_load: float, max_wait_s: float) -> None:
-    """Wait (bounded) for the 1-minute load average to fall below max_load."""
-    deadline = time.monotonic() + max_wait_s
-    while (load := os.getloadavg()[0]) >= max_load and time.monotonic() < deadline:
-        log(f"load average {load:.2f} >= {max_load}: waiting")
-        time.sleep(15)

@@ -24,8 +24,3 @@ async def hello_post(body: HelloIn) -> dict[str, str]:
 @app.get("/hello")
 async def hello_get() -> dict[str, str]:
     return {"hello": "world"}
-
-
-@app.get("/healthcheck")
-async def healthcheck() -> dict[str, str]:
-    return {"status": "ok"}

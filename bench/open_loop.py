@@ -64,7 +64,6 @@ class _Client:
 async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
     parts = urlsplit(url)
     client = _Client(parts.hostname or "127.0.0.1", parts.port or 80)
-    latencies: list[float] = []
     by_second: dict[int, list[float]] = {}  # latencies by the second of the run they were due in
     late: list[float] = []
     errors: Counter[str] = Counter()  # by kind: the status code, or the exception's type
@@ -77,8 +76,7 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
             errors[type(exc).__name__] += 1
             return
         if status == 200:
-            latencies.append(latency := time.perf_counter() - due)
-            by_second.setdefault(int(due - t0), []).append(latency)
+            by_second.setdefault(int(due - t0), []).append(time.perf_counter() - due)
         else:
             errors[str(status)] += 1
 
@@ -100,26 +98,26 @@ async def run(url: str, rate: float, seconds: float) -> dict[str, Any]:
     if late_tasks:
         errors["no answer within 60 s"] += len(late_tasks)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    latencies.sort()
-    late.sort()
-
-    def pct(values: list[float], q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
-
-    figures = {"p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "max_ms": pct(latencies, 1.0)}
-    per_second = [pct(sorted(by_second.get(i, [])), 0.99) for i in range(int(seconds))]
-    mine = {"late_p99_ms": pct(late, 0.99), "client_cpu": cpu / wall}  # the generator's own delay, cores
+    latencies = sorted(ms for second in by_second.values() for ms in second)
     return {
         "rate": rate,
         "seconds": seconds,
         "sent": n,
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
-        **figures,
-        **mine,
-        "per_second_p99_ms": per_second,
+        "p50_ms": _pct(latencies, 0.5),
+        "p99_ms": _pct(latencies, 0.99),
+        "max_ms": _pct(latencies, 1.0),
+        "late_p99_ms": _pct(sorted(late), 0.99),  # the generator's own delay
+        "client_cpu": cpu / wall,  # the generator's own CPU, in cores
+        "per_second_p99_ms": [_pct(sorted(by_second.get(i, [])), 0.99) for i in range(int(seconds))],
         "started_at": started_at,
     }
+
+
+def _pct(values: list[float], q: float) -> float:
+    """The q-quantile of sorted `values` (seconds), in ms."""
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
 def measured(
@@ -131,14 +129,10 @@ def measured(
     over the run, its seconds lined up with the generator's "per_second_p99_ms"."""
     from bench.harness import CpuMeter, PgWaits  # the generator's own process needs none of these
 
-    args = ["--url", url, "--rate", f"{rate:.1f}", "--seconds", str(seconds)]
+    cmd = [sys.executable, "-m", "bench.open_loop", "--url", url, "--rate", f"{rate:.1f}"]
+    cmd += ["--seconds", str(seconds)]
     meter, waits, t0 = CpuMeter(pids, dbs), PgWaits(dbs), time.time()
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.open_loop", *args],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        check=True,
-    )
+    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, check=True)
     usage, pg_waits, t1 = meter.stop(), waits.stop(), time.time()
     r = json.loads(done.stdout)
     skip = max(0, int(r["started_at"] - t0))  # the seconds before the generator's first request
@@ -147,9 +141,7 @@ def measured(
 
 def wait_shares(counts: list[dict[str, int]]) -> str:
     """harness.PgWaits seconds as 'IO:WALSync 58%, CPU 21%' (the four most sampled)."""
-    total: Counter[str] = Counter()
-    for c in counts:
-        total.update(c)
+    total = sum((Counter(c) for c in counts), Counter[str]())
     n = max(sum(total.values()), 1)
     return ", ".join(f"{k} {v / n:.0%}" for k, v in total.most_common(4))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,14 @@ _FRAMES = re.compile(
     r"Exchange.publish|IncomingMessage.ack"
 )
 Row = list[str]
-_GROWTH = (
-    "orders (write / read) | create orders/s | create p99 ms | batch mean | first page p50 ms | deep page "
-)
-_GROWTH += "p50 ms (depth)"
-_SCALING = "service | 1 worker | 2 workers | 2 / 1 | CPU (cores): service, postgres, wrk, machine busy"
-_CPU = "process | create runs: cores | µs / order | sustained, pipeline running: cores | µs / order"
 
 
 def _n(x: float | None, digits: int = 0) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:,.{digits}f}"
+
+
+def _pct(share: float, digits: int = 0) -> str:
+    return f"{_n(100 * share, digits)}%"
 
 
 def _s(stat: dict[str, Any], digits: int = 0) -> str:
@@ -47,6 +46,11 @@ def _per(a: float, b: float) -> float:
     return a / b if b else NAN
 
 
+def _us(cores: float, rate: float) -> str:
+    """CPU microseconds per order (or request) of `cores` used at `rate` per second."""
+    return _n(1e6 * _per(cores, rate))
+
+
 def _verdict(value: float, target: float, higher: bool = False) -> str:
     if math.isnan(value):
         return "n/a"
@@ -59,11 +63,11 @@ def _ratio(
     figure: str, value: str, base: str, a: float, b: float, target: float | None, higher: bool = True
 ) -> Row:
     """A row with the ratio a / b, checked against `target` (None: only reported)."""
-    ratio = _per(a, b)
+    ratio = f"{_per(a, b):.2f}x"
     if target is None:
-        return [figure, value, base, f"{ratio:.2f}x", "(reported)", "-"]
+        return [figure, value, base, ratio, "(reported)", "-"]
     sign = "≥" if higher else "≤"
-    return [figure, value, base, f"{ratio:.2f}x", f"{sign} {target}x", _verdict(ratio, target, higher)]
+    return [figure, value, base, ratio, f"{sign} {target}x", _verdict(_per(a, b), target, higher)]
 
 
 def _plain(figure: str, value: str, target: str = "(reported)", verdict: str = "-") -> Row:
@@ -77,75 +81,69 @@ def _table(head: str, rows: list[Row], title: str = "") -> list[str]:
     return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
-def _cores_us(cores: float, rate: float, unit: str = " µs") -> str:
-    return f"{_n(1e6 * _per(cores, rate))}{unit}"
-
-
 def _create_rows(r: dict[str, Any]) -> list[Row]:
     plan, create, pg, hello = r["plan"], r["stages"][-1]["create"], r["pgbench"], r["hello_post"]
-    c, value, p99 = _m(create, "rps"), _s(create["rps"]), _m(create, "p99_ms")
+    rate, value = _m(create, "rps"), _s(create["rps"])
     figure = f"create orders/s end to end (HTTP → committed order + cap + outbox), c={plan['create_c']}"
     pg_base = f"pgbench naive order tx, c={plan['pgbench_c']}: {_s(pg['tps'])} tps"
     hello_base = f"FastAPI POST + pydantic body: {_s(hello['rps'])} req/s"
     latency = f"{_s(create['p50_ms'], 1)} / {_s(create['p99_ms'], 1)} ms"
+    p99 = _verdict(_m(create, "p99_ms"), 50)
     return [
-        _ratio(figure, value, pg_base, c, _m(pg, "tps"), 2.0),
-        _ratio("create, as a share of hello-world POST", value, hello_base, c, _m(hello, "rps"), 0.5),
-        _plain("create latency p50 / p99 at that load", latency, "p99 < 50 ms", _verdict(p99, 50)),
+        _ratio(figure, value, pg_base, rate, _m(pg, "tps"), 2.0),
+        _ratio("create, as a share of hello-world POST", value, hello_base, rate, _m(hello, "rps"), 0.5),
+        _plain("create latency p50 / p99 at that load", latency, "p99 < 50 ms", p99),
     ]
 
 
 def _tracing_rows(r: dict[str, Any]) -> list[Row]:
     """create with tracing on against off, interleaved (issue 12: state the cost of tracing on)."""
-    tr, plan, rows = r.get("tracing", {}), r["plan"], []
-    for key, how in (("on", "default sampling"), ("sampled", "`parentbased_traceidratio` 0.1")) if tr else ():
-        us = {k: _cores_us(_m(tr[k]["cpu"], "create_cpu"), _m(tr[k], "rps")) for k in ("off", key)}
-        figure = (
-            f"create orders/s, tracing on ({how}; OTLP/HTTP to a local sink) / off, c={plan['create_c']}, "
-        )
-        figure += f"{plan['tracing_rounds']} interleaved rounds of {plan['tracing_s']:.0f} s"
+    tr, plan = r["tracing"], r["plan"]
+    us = {k: f"{_us(_m(tr[k]['cpu'], 'create_cpu'), _m(tr[k], 'rps'))} µs" for k in ("off", "on", "sampled")}
+    runs = f"c={plan['create_c']}, {plan['tracing_rounds']} interleaved rounds of {plan['tracing_s']:.0f} s"
+    base = f"tracing off: {_s(tr['off']['rps'])}; CPU per order {us['off']}"
+    rows = []
+    for key, how in (("on", "default sampling"), ("sampled", "`parentbased_traceidratio` 0.1")):
+        figure = f"create orders/s, tracing on ({how}; OTLP/HTTP to a local sink) / off, {runs}"
         value = f"{_s(tr[key]['rps'])}; CPU per order {us[key]} ({tr['exports']} exports to the sink)"
-        base = f"tracing off: {_s(tr['off']['rps'])}; CPU per order {us['off']}"
         rows.append(_ratio(figure, value, base, _m(tr[key], "rps"), _m(tr["off"], "rps"), None))
     return rows
 
 
 def _pipeline_rows(r: dict[str, Any]) -> list[Row]:
-    """The pipeline's rows (issue "Events in batches"): the create rate it leaves, its CPU per
-    order against create's own, and latency at a constant arrival rate (open loop)."""
-    plan, last, pg = r["plan"], r["stages"][-1], r["pgbench"]
-    sus, c = last["sustained"], _m(last["create"], "rps")
-    s, own = _m(sus, "rps"), _m(sus["cpu"], "create_cpu")
+    """The pipeline's rows (issue "Events in batches"): the create rate it leaves, and its CPU per
+    order against create's own."""
+    sus, alone, pg = r["stages"][-1]["sustained"], _m(r["stages"][-1]["create"], "rps"), r["pgbench"]
+    rate, own = _m(sus, "rps"), _m(sus["cpu"], "create_cpu")
     pipe = sum(_m(sus["cpu"], f"{k}_cpu") for k in ("relay", "sync", "rabbitmq"))
     figure = "create orders/s with the whole pipeline running (relay, RabbitMQ, sync on the same cores), "
-    figure += f"c={plan['create_c']}, {sus['duration_s']:.0f} s"
+    figure += f"c={r['plan']['create_c']}, {sus['duration_s']:.0f} s"
     cpu = "CPU per order of relay + RabbitMQ + sync together (sustained run)"
-    rows = [
-        _ratio(figure, _n(s), f"create alone, pipeline paused: {_n(c)}", s, c, 0.95),
-        _ratio(figure, _n(s), f"pgbench: {_s(pg['tps'])} tps", s, _m(pg, "tps"), 2.0),
-        _ratio(cpu, _cores_us(pipe, s), f"create's own: {_cores_us(own, s)}", pipe, own, 0.5, False),
+    cpu_base = f"create's own: {_us(own, rate)} µs"
+    return [
+        _ratio(figure, _n(rate), f"create alone, pipeline paused: {_n(alone)}", rate, alone, 0.95),
+        _ratio(figure, _n(rate), f"pgbench: {_s(pg['tps'])} tps", rate, _m(pg, "tps"), 2.0),
+        _ratio(cpu, f"{_us(pipe, rate)} µs", cpu_base, pipe, own, 0.5, False),
     ]
-    for run in last["open_loop"]:
-        half = run["share"] == 0.5
-        figure = f"create latency at a constant {_n(run['rate'])} orders/s ({run['share']:.0%} of the max "
-        figure += f"create rate), open loop, pipeline running, {run['seconds']:.0f} s"
-        value = f"p50 {_n(run['p50_ms'], 1)} / p99 {_n(run['p99_ms'], 1)} / max {_n(run['max_ms'])} ms; "
-        value += f"{_errors(run)}; generator {_n(run['client_cpu'], 2)} core, "
-        value += f"fired late p99 {_n(run['late_p99_ms'], 1)} ms"
-        cpu = run["cpu"]
-        value += f"; create {_n(cpu['create_cpu'], 2)} core, its loop waited for a core "
-        value += f"{_n(100 * cpu['create_runq'], 1)}% of the run "
-        value += f"({_n(100 * cpu['machine_steal'], 1)}% of the machine stolen); {open_loop.stalls(run)}"
-        verdict = _verdict(run["p99_ms"], 50) if half else "-"
-        rows.append(_plain(figure, value, "p99 < 50 ms" if half else "(reported)", verdict))
-    return rows
 
 
-def _errors(run: dict[str, Any]) -> str:
-    """'0 errors', or '3 errors (ConnectionResetError 2, 503 1)'."""
-    kinds = run.get("error_kinds") or {}
-    detail = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return f"{run['errors']} errors" + (f" ({detail})" if detail else "")
+def _open_loop_row(run: dict[str, Any]) -> Row:
+    """create's latency at a constant arrival rate (open loop), judged at 50% of the max rate."""
+    cpu = run["cpu"]
+    kinds = ", ".join(f"{kind} {n}" for kind, n in Counter(run["error_kinds"]).most_common())
+    figure = f"create latency at a constant {_n(run['rate'])} orders/s ({run['share']:.0%} of the max "
+    figure += f"create rate), open loop, pipeline running, {run['seconds']:.0f} s"
+    value = [
+        f"p50 {_n(run['p50_ms'], 1)} / p99 {_n(run['p99_ms'], 1)} / max {_n(run['max_ms'])} ms",
+        f"{run['errors']} errors" + (f" ({kinds})" if kinds else ""),
+        f"generator {_n(run['client_cpu'], 2)} core, fired late p99 {_n(run['late_p99_ms'], 1)} ms",
+        f"create {_n(cpu['create_cpu'], 2)} core, its loop waited for a core {_pct(cpu['create_runq'], 1)} "
+        f"of the run ({_pct(cpu['machine_steal'], 1)} of the machine stolen)",
+        open_loop.stalls(run),
+    ]
+    if run["share"] != 0.5:
+        return _plain(figure, "; ".join(value))
+    return _plain(figure, "; ".join(value), "p99 < 50 ms", _verdict(run["p99_ms"], 50))
 
 
 def _read_rows(r: dict[str, Any]) -> list[Row]:
@@ -155,44 +153,39 @@ def _read_rows(r: dict[str, Any]) -> list[Row]:
     figure = f"fetch page (page_size 10) req/s, c={plan['fetch_c']}"
     hello_base = f"hello-world GET: {_s(hello['rps'])} req/s"
     depth = f"page at depth {deep['depth']:,} (read model {last['read_rows']:,} rows), p50, 1 client"
-    deep_ms, first_ms = (f"{_s(x['p50_ms'], 2)} ms" for x in (deep, first))
+    deep_ms, first_ms = f"{_s(deep['p50_ms'], 2)} ms", f"{_s(first['p50_ms'], 2)} ms"
+    deep_p50, first_p50 = _m(deep, "p50_ms"), _m(first, "p50_ms")
     return [
         _ratio(figure, _s(fetch["rps"]), hello_base, _m(fetch, "rps"), _m(hello, "rps"), 0.5),
-        _ratio(
-            depth, deep_ms, f"first page: {first_ms}", _m(deep, "p50_ms"), _m(first, "p50_ms"), 1.1, False
-        ),
+        _ratio(depth, deep_ms, f"first page: {first_ms}", deep_p50, first_p50, 1.1, False),
     ]
 
 
-def _lag_rows(r: dict[str, Any]) -> list[Row]:
-    """The read model's lag and backlog, at the max create rate and below saturation."""
-    rows = []
-    for run, target in ((r["stages"][-1]["sustained"], True), (r["stages"][-1]["sustained_headroom"], False)):
-        rate, slope = (
-            f"{_n(_m(run, 'rps'))} orders/s for {run['duration_s']:.0f} s",
-            run["backlog_slope_per_s"],
-        )
-        when = f"below saturation (c={run['connections']}: {rate})"
-        when = f"at max create rate ({rate})" if target else when
-        value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms (of which created → confirmed "
-        value += f"by the broker: {_n(run['published_p50_ms'])} / {_n(run['published_p99_ms'])} ms)"
-        value += f"; backlog {_n(run['backlog_first'])}→"
-        value += f"{_n(run['backlog_last'])} (max {_n(run['backlog_max'])}), trend {_n(slope, 1)}/s"
-        growing = slope > 0.01 * _m(run, "rps") and run["backlog_max"] > 500  # NaN compares False
-        bad = {"p99": not run["lag_p99_ms"] < 100, "p50": not run["lag_p50_ms"] < 20, "backlog": growing}
-        missed = ", ".join(name for name, miss in bad.items() if miss)
-        verdict = (f"missed: {missed}" if missed else "**met**") if target else "-"
-        goal = "p99 < 100 ms, p50 < 20 ms, no growing backlog" if target else "(for information)"
-        rows.append(_plain(f"read-model lag p50 / p99 {when}", value, goal, verdict))
-    return rows
+def _lag_row(run: dict[str, Any], judged: bool) -> Row:
+    """The read model's lag and backlog in a sustained run, judged at the max create rate; below
+    saturation, for information."""
+    rate, slope = f"{_n(_m(run, 'rps'))} orders/s for {run['duration_s']:.0f} s", run["backlog_slope_per_s"]
+    when = f"at max create rate ({rate})" if judged else f"below saturation (c={run['connections']}: {rate})"
+    figure = f"read-model lag p50 / p99 {when}"
+    value = f"{_n(run['lag_p50_ms'])} / {_n(run['lag_p99_ms'])} ms (of which created → confirmed by the "
+    value += f"broker: {_n(run['published_p50_ms'])} / {_n(run['published_p99_ms'])} ms); backlog "
+    value += f"{_n(run['backlog_first'])}→{_n(run['backlog_last'])} (max {_n(run['backlog_max'])}), "
+    value += f"trend {_n(slope, 1)}/s"
+    if not judged:
+        return _plain(figure, value, "(for information)")
+    growing = slope > 0.01 * _m(run, "rps") and run["backlog_max"] > 500  # NaN compares False
+    bad = {"p99": not run["lag_p99_ms"] < 100, "p50": not run["lag_p50_ms"] < 20, "backlog": growing}
+    missed = ", ".join(name for name, miss in bad.items() if miss)
+    goal = "p99 < 100 ms, p50 < 20 ms, no growing backlog"
+    return _plain(figure, value, goal, f"missed: {missed}" if missed else "**met**")
 
 
-def _relay_rss_rows(r: dict[str, Any]) -> list[Row]:
+def _relay_row(r: dict[str, Any]) -> Row:
     relay = r["relay"]
     figure = f"relay throughput, outbox → broker with confirms ({relay['n']:,} events)"
     base = f"raw aio-pika, one event per message, confirms, 500 in flight: {_s(relay['raw_mps'])} msgs/s"
-    a, b = _m(relay, "relay_eps"), _m(relay, "raw_mps")
-    return [_ratio(figure, f"{_s(relay['relay_eps'])} events/s", base, a, b, 5), _rss_row(r)]
+    value, events, raw = f"{_s(relay['relay_eps'])} events/s", _m(relay, "relay_eps"), _m(relay, "raw_mps")
+    return _ratio(figure, value, base, events, raw, 5)
 
 
 def _rss_row(r: dict[str, Any]) -> Row:
@@ -204,12 +197,8 @@ def _rss_row(r: dict[str, Any]) -> Row:
     value = ", ".join(f"{k} {v:.0f}" for k, v in shown.items()) + " MB"
     if rss.get("create", NAN) > shown.get("create", NAN) + 1:
         value += f"; create {rss['create']:.0f} MB after the open loop (requests queued at 80%)"
-    return _plain(
-        "peak RSS per process under load (create: before the open loop)",
-        value,
-        "< 120 MB",
-        _verdict(worst, 120),
-    )
+    figure = "peak RSS per process under load (create: before the open loop)"
+    return _plain(figure, value, "< 120 MB", _verdict(worst, 120))
 
 
 def _preamble(r: dict[str, Any]) -> list[str]:
@@ -238,46 +227,51 @@ def _preamble(r: dict[str, Any]) -> list[str]:
 def _growth_scaling(r: dict[str, Any]) -> list[str]:
     growth = []
     for st in r["stages"]:
-        create, first, deep = st["create"], st["page_first"], st["page_deep"]
-        rows = f"{st['write_rows']:,} / {st['read_rows']:,}"
-        depth = f"{_s(deep['p50_ms'], 2)} ({deep['depth']:,})"
-        growth.append([rows, _s(create["rps"]), _s(create["p99_ms"], 1), _n(create["batches"]["mean"], 1)])
-        growth[-1] += [_s(first["p50_ms"], 2), depth]
+        create, deep = st["create"], st["page_deep"]
+        cells = [f"{st['write_rows']:,} / {st['read_rows']:,}", _s(create["rps"]), _s(create["p99_ms"], 1)]
+        cells += [_n(create["batches"]["mean"], 1), _s(st["page_first"]["p50_ms"], 2)]
+        growth.append([*cells, f"{_s(deep['p50_ms'], 2)} ({deep['depth']:,})"])
 
     def cpu(x: dict[str, Any], proc: str) -> str:
         cores = (_m(x["cpu"], proc), _m(x["cpu"], "postgres_cpu"), _m(x, "wrk_cpu"))
-        return ", ".join(_n(c, 2) for c in cores) + f", {_n(100 * _m(x['cpu'], 'machine_busy'))}%"
+        return ", ".join(_n(c, 2) for c in cores) + f", {_pct(_m(x['cpu'], 'machine_busy'))}"
 
-    last, sc, scaling = r["stages"][-1], r["scaling"], []
+    scaling = []
     for name, unit in (("create", "orders/s"), ("fetch", "req/s")):
-        one, two, proc = last[name], sc.get(f"{name}_2w"), f"{name}_cpu"
+        one, two, proc = r["stages"][-1][name], r["scaling"].get(f"{name}_2w"), f"{name}_cpu"
         if two:
             ratio = f"{_per(_m(two, 'rps'), _m(one, 'rps')):.2f}x"
-            scaling.append([f"{name} {unit}", _s(one["rps"]), _s(two["rps"]), ratio])
-            scaling[-1].append(f"1w: {cpu(one, proc)}; 2w: {cpu(two, proc)}")
+            cores = f"1w: {cpu(one, proc)}; 2w: {cpu(two, proc)}"
+            scaling.append([f"{name} {unit}", _s(one["rps"]), _s(two["rps"]), ratio, cores])
+    growth_head = (
+        "orders (write / read) | create orders/s | create p99 ms | batch mean | first page p50 ms | "
+        "deep page p50 ms (depth)"
+    )
+    scaling_head = "service | 1 worker | 2 workers | 2 / 1 | CPU (cores): service, postgres, wrk, "
+    scaling_head += "machine busy"
     return [
-        *_table(_GROWTH, growth, "Growth (rows present when each stage started)"),
-        *_table(_SCALING, scaling, "Scaling: 1 vs 2 worker processes (WEB_CONCURRENCY)"),
+        *_table(growth_head, growth, "Growth (rows present when each stage started)"),
+        *_table(scaling_head, scaling, "Scaling: 1 vs 2 worker processes (WEB_CONCURRENCY)"),
     ]
 
 
 def _cpu_split(r: dict[str, Any]) -> list[str]:
-    """CPU by process: create alone (pipeline paused) and the sustained run (pipeline running)."""
+    """CPU by process: create alone (pipeline paused) and the sustained run (pipeline running), and
+    the share of each run each process's main thread (its event loop) was runnable with no core."""
     create, sus, hello = r["stages"][-1]["create"], r["stages"][-1]["sustained"], r["hello_get"]
-    c, s = _m(create, "rps"), _m(sus, "rps")
-    procs = [
-        (k.removesuffix("_cpu"), _m(create["cpu"], k), _m(sus["cpu"], k))
-        for k in create["cpu"]
-        if k.endswith("_cpu")
-    ]
-    rows = [
-        [name, _n(a, 2), _cores_us(a, c, ""), _n(b, 2), _cores_us(b, s, "")]
-        for name, a, b in [*procs, ("wrk", _m(create, "wrk_cpu"), _m(sus, "wrk_cpu"))]
-    ]
-    busy = [f"{_n(100 * _m(x['cpu'], 'machine_busy'))}%" for x in (create, sus)]
-    rows.append(["machine busy", busy[0], "", busy[1], ""])
-    steal = [f"{_n(100 * _m(x['cpu'], 'machine_steal'), 1)}%" for x in (create, sus)]
-    rows.append(["of which stolen by the hypervisor", steal[0], "", steal[1], ""])
+    alone, rate = _m(create, "rps"), _m(sus, "rps")
+    procs = [k for k in create["cpu"] if k.endswith("_cpu")]
+    cores = {k.removesuffix("_cpu"): (_m(create["cpu"], k), _m(sus["cpu"], k)) for k in procs}
+    cores["wrk"] = (_m(create, "wrk_cpu"), _m(sus, "wrk_cpu"))
+    rows = [[name, _n(a, 2), _us(a, alone), _n(b, 2), _us(b, rate)] for name, (a, b) in cores.items()]
+    for name, key, digits in (("machine busy", "busy", 0), ("of which stolen by the hypervisor", "steal", 1)):
+        paused, running = (_pct(_m(x["cpu"], f"machine_{key}"), digits) for x in (create, sus))
+        rows.append([name, paused, "", running, ""])
+    waits = []
+    for name in (k.removesuffix("_runq") for k in sus["cpu"] if k.endswith("_runq") and k != "rabbitmq_runq"):
+        paused, running = (_pct(_m(x["cpu"], f"{name}_runq"), 1) for x in (create, sus))
+        waits.append(f"{name} {paused} / {running}")
+    head = "process | create runs: cores | µs / order | sustained, pipeline running: cores | µs / order"
     wrk = f"wrk drove {_n(_m(hello, 'rps'))} req/s using {_n(_m(hello, 'wrk_cpu'), 2)} core"
     return [
         "#### Where the CPU goes (cores used, and CPU microseconds per order)",
@@ -285,38 +279,26 @@ def _cpu_split(r: dict[str, Any]) -> list[str]:
         "Postgres = the backends of the benchmark's databases plus the WAL writer, checkpointer and "
         "background writer; RabbitMQ = the broker's whole VM (shared with anything else using it).",
         "",
-        *_table(_CPU, rows),
+        *_table(head, rows),
         f"Load generator check: against hello-world GET, {wrk}; during create it used "
-        f"{_n(_m(create, 'wrk_cpu'), 2)} core for {_n(c)} req/s. It can generate several times the create "
-        "rate, so it is not the limit.",
+        f"{_n(_m(create, 'wrk_cpu'), 2)} core for {_n(alone)} req/s. It can generate several times the "
+        "create rate, so it is not the limit.",
         "",
-        *_waits(create, sus),
-    ]
-
-
-def _waits(create: dict[str, Any], sus: dict[str, Any]) -> list[str]:
-    """The share of the run each process's main thread (its event loop) was runnable with no core."""
-    names = [k.removesuffix("_runq") for k in sus["cpu"] if k.endswith("_runq") and k != "rabbitmq_runq"]
-    cells = [
-        f"{n} {_n(100 * _m(create['cpu'], f'{n}_runq'), 1)}% / {_n(100 * _m(sus['cpu'], f'{n}_runq'), 1)}%"
-        for n in names
-    ]
-    return [
         "Waiting for a core (main thread runnable but not running, /proc/PID/schedstat; share of the run, "
-        f"pipeline paused / running): {', '.join(cells)}.",
+        f"pipeline paused / running): {', '.join(waits)}.",
         "",
     ]
 
 
 def _batching(r: dict[str, Any]) -> list[str]:
-    create = r["stages"][-1]["create"]
-    b = create["batches"]
-    histogram = ", ".join(f"{k}: {_n(val)}" for k, val in b["buckets"].items() if val)
+    batches = r["stages"][-1]["create"]["batches"]
+    histogram = ", ".join(f"{le}: {_n(n)}" for le, n in batches["buckets"].items() if n)
     return [
         "#### Write batching (create runs of the last stage)",
         "",
-        f"{_n(b['orders'])} orders in {_n(b['count'])} place_orders() calls: mean {_n(b['mean'], 1)} orders "
-        f"per transaction. Histogram (orders per batch ≤ le: batches): {histogram}.",
+        f"{_n(batches['orders'])} orders in {_n(batches['count'])} place_orders() calls: mean "
+        f"{_n(batches['mean'], 1)} orders per transaction. Histogram (orders per batch ≤ le: batches): "
+        f"{histogram}.",
         "",
     ]
 
@@ -341,32 +323,42 @@ def _profiles(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _deep_plan(r: dict[str, Any]) -> list[str]:
-    deep = r["stages"][-1]["page_deep"]
-    return [f"Deep-page plan (depth {deep['depth']:,}):", "", "```", *deep["explain"], "```"]
-
-
 def render(r: dict[str, Any]) -> str:
+    last = r["stages"][-1]
     rows = [
-        row
-        for part in (_create_rows, _tracing_rows, _pipeline_rows, _read_rows, _lag_rows, _relay_rss_rows)
-        for row in part(r)
+        *_create_rows(r),
+        *_tracing_rows(r),
+        *_pipeline_rows(r),
+        *(_open_loop_row(run) for run in last["open_loop"]),
+        *_read_rows(r),
+        _lag_row(last["sustained"], judged=True),
+        _lag_row(last["sustained_headroom"], judged=False),
+        _relay_row(r),
+        _rss_row(r),
     ]
-    lines = [*_preamble(r), *_table("figure | pydist | baseline (same run) | ratio | target | verdict", rows)]
-    sections = (_growth_scaling, _cpu_split, _batching, _profiles, _deep_plan)
-    return "\n".join(lines + [line for section in sections for line in section(r)]) + "\n"
+    lines = [
+        *_preamble(r),
+        *_table("figure | pydist | baseline (same run) | ratio | target | verdict", rows),
+        *_growth_scaling(r),
+        *_cpu_split(r),
+        *_batching(r),
+        *_profiles(r),
+        f"Deep-page plan (depth {last['page_deep']['depth']:,}):",
+        "",
+        "```",
+        *last["page_deep"]["explain"],
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def write(path: Path, generated: str, *, standalone: bool) -> None:
-    """Replace the generated block between the markers, keeping everything else; a standalone
-    file (smoke, --out) is written whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the generated block between the markers, keeping the hand-written text around it; a
+    standalone file (smoke, --out) is written whole."""
     block = f"{BEGIN}\n{generated}{END}\n"
-    text = "" if standalone or not path.exists() else path.read_text()
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        path.write_text(head + block + rest.partition(END)[2].lstrip("\n"))
-    elif text:
-        path.write_text(text.rstrip("\n") + "\n\n" + block)
+    if standalone:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# pydist benchmark results\n\n{block}")
     else:
-        path.write_text(("# pydist benchmark results" if standalone else "# Benchmarks") + "\n\n" + block)
+        head, _, rest = path.read_text().partition(BEGIN)
+        path.write_text(head + block + rest.partition(END)[2].lstrip("\n"))

@@ -31,9 +31,8 @@ from tests.support.observability import Receiver
 from tests.support.procs import System
 
 from bench import harness, open_loop, report, workload
-from bench.ab_create import ab_rounds, wrk_json
-from bench.harness import NAN, Resources, log, pg_fetch, run_wrk, stat
-from bench.workload import BulkLoader, lag_between
+from bench.harness import NAN, Resources, ab_rounds, log, pg_fetch, run_wrk, stat, wrk_json
+from bench.workload import BulkLoader, drained, lag_between
 from pydist.adapters.listing import _NEXT_PAGE
 
 ROOT = harness.BENCH_DIR.parent
@@ -67,10 +66,6 @@ PLAN: dict[str, tuple[Any, Any]] = {
 CONNECTIONS = {"create_c": 64, "pgbench_c": 32, "fetch_c": 64, "headroom_c": 8}  # the same in both
 
 
-def plan_of(smoke: bool) -> SimpleNamespace:
-    return SimpleNamespace(smoke=smoke, **{k: v[smoke] for k, v in PLAN.items()}, **CONNECTIONS)
-
-
 class Bench:
     def __init__(self, plan: SimpleNamespace, res: Resources, system: System) -> None:
         self.plan, self.res, self.system = plan, res, system
@@ -79,18 +74,15 @@ class Bench:
         self.labels: dict[str, str] = {}
 
     def pids(self) -> dict[str, int]:
-        pids = {n: p.popen.pid for n, p in self.system.procs.items() if p.alive()}
-        return pids | dict(("rabbitmq", pid) for pid in harness.named("beam.smp")[-1:])
+        return {n: p.popen.pid for n, p in self.system.procs.items() if p.alive()} | harness.rabbitmq()
 
     def url(self, name: str) -> str:
         return self.system.url(name) + {"create": "/buy_order", "fetch": "/buy_orders?page_size=10"}[name]
 
     def runs(self, url: str, script: str, connections: int, seconds: float) -> dict[str, Any]:
         """plan.runs wrk runs after a warm-up, with the CPU of every process and our Postgres backends."""
-        runs = ab_rounds(
-            {script: url}, script, connections, (self.plan.runs, seconds), {script: self.pids()}, self.res.dbs
-        )
-        return runs[script]
+        meters, rounds = {script: self.pids()}, (self.plan.runs, seconds)
+        return ab_rounds({script: url}, script, connections, rounds, meters, self.res.dbs)[script]
 
     def snapshot_rss(self) -> None:
         """Peak RSS (VmHWM) of the busiest OS process of each service so far."""
@@ -100,33 +92,27 @@ class Bench:
                 peak = max(harness.peak_rss_mb(p) for p in harness.tree(proc.popen.pid))
                 self.r["rss_mb"][key] = max(self.r["rss_mb"].get(key, 0.0), peak)
 
-    def drained(self) -> contextlib.AbstractContextManager[None]:
-        return workload.drained(self.res.write_url, self.res.read_url)
-
     @contextlib.contextmanager
     def pipeline_paused(self) -> Iterator[None]:
         """SIGSTOP relay and read_model_sync: the create figures measure HTTP → committed (order,
         cap, outbox) with the whole machine, as the issue defines them. Afterwards both resume
         and, if both run, the backlog is drained before the next measurement."""
         workers = [p for n, p in self.system.procs.items() if n in ("relay", "sync") and p.alive()]
-        with self.drained() if len(workers) == 2 else contextlib.nullcontext():
+        with drained(self.res) if len(workers) == 2 else contextlib.nullcontext():
             for proc in workers:
-                proc.popen.send_signal(signal.SIGSTOP)
+                proc.pause()
             try:
                 yield
             finally:
                 for proc in workers:
-                    proc.popen.send_signal(signal.SIGCONT)
+                    proc.resume()
 
     def baselines(self) -> None:
         plan, url, script = self.plan, self.res.pgbench_url, harness.BENCH_DIR / "naive_order.sql"
         log(f"baseline: pgbench naive order transaction c={plan.pgbench_c}")
         harness.run_pgbench(url, script, plan.pgbench_c, 1)  # warm-up
         pg = [harness.run_pgbench(url, script, plan.pgbench_c, plan.pgbench_s) for _ in range(plan.runs)]
-        log(
-            "  pgbench: "
-            + ", ".join(f"{tps:,.0f} tps ({ms:.1f} ms, {failed} failed)" for tps, ms, failed in pg)
-        )
+        log("  pgbench: " + ", ".join(f"{tps:,.0f} tps ({ms:.1f} ms, {bad} failed)" for tps, ms, bad in pg))
         self.r["pgbench"] = {"tps": stat([p[0] for p in pg]), "latency_ms": stat([p[1] for p in pg])}
         log("baseline: hello-world FastAPI, same uvicorn settings")
         hello = self.system.procs["hello"] = harness.start_hello(self.system.log_dir)
@@ -171,11 +157,8 @@ class Bench:
         added, seconds = asyncio.run(self.loader.load_to(target))
         w, r = asyncio.run(self.loader.counts())
         log(f"stage {target:,}: bulk-loaded {added:,} rows in {seconds:.1f}s; write {w:,}, read {r:,}")
-        stage: dict[str, Any] = {
-            "write_rows": w,
-            "read_rows": r,
-            "create": self.create_runs(self.plan.create_s),
-        }
+        stage: dict[str, Any] = {"write_rows": w, "read_rows": r}
+        stage["create"] = self.create_runs(self.plan.create_s)
         # page latency, one client: the first page and one deep down the listing, interleaved
         ref, depth = asyncio.run(self.loader.reference_at_depth(self.plan.deep_depth))
         urls = {"page_first": self.url("fetch"), "page_deep": f"{self.url('fetch')}&last_reference={ref}"}
@@ -196,7 +179,7 @@ class Bench:
         profiles = self.profiled(fetch, "get.lua", "fetch")
         with self.pipeline_paused():
             profiles |= self.profiled(create, "create.lua", "create")
-        with self.drained():  # where relay and read_model_sync spend their CPU under the same load
+        with drained(self.res):  # where relay and read_model_sync spend their CPU under the same load
             profiles |= self.profiled(create, "create.lua", "relay", "sync")
         stage["profiles"] = profiles
         stage["sustained"] = self.sustained(plan.create_c, plan.lag_s)
@@ -212,18 +195,22 @@ class Bench:
         from bench/open_loop.py (its own process): latency counted from each request's due time."""
         rate, seconds = share * max_rate, self.plan.open_loop_s
         log(f"open loop: {rate:,.0f} orders/s ({share:.0%} of max) for {seconds:.0f}s")
-        with self.drained():
+        with drained(self.res):
             r = open_loop.measured(self.system.url("create"), rate, seconds, self.pids(), self.res.dbs)
-        log_open_loop(r)
+        ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
+        late = f"generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms"
+        log(f"  {ms}; {r['errors']} errors {r['error_kinds']}; {late}")
+        log(f"  cores: {harness.cores_text(r['cpu'])}")
+        log(f"  {open_loop.stalls(r)}")
         return r | {"share": share}
 
     def sustained(self, connections: int, seconds: float) -> dict[str, Any]:
         """create at c=`connections` for `seconds` with the whole pipeline running: the rate, the
         commit-to-visible lag of those orders and the backlog over time."""
         log(f"sustained create, c={connections}, {seconds:.0f}s, pipeline running: lag and backlog")
-        with self.drained():
+        with drained(self.res):
             run = run_wrk(self.url("create"), "create.lua", connections, seconds, self.pids(), self.res.dbs)
-        lag = asyncio.run(lag_between(self.res.write_url, self.res.read_url, run.t0, run.t1))
+        lag = asyncio.run(lag_between(self.res, run.t0, run.t1))
         lags = f"lag p50 {lag['lag_p50_ms']:.0f} ms p99 {lag['lag_p99_ms']:.0f} ms (confirmed p50 "
         lags += f"{lag['published_p50_ms']:.0f} p99 {lag['published_p99_ms']:.0f})"
         log(f"  {run.rps:,.0f} orders/s; {lags}; backlog trend {lag['backlog_slope_per_s']:+.1f}/s")
@@ -284,29 +271,17 @@ class Bench:
         self.r["tracing"]["exports"] = sink.exports
 
 
-def log_open_loop(r: dict[str, Any]) -> None:
-    """An open-loop run's latencies, errors, generator and CPU, as two log lines."""
-    ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
-    ms += f"; {r['errors']} errors {r['error_kinds']}"
-    log(f"  {ms}; generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms")
-    log(f"  cores: {harness.cores_text(r['cpu'])}")
-    log(f"  {open_loop.stalls(r)}")
-
-
 def versions(res: Resources) -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in PACKAGES:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     out["postgres"] = str(asyncio.run(pg_fetch(res.write_url, "SHOW server_version"))[0][0]).split()[0]
-    for key, cmd, pattern in (
-        ("wrk", ["wrk", "-v"], r"wrk (?:debian/)?(\S+)"),
-        ("pgbench", ["pgbench", "--version"], r"\) (\S+)"),
-        ("rabbitmq", ["rabbitmqctl", "-q", "version"], r"(\S+)"),
-    ):
-        with contextlib.suppress(Exception):
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            out[key] = found[1] if (found := re.search(pattern, done.stdout + done.stderr)) else "?"
+    tools = {"wrk": "wrk -v", "pgbench": "pgbench --version", "rabbitmq": "rabbitmqctl -q version"}
+    for key, cmd in tools.items():
+        with contextlib.suppress(Exception):  # the first version-like word: 4.1.0-3+b2, 15.20, 3.10.8
+            done = subprocess.run(cmd.split(), capture_output=True, text=True, timeout=30)
+            out[key] = found[0] if (found := re.search(r"\d+\.\d+\S*", done.stdout + done.stderr)) else "?"
     return out
 
 
@@ -326,11 +301,8 @@ def measure(plan: SimpleNamespace, keep_logs: bool) -> dict[str, Any]:
         bench.scaling()
         bench.tracing()
     when = {"elapsed_s": time.monotonic() - started, "finished_at": time.strftime("%Y-%m-%d %H:%M %Z")}
-    return (
-        bench.r
-        | when
-        | {"load_start": load_start, "load_end": os.getloadavg()[0], "machine": harness.machine_info()}
-    )
+    load = {"load_start": load_start, "load_end": os.getloadavg()[0]}
+    return bench.r | when | load | {"machine": harness.machine_info()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,18 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a short run that checks everything works")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: see above)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument(
-        "--wait-load", type=float, default=0.0, help="first wait (bounded) for loadavg < this"
-    )
+    parser.add_argument("--wait-load", type=float, help="first wait (bounded) for loadavg < this")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only re-render from a --json file")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
     else:
-        if args.wait_load:
-            harness.wait_for_quiet(args.wait_load, 300)
-        results = measure(plan_of(args.smoke), args.keep_logs)
+        quiet, deadline = args.wait_load or float("inf"), time.monotonic() + 300  # quiet, not forever
+        while (load := os.getloadavg()[0]) >= quiet and time.monotonic() < deadline:
+            log(f"load average {load:.2f} >= {quiet}: waiting")
+            time.sleep(15)
+        plan = {k: v[args.smoke] for k, v in PLAN.items()}
+        results = measure(SimpleNamespace(smoke=args.smoke, **plan, **CONNECTIONS), args.keep_logs)
         results["command"] = " ".join(["./bench/run.sh", *(shlex.quote(a) for a in sys.argv[1:])])
     smoke = bool(results["plan"]["smoke"])
     out = args.out or ROOT / ("bench/out/smoke.md" if smoke else "docs/benchmarks.md")

@@ -16,13 +16,14 @@ import aio_pika
 import asyncpg
 from tests.support.messages import single_event
 
-from bench.harness import log, pg_fetch
+from bench.harness import Resources, log, pg_fetch
 from pydist.adapters.rabbit import QUEUE
 from pydist.domain.events import BUY_ORDER_CREATED, BuyOrderCreated
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder
 
 BULK_BTC = Decimal("0.00010310")  # 10.00 USD at 97000.00, rounded up to a satoshi
+DRAIN_S = 90  # the longest drained() waits for a backlog to be projected
 
 # Deterministic ids from the row number (b0000000-0000-0000-0000-<n>; version nibble 0, so never equal
 # to a gen_random_uuid()), so both models get the very same orders, appended to the indexes in order
@@ -55,14 +56,14 @@ class BulkLoader:
     loaded: int = 0  # bulk rows so far (row numbers 1..loaded)
 
     async def counts(self) -> tuple[int, int]:
-        w, r = [
-            await pg_fetch(url, "SELECT count(*) FROM buy_orders") for url in (self.write_url, self.read_url)
-        ]
-        return int(w[0][0]), int(r[0][0])
+        count = "SELECT count(*) FROM buy_orders"
+        write, read = [(await pg_fetch(url, count))[0][0] for url in (self.write_url, self.read_url)]
+        return int(write), int(read)
 
-    async def load_to(self, target: int, chunk: int = 250_000) -> tuple[int, float]:
-        """Add bulk rows to both models until the write model holds `target` orders; returns
-        (rows added, seconds)."""
+    async def load_to(self, target: int) -> tuple[int, float]:
+        """Add bulk rows to both models, 250,000 at a time, until the write model holds `target`
+        orders; returns (rows added, seconds)."""
+        chunk = 250_000
         started = time.monotonic()
         missing = max(0, target - (await self.counts())[0])
         first, last = self.loaded + 1, self.loaded + missing
@@ -88,31 +89,25 @@ class BulkLoader:
 
 
 @contextlib.contextmanager
-def drained(write_url: str, read_url: str, timeout_s: float = 90) -> Iterator[None]:
-    """Afterwards, wait (bounded) until every order made inside is published and in the read
-    model; a backlog still there after `timeout_s` is logged, not raised."""
+def drained(res: Resources) -> Iterator[None]:
+    """Afterwards, wait (bounded: DRAIN_S) until every order made inside is published and in the
+    read model; a backlog still there then is logged, not raised."""
     mark = "SELECT coalesce(max(id), 0), clock_timestamp() FROM outbox"
-    (first_id, now), *_ = asyncio.run(pg_fetch(write_url, mark))
+    (first_id, now), *_ = asyncio.run(pg_fetch(res.write_url, mark))
     yield
-    waited = asyncio.run(_projected(write_url, read_url, first_id, now, timeout_s))
-    log(
-        f"  backlog projected in {waited:.1f}s"
-        if waited is not None
-        else f"  backlog left after {timeout_s:.0f}s"
-    )
+    waited = asyncio.run(_projected(res, first_id, now))
+    log(f"  backlog left after {DRAIN_S:.0f}s" if waited is None else f"  backlog projected in {waited:.1f}s")
 
 
-async def _projected(
-    write_url: str, read_url: str, first_id: int, now: datetime, timeout_s: float
-) -> float | None:
+async def _projected(res: Resources, first_id: int, now: datetime) -> float | None:
     """Seconds until every outbox row after `first_id` is published and its order (made since
-    `now`) is in the read model; None if `timeout_s` passed first."""
+    `now`) is in the read model; None if DRAIN_S passed first."""
     outbox = "SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox WHERE id > $1"
     read = "SELECT count(*) FROM buy_orders WHERE created_at >= $1"
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        (unpublished, made), *_ = await pg_fetch(write_url, outbox, first_id)
-        if unpublished == 0 and (await pg_fetch(read_url, read, now))[0][0] >= made:
+    while time.monotonic() - started < DRAIN_S:
+        (unpublished, made), *_ = await pg_fetch(res.write_url, outbox, first_id)
+        if unpublished == 0 and (await pg_fetch(res.read_url, read, now))[0][0] >= made:
             return time.monotonic() - started
         await asyncio.sleep(0.25)  # paces the polling of a condition
     return None
@@ -147,14 +142,15 @@ FROM b
 """
 
 
-async def lag_between(write_url: str, read_url: str, t0: float, t1: float) -> dict[str, float]:
+async def lag_between(res: Resources, t0: float, t1: float) -> dict[str, float]:
     """Of the orders created in [t0, t1) (wall-clock seconds), once all are projected: how many
     were written and projected, their commit-to-visible lag (projected_at - created_at) and the
     backlog second by second, with its least-squares trend (orders per second; 0 = steady), and
     the lag's first leg (created to confirmed by the broker)."""
     a, b = datetime.fromtimestamp(t0, UTC), datetime.fromtimestamp(t1, UTC)
     made = "SELECT count(*) FROM buy_orders WHERE created_at >= $1 AND created_at < $2"
-    queries = ((read_url, _LAG), (read_url, _BACKLOG), (write_url, _PUBLISHED), (write_url, made))
+    write, read = res.write_url, res.read_url
+    queries = ((read, _LAG), (read, _BACKLOG), (write, _PUBLISHED), (write, made))
     *rows, written = [(await pg_fetch(url, sql, a, b))[0] for url, sql in queries]
     out = {k: float("nan") if v is None else float(v) for row in rows for k, v in row.items()}
     return out | {"written": float(written[0])}
