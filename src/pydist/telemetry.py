@@ -90,7 +90,9 @@ def without_lone_statements(sampler: Sampler) -> Sampler:
         ) -> SamplingResult:
             lone = not trace.get_current_span(parent_context).get_span_context().is_valid
             # a statement: the asyncpg instrumentation's attributes (old and stable conventions)
-            statement = any(key in (attributes or {}) for key in ("db.system", "db.system.name"))
+            statement = attributes is not None and (
+                "db.system" in attributes or "db.system.name" in attributes
+            )
             if lone and kind == trace.SpanKind.CLIENT and statement:
                 return SamplingResult(Decision.DROP)
             return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)

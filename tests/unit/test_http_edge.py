@@ -722,9 +722,17 @@ class HeldCreate:
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def holding(self, n: int) -> None:
+        """Return once `n` orders are held: each arrival wakes the wait (the caller bounds it)."""
+        while self.held < n:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def __call__(self, command: CreateBuyOrderCommand, request_id: str | None = None) -> Outcome:
         self.held += 1
+        self._arrived.set()
         await self.release.wait()
         return Outcome(stored_order(command.request().idempotence_key), replayed=False)
 
@@ -735,11 +743,7 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503_and_the_ops_paths
     app = create_api.create_app(settings, graph=bootstrap.create(settings, create_order=held))
     async with client_for(app) as client:
         orders = [asyncio.create_task(put(client, body(idempotence_key=str(uuid.uuid4())))) for _ in range(3)]
-        for _ in range(10_000):  # until all three are inside the use case (no clock involved)
-            if held.held == 3:
-                break
-            await asyncio.sleep(0)
-        assert held.held == 3
+        await asyncio.wait_for(held.holding(3), 30)  # all three inside the use case
         shed = await asyncio.wait_for(put(client, body(idempotence_key=str(uuid.uuid4()))), 30)
         problem_doc = assert_problem(shed, 503)
         assert problem_doc["type"] == "/problems/overloaded"
@@ -786,10 +790,7 @@ async def test_shed_requests_are_counted() -> None:
     before = REGISTRY.get_sample_value("pydist_http_requests_shed_total", {"service": "create_buy_order"})
     async with client_for(app) as client:
         first = asyncio.create_task(put(client, body(idempotence_key=str(uuid.uuid4()))))
-        for _ in range(10_000):
-            if held.held == 1:
-                break
-            await asyncio.sleep(0)
+        await asyncio.wait_for(held.holding(1), 30)
         assert (await put(client, body(idempotence_key=str(uuid.uuid4())))).status_code == 503
         held.release.set()
         assert (await first).status_code == 200

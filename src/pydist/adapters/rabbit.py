@@ -58,10 +58,6 @@ TRANSIENT = (
 """What a lost node, a closed channel or a broker still starting raise."""
 
 
-class BrokerUnavailableError(ConnectionError):
-    """No node of BROKER_URL took a connection."""
-
-
 def broker_urls(value: str) -> list[str]:
     """`BROKER_URL` as a list of node URLs (comma-separated; blanks ignored)."""
     urls = [u.strip() for u in value.split(",") if u.strip()]
@@ -119,7 +115,7 @@ class BrokerLink:
             self._current = index
             log.info("broker_connected", node=self.node, connection=self.name)
             return self._channel
-        raise BrokerUnavailableError("no broker node answered: " + "; ".join(errors))
+        raise ConnectionError("no broker node answered: " + "; ".join(errors))
 
     async def reset(self) -> None:
         """Drop the connection after a failure and wait for its close."""

@@ -90,24 +90,21 @@ def migrate() -> None:
 
 def _run_admin(coro: Coroutine[Any, Any, T], *, broker: bool = False) -> T:
     """Run an admin task; a database (or, for a task that needs the `broker` too, a broker) that
-    cannot be reached is one clear line naming it, and exit 2, not a page of traceback."""
+    cannot be reached is one clear line naming it, and exit 2, not a page of traceback. The
+    database adapter raises every failure to reach Postgres as a StoreUnavailableError, so
+    whatever else is transient (an OSError among them) is the broker's."""
     from pydist.service.ports import StoreUnavailableError
 
-    broker_errors: tuple[type[Exception], ...] = ()
+    broker_errors: tuple[type[BaseException], ...] = ()
     if broker:
-        import aio_pika
-
-        from pydist.adapters.rabbit import BrokerUnavailableError
-
-        errors = aio_pika.exceptions
-        broker_errors = (BrokerUnavailableError, errors.AMQPError, errors.ChannelInvalidStateError)
+        from pydist.adapters.rabbit import TRANSIENT as broker_errors
     try:
         return asyncio.run(coro)
+    except StoreUnavailableError as exc:  # its text already says "database unavailable: <cause>"
+        console.print(f"[red]database unavailable[/red]: {str(exc).removeprefix('database unavailable: ')}")
+        raise typer.Exit(2) from None
     except broker_errors as exc:
         console.print(f"[red]broker unavailable[/red]: {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from None
-    except (StoreUnavailableError, OSError) as exc:
-        console.print(f"[red]database unavailable[/red]: {exc}")
         raise typer.Exit(2) from None
 
 
