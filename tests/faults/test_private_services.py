@@ -159,6 +159,9 @@ async def test_quorum_message_survives_leader_kill(
     await _delete_queue(cluster.amqp_url(leader), queue)
 
 
+# Long mode (CI) only, with test_real_engines' whole-broker restart: 26 s of stopping and
+# starting three nodes; the leader kill above keeps the cluster checked in the default run.
+@pytest.mark.long
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT)
 async def test_quorum_message_survives_whole_cluster_restart(
     cluster_all_up: RabbitCluster, service_timings: Timings
