@@ -23,10 +23,8 @@ import contextlib
 import glob
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -37,14 +35,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydist.devtools import embedded_rabbitmq as rmq
+from tests.support.procs import free_port
 
 T = TypeVar("T")
-
-# Ports are picked below Linux's ephemeral range (32768-60999), so an outgoing connection never
-# takes one between our choice and the server's bind.
-_PORT_RANGE = (20000, 32000)
-_chosen_ports: set[int] = set()
-_port_lock = threading.Lock()
 
 _live: set[Any] = set()  # open RabbitCluster / PrivatePostgres, closed at exit if a test did not
 _TMP = Path("/tmp")  # world-traversable, so the postgres user reaches its dir (TMPDIR may not be)
@@ -146,33 +139,6 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what}: not reached within {timeout:.0f}s")
         time.sleep(interval)
-
-
-def _port_is_free(port: int) -> bool:
-    families = [(socket.AF_INET, "127.0.0.1")]
-    if socket.has_ipv6:
-        families.append((socket.AF_INET6, "::1"))
-    for family, host in families:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((host, port))
-        except OSError as exc:
-            # No IPv6 loopback on this machine is not a port in use.
-            if family == socket.AF_INET6 and exc.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
-                continue
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 (and ::1), never handed out twice by this process."""
-    with _port_lock:
-        for _ in range(1000):
-            port = random.randint(*_PORT_RANGE)
-            if port not in _chosen_ports and _port_is_free(port):
-                _chosen_ports.add(port)
-                return port
-    raise ServiceError(f"no free port found in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,12 @@ PORT_FIELDS = {
 # port before their databases (and broker) answer, so /readyz is the signal; btc_price's /readyz
 # needs a fresh upstream price, which a test may withhold on purpose, so it is waited for as alive.
 READY_PATHS = {"price": "/healthcheck"}
+# Ports are picked below Linux's ephemeral range (32768-60999), so an outgoing connection never
+# takes one between our choice and the server's bind; bind(0) would hand out ephemeral ports, and two
+# processes started together were once given the same one.
+_PORT_RANGE = (20000, 32000)
+_chosen_ports: set[int] = set()
+_port_lock = threading.Lock()
 COMMANDS = {
     "create": ["serve", "create"],
     "fetch": ["serve", "fetch"],
@@ -36,10 +44,31 @@ COMMANDS = {
 }
 
 
+def _port_is_free(port: int) -> bool:
+    families = [(socket.AF_INET, "127.0.0.1")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::1"))
+    for family, host in families:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError as exc:
+            # No IPv6 loopback on this machine is not a port in use.
+            if family == socket.AF_INET6 and exc.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
+                continue
+            return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 (and ::1), never handed out twice by this process."""
+    with _port_lock:
+        for _ in range(1000):
+            port = random.randint(*_PORT_RANGE)
+            if port not in _chosen_ports and _port_is_free(port):
+                _chosen_ports.add(port)
+                return port
+    raise RuntimeError(f"no free port found in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
 @dataclass

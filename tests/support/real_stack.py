@@ -37,8 +37,8 @@ from pydist.adapters.db import READ, WRITE, migrate
 from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE
 from tests.support import db as testdb
 from tests.support.faults import Attempt, stop_together, wait_converged
-from tests.support.private_services import PrivatePostgres, RabbitCluster, free_port
-from tests.support.procs import COMMANDS, PORT_FIELDS, READY_PATHS, Proc, base_env, wait_ready
+from tests.support.private_services import PrivatePostgres, RabbitCluster
+from tests.support.procs import COMMANDS, PORT_FIELDS, READY_PATHS, Proc, base_env, free_port, wait_ready
 from tests.support.services import Databases
 
 CREATES = ("create1", "create2", "create3", "create4")

@@ -30,6 +30,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
+from starlette.types import Message
 
 from pydist import bootstrap
 from pydist.adapters.listing import Page
@@ -313,7 +314,15 @@ async def test_non_json_content_type_is_415(
     assert fake_create.calls == []
 
 
-@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-8",
+        "application/merge-patch+json",
+        "Application/Json",
+        "APPLICATION/JSON",
+    ],
+)
 async def test_json_content_types_are_accepted(
     create_client: httpx.AsyncClient, fake_create: FakeCreate, content_type: str
 ) -> None:
@@ -419,6 +428,19 @@ async def test_header_matching_the_body_key_is_not_a_mismatch(
     assert [c[0].idempotence_key for c in fake_create.calls] == [KEY]
 
 
+@pytest.mark.parametrize("second", [KEY, OTHER_KEY])
+async def test_a_repeated_key_header_is_one_list_and_422(
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, second: uuid.UUID
+) -> None:
+    """Two Idempotency-Key lines are one list, "a, b" (RFC 9110): not a UUID, whichever line a
+    framework would have kept, even when both lines carry the same key."""
+    lines = [("Idempotency-Key", str(KEY)), ("Idempotency-Key", str(second))]
+    content = json.dumps(body(idempotence_key=_MISSING)).encode()
+    response = await create_client.put("/buy_order", content=content, headers=[*JSON.items(), *lines])
+    assert_problem(response, 422, "Idempotency-Key")
+    assert fake_create.calls == []
+
+
 @pytest.mark.parametrize("header", [str(OTHER_KEY), f'"{OTHER_KEY}"'])
 async def test_header_differing_from_the_body_key_is_422(
     create_client: httpx.AsyncClient, fake_create: FakeCreate, header: str
@@ -466,13 +488,21 @@ async def test_replay_is_marked(create_client: httpx.AsyncClient, fake_create: F
     assert again.json() == first.json()
 
 
+@pytest.mark.parametrize(
+    ("requested", "left"),
+    [("0.00127269", "0.00100000"), ("0.00000006", "0.00000005"), ("1.00000000", "0E-8")],
+)
 async def test_cap_exceeded_is_409_with_what_is_left(
-    create_client: httpx.AsyncClient, fake_create: FakeCreate
+    create_client: httpx.AsyncClient, fake_create: FakeCreate, requested: str, left: str
 ) -> None:
-    fake_create.error = CapExceededError(Decimal("0.00127269"), Decimal("0.00100000"))
+    """Amounts are plain decimals everywhere, the detail too: "0.00000005", never "5E-8"."""
+    fake_create.error = CapExceededError(Decimal(requested), Decimal(left))
     doc = assert_problem(await put(create_client, body()), 409)
-    assert doc["available_btc"] == "0.00100000"
-    assert "0.00100000" in doc["detail"]
+    plain_left = f"{Decimal(left):f}"
+    assert doc["available_btc"] == plain_left
+    assert doc["requested_btc"] == requested
+    assert f"needs {requested} BTC but only {plain_left} BTC" in doc["detail"]
+    assert "E-" not in doc["detail"]
 
 
 async def test_key_reuse_is_422(create_client: httpx.AsyncClient, fake_create: FakeCreate) -> None:
@@ -796,3 +826,44 @@ async def test_shed_requests_are_counted() -> None:
         assert (await first).status_code == 200
     after = REGISTRY.get_sample_value("pydist_http_requests_shed_total", {"service": "create_buy_order"})
     assert (after or 0.0) - (before or 0.0) == 1
+
+
+async def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(
+    create_app_: FastAPI, fake_create: FakeCreate
+) -> None:
+    """Half a body, then the connection closes (the server sees http.disconnect): nothing is
+    stored, nothing is sent, and the request is counted as the client's 499 (a status set only
+    where the disconnect is caught), not as an unhandled 500."""
+    messages = [
+        {"type": "http.request", "body": GOOD[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    labels = {"service": "create_buy_order", "method": "PUT", "route": "/buy_order", "status": "499"}
+    before = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels) or 0.0
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/buy_order",
+        "raw_path": b"/buy_order",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    await create_app_(scope, receive, send)
+    assert sent == []  # no one is left to read an answer
+    assert fake_create.calls == []
+    after = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels)
+    assert after == before + 1

@@ -41,7 +41,8 @@ class CapExceededError(DomainError):
         self.requested_btc = requested_btc
         self.available_btc = available_btc
         super().__init__(
-            f"order needs {requested_btc} BTC but only {available_btc} BTC is still available under the cap"
+            f"order needs {requested_btc:f} BTC but only {available_btc:f} BTC "
+            "is still available under the cap"
         )
 
 

@@ -167,9 +167,11 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_
     ) -> Response:
         raw = await read_json_object(request, max_body_bytes)
         body = BuyOrderIn.model_validate(raw)  # ValidationError: a 422 problem
-        command = CreateBuyOrderCommand(
-            body.currency, body.amount, body.idempotence_key, _header_key(idempotency_key_header)
-        )
+        # Repeated header lines are one comma-separated list (RFC 9110 section 5.3), and FastAPI's
+        # parameter would keep only one of them: two keys are no key, a 422.
+        lines = request.headers.getlist("idempotency-key")
+        header = ", ".join(lines) if len(lines) > 1 else idempotency_key_header
+        command = CreateBuyOrderCommand(body.currency, body.amount, body.idempotence_key, _header_key(header))
         try:
             outcome = await create_order(command, request.state.request_id)
         except REFUSALS as exc:

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +39,9 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 MAX_HEADER_BYTES = 16 * 1024
 """All request header names and values together; more is answered 431 before any routing.
 (uvicorn's httptools parser has no limit of its own: this is the application's.)"""
+# nginx's code for "the client closed the connection before the answer": no one reads a reply, and
+# the latency histogram and logs should not count a client that hung up as the server's 500.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def _request_id(raw: bytes | None) -> str:
@@ -166,6 +170,10 @@ class EdgeMiddleware:
                 await refusal(scope, receive, send_wrapper)
                 return
             await self._run_counted(scope, headers, receive, send_wrapper)
+        except ClientDisconnect:
+            # Nothing was stored: the body never arrived whole. The client may retry with its key.
+            status = CLIENT_CLOSED_REQUEST
+            log.info("client_disconnected", path=scope["path"])
         except Exception as exc:
             # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the 500 also
             # carries X-Request-ID. Logged with its traceback; the client gets a bare problem.

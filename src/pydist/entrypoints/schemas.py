@@ -174,7 +174,8 @@ def _no_constants(name: str) -> Any:
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    # Media types are case-insensitive (RFC 9110 section 8.3.1): "Application/JSON" is JSON.
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise ProblemError(415, "unsupported-media-type", "send the body as application/json")
     declared = request.headers.get("content-length")

@@ -64,8 +64,8 @@ class CreateBuyOrder:
         if isinstance(result, CapRefused):
             log.info(
                 "buy_order_refused_cap",
-                btc_amount=str(priced.btc_amount),
-                available_btc=str(result.available_btc),
+                btc_amount=f"{priced.btc_amount:f}",  # never "5E-8": amounts are plain decimals
+                available_btc=f"{result.available_btc:f}",
             )
             raise CapExceededError(priced.btc_amount, result.available_btc)
         if not result.created:  # a concurrent request with the same key won the race
