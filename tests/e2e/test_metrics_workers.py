@@ -10,6 +10,7 @@ requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -48,19 +50,12 @@ STALE_FILE = "histogram_4194000.db"  # a pid no live process has
 
 def worker_pids(proc: Proc) -> set[int]:
     """uvicorn's workers: the children of the serve process started by multiprocessing's spawn."""
-    pid = proc.popen.pid
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return set()
     workers = set()
-    for child in children:
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue  # exited meanwhile
-        if b"spawn_main" in cmdline:
-            workers.add(int(child))
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(proc.popen.pid).children():
+            with contextlib.suppress(psutil.Error):  # exited meanwhile
+                if any("spawn_main" in arg for arg in child.cmdline()):
+                    workers.add(child.pid)
     return workers
 
 

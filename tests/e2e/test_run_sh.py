@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.procs import free_port
+from tests.support.procs import command_lines, free_amqp_port, free_port
 
 # Measured on 2 shared cores, other sessions' tests running: run.sh to every process ready 42-94 s
 # (the private node's first boot 9-19 s of it), SIGTERM to run.sh's exit 5-11 s, plus the 8 s
@@ -35,33 +35,6 @@ def _rabbitmq_installed() -> bool:
     """Judged independently of run.sh's own detection, so a broken detection cannot pass."""
     scripts = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
     return scripts.exists() or shutil.which("rabbitmq-server") is not None
-
-
-def _rabbit_port() -> int:
-    """An AMQP port whose derived distribution (+20000) and epmd (+10000) ports are free too."""
-    for _ in range(100):
-        port = free_port()
-        if port <= 45535 and all(_free(port + d) for d in (10000, 20000)):
-            return port
-    raise AssertionError("no AMQP port with free derived ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _cmdlines() -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-    return out
 
 
 def _metric(text: str, name: str) -> float:
@@ -101,7 +74,7 @@ def _half_sent_order(port: int) -> socket.socket:
 
 def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> None:
     ports = {name: free_port() for name in ("create", "fetch", "price", "relay", "sync", "stub")}
-    rabbit_port = _rabbit_port()
+    rabbit_port = free_amqp_port()
     with_broker = _rabbitmq_installed()
     unset = {"WRITE_DATABASE_URL", "READ_DATABASE_URL", "BROKER_URL", "API_KEYS", "BTC_PRICE_URL"}
     unset |= {"PYDIST_EMBEDDED_BROKER"}
@@ -188,7 +161,7 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
     # run.sh's EXIT trap waited for the node to stop: nothing of it may be left, not even epmd.
     left = {
         pid: cmd
-        for pid, cmd in _cmdlines().items()
+        for pid, cmd in command_lines().items()
         if ("beam.smp" in cmd and str(data_dir) in cmd) or f"epmd -port {rabbit_port + 10000} " in cmd
     }
     assert not left, f"private RabbitMQ processes left: {left}"

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from pydist.devtools import embedded_rabbitmq as rmq
-from tests.support.procs import free_port
+from tests.support.procs import command_lines, free_port
 
 T = TypeVar("T")
 
@@ -80,10 +82,10 @@ def _register(service: Any) -> None:
 
 
 def _start_time(pid: int) -> str | None:
+    """When ``pid`` started: with the pid, names one process (a pid alone may be reused)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return str(psutil.Process(pid).create_time())
+    except psutil.Error:
         return None
 
 
@@ -101,11 +103,10 @@ def reap_stale() -> list[Path]:
         if _pid_alive(pid) and _start_time(pid) == start:
             continue
         pids = set(processes_mentioning(str(d))) | set(processes_mentioning(d.name))
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, psutil.Error):
             epmd_pid, epmd_port = (d / "epmd").read_text().split()
-            with open(f"/proc/{epmd_pid}/cmdline", "rb") as f:
-                if f"-port\0{epmd_port}\0" in f.read().decode(errors="replace"):
-                    pids.add(int(epmd_pid))
+            if f" -port {epmd_port} " in f" {' '.join(psutil.Process(int(epmd_pid)).cmdline())} ":
+                pids.add(int(epmd_pid))
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
@@ -142,52 +143,37 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running, and not a zombie (an exited child not yet reaped keeps its pid)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
 
 
 def _parent_pid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ValueError, IndexError):
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return None
 
 
 def processes_in_group(pgid: int) -> list[int]:
     """Live pids in process group ``pgid`` (a service started with start_new_session=True)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(entry))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc.pid) == pgid and _pid_alive(proc.pid):
+                found.append(proc.pid)
     return found
 
 
 def processes_mentioning(text: str) -> list[int]:
     """Live pids whose command line contains ``text`` (the leak check: our processes name our dir)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and _pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, cmdline in command_lines().items()
+        if pid != os.getpid() and text in cmdline and _pid_alive(pid)
+    ]
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
+
+from pydist.devtools import embedded_rabbitmq as rmq
 
 PORT_FIELDS = {
     "create": "CREATE_BUY_ORDER_PORT",
@@ -69,6 +72,21 @@ def free_port() -> int:
                 _chosen_ports.add(port)
                 return port
     raise RuntimeError(f"no free port found in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
+
+
+def free_amqp_port() -> int:
+    """An AMQP port whose derived distribution (+20000) and epmd (+10000) ports are free too, as
+    a private RabbitMQ node (pydist.devtools.embedded_rabbitmq) lays its ports out."""
+    for _ in range(100):
+        port = free_port()
+        if not any(rmq.port_in_use(port + d) for d in (10000, 20000)):
+            return port
+    raise RuntimeError("no AMQP port with free derived ports")
+
+
+def command_lines() -> dict[int, str]:
+    """Every process's command line, its arguments joined by spaces."""
+    return {p.pid: " ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"])}
 
 
 @dataclass

@@ -19,7 +19,7 @@ epmd; it runs its processes itself (`start` and `stop` here assume a node with i
 
 The pure parts (`NodeConfig`, `rabbitmq_conf`, `cli_env`, `server_env`) do no I/O, so they are
 unit-tested;
-`start` and `stop` do the processes, and find them again through Linux's /proc. The node
+`start` and `stop` do the processes, and find them again by their command lines (psutil). The node
 outlives `start` (it runs in its own session, like pgserver's PostgreSQL): `./run.sh` stops it
 from its EXIT trap.
 """
@@ -29,16 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import psutil
 
 NODE_NAME = "pydist-dev@localhost"
 DEFAULT_AMQP_PORT = 5673  # next to the shared node's 5672, never on it
@@ -218,7 +221,7 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
     cfg = NodeConfig(data_dir, amqp_port)
     scripts, epmd_exe = find_scripts(os.environ)
     state = _read_state(cfg)
-    if _beam_pid(cfg) is not None:
+    if _beams_of(cfg):
         running_port = state.get("amqp_port")
         if running_port != amqp_port:
             raise NodeError(
@@ -228,8 +231,9 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
         _await_amqp(cfg, None, time.monotonic() + timeout)
         return cfg
     prepare(cfg)
-    epmd_pid = _own_epmd(cfg, state)
-    busy = [p for p in (cfg.amqp_port, cfg.dist_port) + (() if epmd_pid else (cfg.epmd_port,)) if _in_use(p)]
+    epmd = _own_epmd(cfg, state)
+    ports = (cfg.amqp_port, cfg.dist_port) + (() if epmd else (cfg.epmd_port,))
+    busy = [p for p in ports if port_in_use(p)]
     if busy:
         raise NodeError(
             f"port(s) {', '.join(map(str, busy))} already in use: choose another AMQP port "
@@ -238,37 +242,39 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
     deadline = time.monotonic() + timeout
     started: list[subprocess.Popen[bytes]] = []
     try:
-        if epmd_pid is None:
-            epmd = subprocess.Popen(
-                [epmd_exe, "-port", str(cfg.epmd_port), "-address", "127.0.0.1"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # outlives this command, and is not hit by the terminal's Ctrl-C
-            )
-            started.append(epmd)
-            epmd_pid = epmd.pid
-        _write_state(cfg, epmd_pid)
-        cfg.pid_file.unlink(missing_ok=True)
+        if epmd is None:
+            started.append(_detached([epmd_exe, "-port", str(cfg.epmd_port), "-address", "127.0.0.1"]))
+        _write_state(cfg, epmd.pid if epmd else started[0].pid)
         with cfg.console_log.open("ab") as log:
-            server = subprocess.Popen(
-                [str(scripts / "rabbitmq-server")],
-                env=server_env(cfg, os.environ),
-                cwd=cfg.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            server = _detached([str(scripts / "rabbitmq-server")], server_env(cfg, os.environ), cfg, log)
         started.append(server)
         _await_amqp(cfg, server, deadline)
     except BaseException:
         _stop_processes(cfg)
-        for p in started:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
+        for p in started:  # whatever _stop_processes could not find yet
+            p.kill()
+            p.wait()
         raise
     return cfg
+
+
+def _detached(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cfg: NodeConfig | None = None,
+    log: IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A process in its own session: it outlives this command and is not hit by the terminal's
+    Ctrl-C (run.sh stops it from its EXIT trap)."""
+    return subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cfg.data_dir if cfg else None,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
@@ -296,25 +302,26 @@ def prepare(cfg: NodeConfig) -> None:
 
 
 def _stop_processes(cfg: NodeConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
-    beam = _beam_pid(cfg)
-    if beam is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(beam, signal.SIGTERM)
-        if not _wait(lambda: not _alive(beam), timeout):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(beam, signal.SIGKILL)
-            _wait(lambda: not _alive(beam), 10)
-    # A beam of this node that had not written its pid file yet goes too.
-    for pid in _beams_of(cfg):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """SIGTERM (RabbitMQ's clean shutdown) to the node's beam, even one still booting, then its
+    epmd; SIGKILL what is left after ``timeout``."""
+    beams = _beams_of(cfg)
+    _end(beams, timeout)
     epmd = _own_epmd(cfg, _read_state(cfg))
-    if epmd is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(epmd, signal.SIGTERM)
-        _wait(lambda: not _alive(epmd), 10)
+    _end([epmd] if epmd else [], 10)
     cfg.state_file.unlink(missing_ok=True)
-    return beam is not None or epmd is not None
+    return bool(beams) or epmd is not None
+
+
+def _end(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM, then SIGKILL whatever still runs after ``timeout`` (psutil reaps our own children)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadline: float) -> None:
@@ -375,57 +382,46 @@ def _write_state(cfg: NodeConfig, epmd_pid: int) -> None:
     cfg.state_file.write_text(json.dumps(state) + "\n")
 
 
-def _beam_pid(cfg: NodeConfig) -> int | None:
-    """The node's beam, from its pid file, if alive and really ours (a stale pid file may point
-    at a recycled pid, so the process must also be one of `_beams_of`)."""
-    try:
-        pid = int(cfg.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _alive(pid) and pid in _beams_of(cfg) else None
-
-
-def _own_epmd(cfg: NodeConfig, state: Mapping[str, object]) -> int | None:
-    """Our epmd's pid, if it still runs (checked against its command line, not trusted blindly)."""
+def _own_epmd(cfg: NodeConfig, state: Mapping[str, object]) -> psutil.Process | None:
+    """Our epmd, if it still runs (checked against its command line: a pid may be recycled)."""
     pid, port = state.get("epmd_pid"), state.get("epmd_port")
     if not isinstance(pid, int) or port != cfg.epmd_port:
         return None
-    cmd = _cmdline(pid).split()
-    ours = bool(cmd) and cmd[0].endswith("epmd") and f" -port {port} " in f" {' '.join(cmd)} "
-    return pid if ours and _alive(pid) else None
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        cmd = proc.cmdline()
+        if cmd and cmd[0].endswith("epmd") and _follows(cmd, "-port", str(port)) and _running(proc):
+            return proc
+    return None
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _beams_of(cfg: NodeConfig) -> list[int]:
+def _beams_of(cfg: NodeConfig) -> list[psutil.Process]:
     """Live Erlang VMs started with this node's private HOME (``-home <data dir>/home``, which
-    erl puts on the command line): this node's, and only it (for a node with a HOME of its own,
-    which is what `start` makes), not a shell or an editor that happens to mention the data dir."""
-    mark = f"-home {cfg.home} "
+    erl puts on the command line), booted or still booting: this node's, and only it (for a node
+    with a HOME of its own, which is what `start` makes), not a shell or an editor that happens
+    to mention the data dir."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            cmd = _cmdline(int(entry))
-            if cmd.split(" ", 1)[0].endswith("beam.smp") and mark in cmd and _alive(int(entry)):
-                found.append(int(entry))
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].endswith("beam.smp") and _follows(cmd, "-home", str(cfg.home)) and _running(proc):
+            found.append(proc)
     return found
 
 
-def _in_use(port: int) -> bool:
+def _follows(cmd: list[str], flag: str, value: str) -> bool:
+    return any(a == flag and b == value for a, b in itertools.pairwise(cmd))
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (a child that exited and has not been reaped yet still has a pid)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a listener holds ``port`` on 127.0.0.1 (the node's ports must all be free)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -433,12 +429,3 @@ def _in_use(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)  # paces the polling of a condition, never a stand-in for one
-    return True
