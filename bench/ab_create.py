@@ -14,7 +14,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from bench.harness import ab_rounds, env_for, histogram, log, processes, resources, spawn
+from bench.harness import ab_procs, env_for, hist_mean, histogram, log, processes, resources, spawn
 from bench.workload import BulkLoader
 
 
@@ -30,20 +30,16 @@ def main() -> None:
     parser.add_argument("--service", choices=("create", "fetch"), default="create")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.env)
-    create = args.service == "create"
-    path, script = ("/buy_order", "create.lua") if create else ("/buy_orders?page_size=10", "get.lua")
     srcs = dict(kv.split("=", 1) for kv in args.src)
     envs = {k: {**extra, "PYTHONPATH": str(Path(src).resolve()) if src else ""} for k, src in srcs.items()}
     env_for(args.env_for, envs, new_labels=False)
     with resources() as res, processes(res, "price", "relay", "sync") as system:
         asyncio.run(BulkLoader(res.write_url, res.read_url).load_to(args.rows))
         procs = spawn(system, {k: (args.service, env) for k, env in envs.items()})
-        urls = {k: p.url + path for k, p in procs.items()}
-        meters = {k: {args.service: p.popen.pid} for k, p in procs.items()}
-        runs = ab_rounds(urls, script, args.connections, (args.rounds, args.seconds), meters, res.dbs)
-        for label, p in procs.items() if create else ():
-            h = histogram(p.url, "pydist_write_batch_orders")
-            log(f"{label}: {h['sum'] / max(h['count'], 1):.1f} orders per write batch (mean, all runs)")
+        runs = ab_procs(procs, args.service, (args.rounds, args.seconds), args.connections, res.dbs)
+        for label, p in procs.items() if args.service == "create" else ():
+            mean = hist_mean(histogram(p.url, "pydist_write_batch_orders"))
+            log(f"{label}: {mean:.1f} orders per write batch (mean, all runs)")
     for label, r in runs.items():
         cores = r["cpu"][f"{args.service}_cpu"]["median"]
         log(f"{label}: {r['rps']['median']:,.0f} req/s, p99 {r['p99_ms']['median']:.1f} ms, {cores:.2f} core")

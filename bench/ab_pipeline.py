@@ -20,14 +20,14 @@ from tests.support.procs import System
 
 from bench import harness, open_loop
 from bench.harness import Resources, log, processes, resources, spawn, stop_procs
-from bench.workload import BulkLoader, drained, lag_between
+from bench.workload import BulkLoader, drained, lag_between, lag_text
 
 
 def load(system: System, res: Resources, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
     """Open loop at `args.rate`, or with `args.connections` wrk's closed loop."""
     if not args.connections:
         return open_loop.measured(system.url("create"), args.rate, args.seconds, pids, res.dbs)
-    url, waits = system.url("create") + "/buy_order", harness.PgWaits(res.dbs)
+    url, waits = system.url("create") + harness.PATHS["create"], harness.PgWaits(res.dbs)
     run = harness.run_wrk(url, "create.lua", args.connections, args.seconds, pids, res.dbs)
     log(f"  Postgres: {open_loop.wait_shares(waits.stop())}")
     return {k: getattr(run, k) for k in ("rps", "p50_ms", "p99_ms", "cpu", "t0", "t1")}
@@ -37,12 +37,11 @@ def one_turn(system: System, res: Resources, env: dict[str, str], args: argparse
     """Start a relay with `env`, load create, wait until everything is projected, stop the relay:
     the latencies, the CPU reading and the lag of that turn."""
     relay = spawn(system, {"relay": ("relay", env)})["relay"]
-    pids = {n: p.popen.pid for n, p in system.procs.items() if n != "price"} | harness.rabbitmq()
+    pids = harness.meter_pids(system, "price")
     with drained(res):
         r = load(system, res, args, pids)
     r |= asyncio.run(lag_between(res, r["t0"], r["t1"]))
-    per_message = harness.histogram(relay.url, "pydist_events_per_message")
-    r["events_per_message"] = per_message["sum"] / max(per_message["count"], 1.0)
+    r["events_per_message"] = harness.hist_mean(harness.histogram(relay.url, "pydist_events_per_message"))
     stop_procs(system, "relay")
     assert not relay.alive()
     cores = sum(r["cpu"].get(f"{n}_cpu", 0.0) for n in ("relay", "sync", "rabbitmq"))
@@ -80,9 +79,7 @@ def summary(r: dict[str, Any]) -> str:
     rate = f"{r['rps']:,.0f} orders/s; " if "rps" in r else ""
     return rate + (
         f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms; pipeline {r['pipeline_us']:.0f} µs/order, "
-        f"{r['events_per_message']:.1f} events/message; "
-        f"lag p50 {r['lag_p50_ms']:.0f} p99 {r['lag_p99_ms']:.0f} ms (confirmed p50 "
-        f"{r['published_p50_ms']:.0f} p99 {r['published_p99_ms']:.0f}); {harness.cores_text(cpu)}"
+        f"{r['events_per_message']:.1f} events/message; {lag_text(r)}; {harness.cores_text(cpu)}"
     )
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from tests.support import services
 from tests.support.procs import PORT_FIELDS, Proc, System, base_env, free_port, launch, wait_ready
 
@@ -32,8 +34,9 @@ from pydist.devtools.coinbase_stub import CoinbaseStub
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_DIR = BENCH_DIR / "wrk"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NAN = float("nan")
+PATHS = {"create": "/buy_order", "fetch": "/buy_orders?page_size=10"}  # what a service's load requests
+SCRIPTS = {"create": "create.lua", "fetch": "get.lua"}
 
 
 def log(msg: str) -> None:
@@ -151,32 +154,35 @@ def wait_workers(proc: Proc, workers: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def _proc(path: str) -> str:
-    """The text of /proc/`path`; "" if the process is gone."""
-    try:
-        with open(f"/proc/{path}") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int | str) -> list[str]:
-    """/proc/PID/stat's fields after the command name (which may hold spaces): state, ppid, …"""
-    return _proc(f"{pid}/stat").rpartition(")")[2].split()
+def meter_pids(system: System, *skip: str) -> dict[str, int]:
+    """The running processes of `system` (but `skip`) and the broker, as CpuMeter entries."""
+    pids = {n: p.popen.pid for n, p in system.procs.items() if p.alive() and n not in skip}
+    # The broker's VM: the last beam.smp process, if one runs.
+    beams = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+    return pids | ({"rabbitmq": beams[-1]} if beams else {})
 
 
 def tree(pid: int) -> list[int]:
     """pid and all its descendants (uvicorn's workers, multiprocessing helpers)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        if fields := _stat_fields(entry):
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [pid], [pid]
-    while todo:
-        found = children.get(todo.pop(), [])
-        out += found
-        todo += found
-    return out
+    with contextlib.suppress(psutil.Error):
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    return [pid]
+
+
+def cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(psutil.Error):
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+    return 0.0
+
+
+def _proc(path: str) -> str:
+    """The text of /proc/`path`; "" if the process is gone. Read by hand for what psutil does not
+    give: the run-queue wait (schedstat) and the peak resident set (VmHWM)."""
+    try:
+        return Path(f"/proc/{path}").read_text()
+    except OSError:
+        return ""
 
 
 def runq_seconds(pid: int) -> float:
@@ -186,29 +192,17 @@ def runq_seconds(pid: int) -> float:
     return int(fields[1]) / 1e9 if len(fields) > 1 else 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
-
-
-def rabbitmq() -> dict[str, int]:
-    """The broker's VM (the last beam.smp process) as a CpuMeter entry; {} if none runs."""
-    pids = [e for e in filter(str.isdigit, os.listdir("/proc")) if _proc(f"{e}/comm").strip() == "beam.smp"]
-    return {"rabbitmq": int(pids[-1])} if pids else {}
-
-
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set since it started."""
     found = re.search(r"^VmHWM:\s+(\d+)", _proc(f"{pid}/status"), re.MULTILINE)
     return int(found[1]) / 1024 if found else 0.0
 
 
-def machine_jiffies() -> tuple[float, float, float]:
-    """(busy, total, steal) jiffies of the machine, from /proc/stat. Steal (the hypervisor ran
-    another guest on our virtual cores) counts as busy: those cores were not ours to use."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    return float(sum(parts) - parts[3] - parts[4]), float(sum(parts)), float(parts[7])
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, steal) CPU seconds of the machine. Steal (the hypervisor ran another guest on
+    our virtual cores) counts as busy: those cores were not ours to use."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - times.iowait, sum(times), times.steal
 
 
 _BACKENDS = """
@@ -264,7 +258,7 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int], pg_dbs: Sequence[str] = ()) -> None:
         self.pids, self.pg_dbs = pids, list(pg_dbs)
         self.q0 = {n: runq_seconds(p) for n, p in pids.items()}
-        self.t0, self.m0, self.c0 = time.monotonic(), machine_jiffies(), self._snap()
+        self.t0, self.m0, self.c0 = time.monotonic(), machine_cpu(), self._snap()
 
     def _snap(self) -> dict[str, dict[int, float]]:
         groups = {n: tree(p) for n, p in self.pids.items()}
@@ -274,7 +268,7 @@ class CpuMeter:
         return {n: {p: cpu_seconds(p) for p in pids} for n, pids in groups.items()}
 
     def stop(self) -> dict[str, float]:
-        wall, after, m1 = time.monotonic() - self.t0, self._snap(), machine_jiffies()
+        wall, after, m1 = time.monotonic() - self.t0, self._snap(), machine_cpu()
         cores = {
             n: sum(max(0.0, s - self.c0[n].get(p, 0.0)) for p, s in pids.items()) for n, pids in after.items()
         }
@@ -319,31 +313,25 @@ def run_wrk(
     env = {**os.environ, "BENCH_WRK_DIR": str(WRK_DIR), "BENCH_NONCE": uuid.uuid4().hex[:8]}
     cpu, t0 = CpuMeter(meter or {}, pg_dbs), time.time()
     popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + seconds + 30
-    while not (reaped := os.wait4(popen.pid, os.WNOHANG))[0]:  # wait4: wrk's own CPU time
-        if time.monotonic() > deadline:
-            popen.kill()
-            raise RuntimeError(f"wrk did not finish: {' '.join(cmd)}")
-        time.sleep(0.05)
-    t1, usage, code = time.time(), cpu.stop(), os.waitstatus_to_exitcode(reaped[1])
+    killer = threading.Timer(seconds + 30, popen.kill)  # bounded: a wrk that hangs is killed
+    killer.start()
+    try:
+        _, status, rusage = os.wait4(popen.pid, 0)  # wait4, not wait: it gives wrk's own CPU time
+    finally:
+        killer.cancel()
+    t1, usage = time.time(), cpu.stop()
+    popen.returncode = code = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
     assert popen.stdout is not None
     text = popen.stdout.read().decode(errors="replace")
     found = re.search(r"^WRK_JSON (\{.*\})$", text, re.M)
     if code != 0 or found is None:
         raise RuntimeError(f"wrk failed ({code}): {' '.join(cmd)}\n{text[-2000:]}")
-    d = json.loads(found.group(1))
-    errors = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
-    return WrkResult(
-        rps=(d["requests"] - d["status_errors"]) / (d["duration_us"] / 1e6),
-        requests=d["requests"],
-        errors=sum(d[k] for k in errors),
-        p50_ms=d["lat_p50_us"] / 1000,
-        p99_ms=d["lat_p99_us"] / 1000,
-        wrk_cpu=(reaped[2].ru_utime + reaped[2].ru_stime) / max(t1 - t0, 1e-9),
-        cpu=usage,
-        t0=t0,
-        t1=t1,
-    )
+    d = json.loads(found[1])
+    errors = sum(d[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    rps = (d["requests"] - d["status_errors"]) / (d["duration_us"] / 1e6)
+    p50, p99 = d["lat_p50_us"] / 1000, d["lat_p99_us"] / 1000
+    wrk_cpu = (rusage.ru_utime + rusage.ru_stime) / max(t1 - t0, 1e-9)
+    return WrkResult(rps, d["requests"], errors, p50, p99, wrk_cpu, usage, t0, t1)
 
 
 def wrk_json(results: list[WrkResult]) -> dict[str, Any]:
@@ -373,6 +361,15 @@ def ab_rounds(
             ms = f"p50 {r.p50_ms:.1f} p99 {r.p99_ms:.1f} ms"
             log(f"  {label}: {r.rps:,.0f} req/s {ms}, {r.errors} errors; {cores_text(r.cpu)}")
     return {label: wrk_json(results) for label, results in out.items()}
+
+
+def ab_procs(
+    procs: dict[str, Proc], service: str, rounds: tuple[int, float], connections: int, pg_dbs: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """ab_rounds over processes of one `service` (create or fetch), each metered alone."""
+    urls = {k: p.url + PATHS[service] for k, p in procs.items()}
+    meters = {k: {service: p.popen.pid} for k, p in procs.items()}
+    return ab_rounds(urls, SCRIPTS[service], connections, rounds, meters, pg_dbs)
 
 
 def run_pgbench(url: str, script: Path, clients: int, seconds: float) -> tuple[float, float, int]:
@@ -423,20 +420,23 @@ def _frame(frame: str) -> str:
 def histogram(url: str, name: str) -> dict[str, float]:
     """A histogram's count, sum and cumulative buckets (by `le`) from /metrics, summed over labels."""
     out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + "_"):
-            le = re.search(r'le="([^"]+)"', line)
-            key = le[1] if le else line.split("{")[0].split(" ")[0].removeprefix(name + "_")
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+        for s in family.samples:
+            if s.name.startswith(name + "_"):
+                key = s.labels.get("le") or s.name.removeprefix(name + "_")
+                out[key] = out.get(key, 0.0) + s.value
     return out
 
 
+def hist_mean(h: dict[str, float]) -> float:
+    """The mean of a histogram(); NaN before its first observation."""
+    return h["sum"] / h["count"] if h.get("count") else NAN
+
+
 def machine_info() -> dict[str, str]:
-    with open("/proc/cpuinfo") as f:
+    with open("/proc/cpuinfo") as f:  # psutil does not name the CPU model
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
-    with open("/proc/meminfo") as f:
-        mem_kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:")), 0)
-    memory = f"{mem_kb / 1024 / 1024:.1f} GiB"
+    memory = f"{psutil.virtual_memory().total / 1024**3:.1f} GiB"
     return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": memory, "kernel": os.uname().release}
 
 
@@ -449,5 +449,7 @@ def env_for(
         label, kv = spec.split(":", 1)
         if label not in envs and not new_labels:
             raise SystemExit(f"--env-for {spec}: no variant {label!r} (one of {', '.join(envs)})")
-        envs.setdefault(label, {}).update([kv.split("=", 1)])
+        label_env = envs.setdefault(label, {})
+        name, value = kv.split("=", 1)
+        label_env[name] = value
     return envs

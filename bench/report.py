@@ -63,11 +63,9 @@ def _ratio(
     figure: str, value: str, base: str, a: float, b: float, target: float | None, higher: bool = True
 ) -> Row:
     """A row with the ratio a / b, checked against `target` (None: only reported)."""
-    ratio = f"{_per(a, b):.2f}x"
-    if target is None:
-        return [figure, value, base, ratio, "(reported)", "-"]
-    sign = "≥" if higher else "≤"
-    return [figure, value, base, ratio, f"{sign} {target}x", _verdict(_per(a, b), target, higher)]
+    ratio, sign = _per(a, b), "≥" if higher else "≤"
+    judged = ["(reported)", "-"] if target is None else [f"{sign} {target}x", _verdict(ratio, target, higher)]
+    return [figure, value, base, f"{ratio:.2f}x", *judged]
 
 
 def _plain(figure: str, value: str, target: str = "(reported)", verdict: str = "-") -> Row:
@@ -87,8 +85,10 @@ def _create_rows(r: dict[str, Any]) -> list[Row]:
     figure = f"create orders/s end to end (HTTP → committed order + cap + outbox), c={plan['create_c']}"
     pg_base = f"pgbench naive order tx, c={plan['pgbench_c']}: {_s(pg['tps'])} tps"
     hello_base = f"FastAPI POST + pydantic body: {_s(hello['rps'])} req/s"
-    latency = f"{_s(create['p50_ms'], 1)} / {_s(create['p99_ms'], 1)} ms"
-    p99 = _verdict(_m(create, "p99_ms"), 50)
+    latency, p99 = (
+        f"{_s(create['p50_ms'], 1)} / {_s(create['p99_ms'], 1)} ms",
+        _verdict(_m(create, "p99_ms"), 50),
+    )
     return [
         _ratio(figure, value, pg_base, rate, _m(pg, "tps"), 2.0),
         _ratio("create, as a share of hello-world POST", value, hello_base, rate, _m(hello, "rps"), 0.5),
@@ -141,9 +141,8 @@ def _open_loop_row(run: dict[str, Any]) -> Row:
         f"of the run ({_pct(cpu['machine_steal'], 1)} of the machine stolen)",
         open_loop.stalls(run),
     ]
-    if run["share"] != 0.5:
-        return _plain(figure, "; ".join(value))
-    return _plain(figure, "; ".join(value), "p99 < 50 ms", _verdict(run["p99_ms"], 50))
+    judged = ("p99 < 50 ms", _verdict(run["p99_ms"], 50)) if run["share"] == 0.5 else ()
+    return _plain(figure, "; ".join(value), *judged)
 
 
 def _read_rows(r: dict[str, Any]) -> list[Row]:
@@ -153,11 +152,10 @@ def _read_rows(r: dict[str, Any]) -> list[Row]:
     figure = f"fetch page (page_size 10) req/s, c={plan['fetch_c']}"
     hello_base = f"hello-world GET: {_s(hello['rps'])} req/s"
     depth = f"page at depth {deep['depth']:,} (read model {last['read_rows']:,} rows), p50, 1 client"
-    deep_ms, first_ms = f"{_s(deep['p50_ms'], 2)} ms", f"{_s(first['p50_ms'], 2)} ms"
-    deep_p50, first_p50 = _m(deep, "p50_ms"), _m(first, "p50_ms")
+    deep_ms, first_ms = f"{_s(deep['p50_ms'], 2)} ms", f"first page: {_s(first['p50_ms'], 2)} ms"
     return [
         _ratio(figure, _s(fetch["rps"]), hello_base, _m(fetch, "rps"), _m(hello, "rps"), 0.5),
-        _ratio(depth, deep_ms, f"first page: {first_ms}", deep_p50, first_p50, 1.1, False),
+        _ratio(depth, deep_ms, first_ms, _m(deep, "p50_ms"), _m(first, "p50_ms"), 1.1, False),
     ]
 
 
@@ -184,8 +182,8 @@ def _relay_row(r: dict[str, Any]) -> Row:
     relay = r["relay"]
     figure = f"relay throughput, outbox → broker with confirms ({relay['n']:,} events)"
     base = f"raw aio-pika, one event per message, confirms, 500 in flight: {_s(relay['raw_mps'])} msgs/s"
-    value, events, raw = f"{_s(relay['relay_eps'])} events/s", _m(relay, "relay_eps"), _m(relay, "raw_mps")
-    return _ratio(figure, value, base, events, raw, 5)
+    value = f"{_s(relay['relay_eps'])} events/s"
+    return _ratio(figure, value, base, _m(relay, "relay_eps"), _m(relay, "raw_mps"), 5)
 
 
 def _rss_row(r: dict[str, Any]) -> Row:

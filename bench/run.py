@@ -31,17 +31,17 @@ from tests.support.observability import Receiver
 from tests.support.procs import System
 
 from bench import harness, open_loop, report, workload
-from bench.harness import NAN, Resources, ab_rounds, log, pg_fetch, run_wrk, stat, wrk_json
+from bench.harness import Resources, ab_rounds, log, pg_fetch, run_wrk, stat, wrk_json
 from bench.workload import BulkLoader, drained, lag_between
 from pydist.adapters.listing import _NEXT_PAGE
 
 ROOT = harness.BENCH_DIR.parent
-BATCHES = "pydist_write_batch_orders"
 # fetch's own query. Postgres 15 plans an EXPLAIN with its parameters' values (a custom plan);
 # fetch's connections force the generic plan, the same index-only scans (tests/integration/test_keyset.py).
 _EXPLAIN = f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {_NEXT_PAGE}"
 PACKAGES = "fastapi uvicorn starlette pydantic sqlalchemy asyncpg aio-pika uvloop opentelemetry-sdk".split()  # noqa: SIM905
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+BATCHES = "pydist_write_batch_orders"
 
 
 # The plan: each setting's value in a full run and in a smoke run (one short run of each, one
@@ -67,21 +67,20 @@ CONNECTIONS = {"create_c": 64, "pgbench_c": 32, "fetch_c": 64, "headroom_c": 8} 
 
 
 class Bench:
+    """The phases of one run, in order (measure()), each adding its figures to `r`."""
+
     def __init__(self, plan: SimpleNamespace, res: Resources, system: System) -> None:
         self.plan, self.res, self.system = plan, res, system
         self.r: dict[str, Any] = {"plan": vars(plan), "rss_mb": {}, "stages": []}
         self.loader = BulkLoader(res.write_url, res.read_url)
         self.labels: dict[str, str] = {}
 
-    def pids(self) -> dict[str, int]:
-        return {n: p.popen.pid for n, p in self.system.procs.items() if p.alive()} | harness.rabbitmq()
-
     def url(self, name: str) -> str:
-        return self.system.url(name) + {"create": "/buy_order", "fetch": "/buy_orders?page_size=10"}[name]
+        return self.system.url(name) + harness.PATHS[name]
 
     def runs(self, url: str, script: str, connections: int, seconds: float) -> dict[str, Any]:
         """plan.runs wrk runs after a warm-up, with the CPU of every process and our Postgres backends."""
-        meters, rounds = {script: self.pids()}, (self.plan.runs, seconds)
+        meters, rounds = {script: harness.meter_pids(self.system)}, (self.plan.runs, seconds)
         return ab_rounds({script: url}, script, connections, rounds, meters, self.res.dbs)[script]
 
     def snapshot_rss(self) -> None:
@@ -125,15 +124,15 @@ class Bench:
 
     def create_runs(self, seconds: float) -> dict[str, Any]:
         """create at c=64 with the pipeline paused: throughput, latency, batch sizes, Postgres."""
-        url, base = self.url("create"), self.system.url("create")
+        metrics = self.system.url("create")
         with self.pipeline_paused():
-            h0 = harness.histogram(base, BATCHES)
-            out = self.runs(url, "create.lua", self.plan.create_c, seconds)
-            h1 = harness.histogram(base, BATCHES)
+            h0 = harness.histogram(metrics, BATCHES)
+            out = self.runs(self.url("create"), "create.lua", self.plan.create_c, seconds)
+            h1 = harness.histogram(metrics, BATCHES)
         d = {k: v - h0.get(k, 0.0) for k, v in h1.items()}
         les = [k for k in d if k[0].isdigit() or k == "+Inf"]  # cumulative: made per bucket below
         buckets = {le: d[le] - (d[les[i - 1]] if i else 0.0) for i, le in enumerate(les)}
-        mean = d["sum"] / d["count"] if d["count"] else NAN
+        mean = harness.hist_mean(d)
         out["batches"] = {"count": d["count"], "orders": d["sum"], "mean": mean, "buckets": buckets}
         log(f"  batches: mean {mean:.1f} orders per place_orders()")
         return out
@@ -147,8 +146,7 @@ class Bench:
             time.sleep(1)
             pids = {n: self.system.procs[n].popen.pid for n in names}
             spies = {
-                n: pool.submit(harness.py_spy, pid, seconds, logs / f"{n}.pyspy.txt")
-                for n, pid in pids.items()
+                n: pool.submit(harness.py_spy, p, seconds, logs / f"{n}.pyspy.txt") for n, p in pids.items()
             }
             load.result()
             return {n: spy.result() for n, spy in spies.items()}
@@ -162,8 +160,8 @@ class Bench:
         # page latency, one client: the first page and one deep down the listing, interleaved
         ref, depth = asyncio.run(self.loader.reference_at_depth(self.plan.deep_depth))
         urls = {"page_first": self.url("fetch"), "page_deep": f"{self.url('fetch')}&last_reference={ref}"}
-        meters, rounds = dict.fromkeys(urls, self.pids()), (self.plan.runs, self.plan.latency_s)
-        stage |= ab_rounds(urls, "get.lua", 1, rounds, meters, self.res.dbs)
+        meters = dict.fromkeys(urls, harness.meter_pids(self.system))
+        stage |= ab_rounds(urls, "get.lua", 1, (self.plan.runs, self.plan.latency_s), meters, self.res.dbs)
         explain = [row[0] for row in asyncio.run(pg_fetch(self.res.read_url, _EXPLAIN, 11, ref))]
         stage["page_deep"] |= {"depth": depth, "explain": explain}
         if last:
@@ -193,10 +191,10 @@ class Bench:
     def open_loop(self, share: float, max_rate: float) -> dict[str, Any]:
         """create at a constant arrival rate of `share` times the max create rate, pipeline running,
         from bench/open_loop.py (its own process): latency counted from each request's due time."""
-        rate, seconds = share * max_rate, self.plan.open_loop_s
+        rate, seconds, pids = share * max_rate, self.plan.open_loop_s, harness.meter_pids(self.system)
         log(f"open loop: {rate:,.0f} orders/s ({share:.0%} of max) for {seconds:.0f}s")
         with drained(self.res):
-            r = open_loop.measured(self.system.url("create"), rate, seconds, self.pids(), self.res.dbs)
+            r = open_loop.measured(self.system.url("create"), rate, seconds, pids, self.res.dbs)
         ms = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} max {r['max_ms']:.0f} ms"
         late = f"generator {r['client_cpu']:.2f} core, fired late p99 {r['late_p99_ms']:.0f} ms"
         log(f"  {ms}; {r['errors']} errors {r['error_kinds']}; {late}")
@@ -208,12 +206,12 @@ class Bench:
         """create at c=`connections` for `seconds` with the whole pipeline running: the rate, the
         commit-to-visible lag of those orders and the backlog over time."""
         log(f"sustained create, c={connections}, {seconds:.0f}s, pipeline running: lag and backlog")
+        pids = harness.meter_pids(self.system)
         with drained(self.res):
-            run = run_wrk(self.url("create"), "create.lua", connections, seconds, self.pids(), self.res.dbs)
+            run = run_wrk(self.url("create"), "create.lua", connections, seconds, pids, self.res.dbs)
         lag = asyncio.run(lag_between(self.res, run.t0, run.t1))
-        lags = f"lag p50 {lag['lag_p50_ms']:.0f} ms p99 {lag['lag_p99_ms']:.0f} ms (confirmed p50 "
-        lags += f"{lag['published_p50_ms']:.0f} p99 {lag['published_p99_ms']:.0f})"
-        log(f"  {run.rps:,.0f} orders/s; {lags}; backlog trend {lag['backlog_slope_per_s']:+.1f}/s")
+        trend = f"backlog trend {lag['backlog_slope_per_s']:+.1f}/s"
+        log(f"  {run.rps:,.0f} orders/s; {workload.lag_text(lag)}; {trend}")
         return {**wrk_json([run]), "connections": connections, "duration_s": seconds, **lag}
 
     def relay(self) -> None:
@@ -261,10 +259,8 @@ class Bench:
         try:
             variants = {"off": off, "on": on, "sampled": on | SAMPLED}
             procs = harness.spawn(self.system, {k: ("create", env) for k, env in variants.items()})
-            meters = {k: {"create": p.popen.pid} for k, p in procs.items()}
-            urls = {k: p.url + "/buy_order" for k, p in procs.items()}
             rounds = (plan.tracing_rounds, plan.tracing_s)
-            self.r["tracing"] = ab_rounds(urls, "create.lua", plan.create_c, rounds, meters, self.res.dbs)
+            self.r["tracing"] = harness.ab_procs(procs, "create", rounds, plan.create_c, self.res.dbs)
             harness.stop_procs(self.system, *procs)
         finally:
             sink.stop()

@@ -156,6 +156,12 @@ async def lag_between(res: Resources, t0: float, t1: float) -> dict[str, float]:
     return out | {"written": float(written[0])}
 
 
+def lag_text(lag: dict[str, float]) -> str:
+    """A lag_between() reading for the log: the lag and its first leg, to the broker's confirm."""
+    confirmed = f"(confirmed p50 {lag['published_p50_ms']:.0f} p99 {lag['published_p99_ms']:.0f})"
+    return f"lag p50 {lag['lag_p50_ms']:.0f} p99 {lag['lag_p99_ms']:.0f} ms {confirmed}"
+
+
 _OUTBOX_BATCH = """
 WITH o AS (
     INSERT INTO buy_orders (idempotence_key, currency, currency_amount, btc_rate, btc_amount)
