@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -157,9 +158,19 @@ def wait_workers(proc: Proc, workers: int, timeout: float = 120) -> None:
 def meter_pids(system: System, *skip: str) -> dict[str, int]:
     """The running processes of `system` (but `skip`) and the broker, as CpuMeter entries."""
     pids = {n: p.popen.pid for n, p in system.procs.items() if p.alive() and n not in skip}
-    # The broker's VM: the last beam.smp process, if one runs.
-    beams = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
-    return pids | ({"rabbitmq": beams[-1]} if beams else {})
+    broker = (
+        _listener(urlsplit(system.env["BROKER_URL"]).port or 5672) if "BROKER_URL" in system.env else None
+    )
+    return pids | ({"rabbitmq": broker} if broker else {})
+
+
+def _listener(port: int) -> int | None:
+    """The pid listening on `port`: the broker the bench uses, not whichever other RabbitMQ node
+    (a test's private cluster) happens to run on the machine."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None
 
 
 def tree(pid: int) -> list[int]:

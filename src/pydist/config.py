@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     relay_pace_s: float = Field(default=0.02, ge=0, le=0.1)
     sync_prefetch: int = Field(default=16, ge=1)
     max_body_bytes: int = 16 * 1024
+    body_timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_in_flight: int = Field(default=1000, ge=1)
     api_keys: SecretStr | None = None
     log_level: str = "INFO"

@@ -212,6 +212,39 @@ def test_body_too_large_chunked_is_413(create: httpx.Client, system: System) -> 
         scanned(r.body.decode())
 
 
+@pytest.fixture(scope="module")
+def impatient_create(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
+    """create alone, with a body timeout of 1 s instead of 10, so the stalled-body test is short."""
+    env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
+    env["BODY_TIMEOUT_S"] = "1"
+    with running(env, "create") as started:
+        yield started
+
+
+def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(impatient_create: System) -> None:
+    """A slow sender (slowloris) holds its connection for BODY_TIMEOUT_S at most: half a body, then
+    silence, is answered 408 and the server closes the connection. Measured: closed 1.0-1.1 s
+    after the last byte; the bound is 10 s."""
+    head = put_head("Content-Length: 100\r\n").replace(b"Connection: close\r\n", b"")
+    url = urlsplit(impatient_create.url("create"))
+    assert url.hostname is not None
+    assert url.port is not None
+    data = b""
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head + b'{"currency": ')
+        while chunk := sock.recv(65536):  # until the server closes; a socket timeout fails the test
+            data += chunk
+    took = time.monotonic() - started
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 408 "), data[:300]
+    assert b"\r\nconnection: close" in head_bytes.lower()
+    doc = assert_problem(408, "application/problem+json", body)
+    assert doc["type"] == "/problems/body-timeout"
+    assert 1.0 <= took < 10, took
+    scanned(body.decode())
+
+
 def test_smuggling_shapes_are_refused_by_the_parser(system: System) -> None:
     """Content-Length and chunked together, or a chunk longer than its size line: 400, never
     processed (the order in the body would be valid)."""

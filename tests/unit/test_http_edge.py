@@ -828,6 +828,25 @@ async def test_shed_requests_are_counted() -> None:
     assert (after or 0.0) - (before or 0.0) == 1
 
 
+def put_scope() -> dict[str, Any]:
+    """The ASGI scope of a PUT /buy_order, for tests that drive the app's receive and send by hand
+    (a client that hangs up or stalls, which an HTTP client library would not do)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/buy_order",
+        "raw_path": b"/buy_order",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
 async def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(
     create_app_: FastAPI, fake_create: FakeCreate
 ) -> None:
@@ -848,22 +867,37 @@ async def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(
 
     labels = {"service": "create_buy_order", "method": "PUT", "route": "/buy_order", "status": "499"}
     before = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels) or 0.0
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "PUT",
-        "scheme": "http",
-        "path": "/buy_order",
-        "raw_path": b"/buy_order",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    await create_app_(scope, receive, send)
+    await create_app_(put_scope(), receive, send)
     assert sent == []  # no one is left to read an answer
     assert fake_create.calls == []
     after = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels)
     assert after == before + 1
+
+
+async def test_a_body_that_stalls_past_the_timeout_is_a_408_and_the_connection_closes(
+    fake_create: FakeCreate,
+) -> None:
+    """Half a body, then nothing: after BODY_TIMEOUT_S the client is answered 408 with
+    `Connection: close` (so the server drops the connection) and nothing reaches the use case."""
+    app = build_create_app(make_settings(body_timeout_s=0.2))
+    stalled = asyncio.Event()  # never set: the rest of the body never comes
+    first = [{"type": "http.request", "body": GOOD[:10], "more_body": True}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if first:
+            return first.pop()
+        await stalled.wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(put_scope(), receive, send), 30)
+    start = sent[0]
+    assert start["status"] == 408
+    assert (b"connection", b"close") in start["headers"]
+    doc = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert doc["type"] == "/problems/body-timeout"
+    assert doc["detail"] == "the body did not arrive whole within 0.2 s"
+    assert fake_create.calls == []

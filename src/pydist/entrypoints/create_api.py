@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, *, graph: bootstrap.CreateGraph
         ready=graph.store.ping,
         lifespan=_lifespan(graph, settings.create_buy_order_port),
     )
-    _route_put_buy_order(app, graph.create_order, settings.max_body_bytes)
+    _route_put_buy_order(app, graph.create_order, settings)
     return app
 
 
@@ -150,7 +150,7 @@ _OPENAPI_EXTRA = {
 }
 
 
-def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_body_bytes: int) -> None:
+def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, settings: Settings) -> None:
     @app.put(
         "/buy_order",
         tags=["orders"],
@@ -158,14 +158,14 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, max_
         response_model=CreateBuyOrderOut,
         responses={
             200: {"description": "Created, or replayed (header Idempotent-Replayed: true)"},
-            **problem_responses(401, 409, 413, 415, 422, 503),
+            **problem_responses(401, 408, 409, 413, 415, 422, 503),
         },
         openapi_extra=_OPENAPI_EXTRA,
     )
     async def put_buy_order(
         request: Request, idempotency_key_header: IdempotencyKeyHeader = None
     ) -> Response:
-        raw = await read_json_object(request, max_body_bytes)
+        raw = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
         body = BuyOrderIn.model_validate(raw)  # ValidationError: a 422 problem
         # Repeated header lines are one comma-separated list (RFC 9110 section 5.3), and FastAPI's
         # parameter would keep only one of them: two keys are no key, a 422.

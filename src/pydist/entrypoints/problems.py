@@ -31,6 +31,7 @@ _TITLES = {
     401: "Unauthorized",
     404: "Not found",
     405: "Method not allowed",
+    408: "Request timeout",
     409: "Conflict",
     413: "Request body too large",
     415: "Unsupported media type",
@@ -57,11 +58,20 @@ def safe_text(value: object, limit: int) -> str:
 class ProblemError(Exception):
     """Raise anywhere in a handler to answer with a problem document."""
 
-    def __init__(self, status: int, slug: str, detail: str, **extensions: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug
         self.detail = detail
+        self.headers = headers
         self.extensions = extensions
 
 
@@ -185,7 +195,7 @@ def problem_type(exc: Exception) -> ProblemType:
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemError)
-        return problem(exc.status, exc.slug, exc.detail, **exc.extensions)
+        return problem(exc.status, exc.slug, exc.detail, headers=exc.headers, **exc.extensions)
 
     async def on_validation(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError | ValidationError)

@@ -4,6 +4,7 @@ Amounts are strings on the wire, always."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from decimal import Decimal
@@ -153,6 +154,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "Unknown last_reference",
         409: f"The order would take the total past {BTC_CAP} BTC",
         413: "Body larger than the limit",
+        408: "The body did not arrive whole within BODY_TIMEOUT_S; the connection is closed",
         415: "Body is not JSON",
         422: "Invalid request, or idempotency key reused with a different request",
         503: "Price feed or database unavailable; retry with the same idempotency key",
@@ -173,7 +175,24 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytearray:
+    """The whole body, cut at `max_bytes`. A client that stalls in it is answered 408 and the
+    connection closed after `timeout_s`, so a slow sender holds a connection for a bounded time
+    (uvicorn has no body timeout of its own)."""
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ProblemError(413, "body-too-large", f"the body may be at most {max_bytes} bytes")
+    except TimeoutError:
+        detail = f"the body did not arrive whole within {timeout_s:g} s"
+        raise ProblemError(408, "body-timeout", detail, headers={"Connection": "close"}) from None
+    return body
+
+
+async def read_json_object(request: Request, max_bytes: int, timeout_s: float) -> dict[str, Any]:
     # Media types are case-insensitive (RFC 9110 section 8.3.1): "Application/JSON" is JSON.
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
@@ -181,11 +200,7 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
         raise ProblemError(413, "body-too-large", f"the body may be at most {max_bytes} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ProblemError(413, "body-too-large", f"the body may be at most {max_bytes} bytes")
+    body = await _read_body(request, max_bytes, timeout_s)
     try:
         text = body.decode("utf-8")
         parsed = json.loads(
