@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check pydist has: lint, format, types, unit, integration and e2e tests.
-#   ./test.sh                 the whole suite (8 minutes on 2 cores, 2026-12-04)
+#   ./test.sh                 the whole suite (9 minutes on 2 cores, 2026-12-04)
 #   PYDIST_LONG=1 ./test.sh   also the long fault/load runs (CI's mode)
 #   ./test.sh tests/unit -k money   extra arguments go to pytest
 # It installs what it needs from the lock file and makes sure Postgres and RabbitMQ are up

@@ -416,6 +416,21 @@ def test_404_and_405_are_problems(system: System, service: str, method: str, pat
 
 
 @pytest.mark.parametrize(
+    ("service", "path"),
+    [("fetch", "/buy_orders?page_size=2"), ("fetch", "/healthcheck"), ("create", "/readyz")],
+)
+def test_head_is_get_without_the_body(system: System, service: str, path: str) -> None:
+    """RFC 9110: a server MUST support HEAD where it supports GET: the same status and headers
+    (the length of the body it would send among them), and no body."""
+    url = system.url(service) + path
+    got, head = httpx.get(url, timeout=10), httpx.head(url, timeout=10)
+    assert (head.status_code, got.status_code) == (200, 200), head.headers
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(got.content))
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+@pytest.mark.parametrize(
     "query",
     [
         "page_size=" + "9" * 5000,

@@ -901,3 +901,12 @@ async def test_a_body_that_stalls_past_the_timeout_is_a_408_and_the_connection_c
     assert doc["type"] == "/problems/body-timeout"
     assert doc["detail"] == "the body did not arrive whole within 0.2 s"
     assert fake_create.calls == []
+
+
+async def test_head_is_routed_as_get_and_counted_as_head(fetch_client: httpx.AsyncClient) -> None:
+    labels = {"service": "fetch_buy_orders", "method": "HEAD", "route": "/healthcheck", "status": "200"}
+    before = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels) or 0.0
+    assert (await fetch_client.head("/healthcheck")).status_code == 200
+    assert (await fetch_client.head("/buy_orders/extra")).status_code == 404
+    after = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels)
+    assert after == before + 1

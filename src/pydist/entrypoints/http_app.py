@@ -164,12 +164,15 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        # HEAD is GET without the body (RFC 9110 9.3.2: a server MUST support it); FastAPI's routes
+        # take GET only, so the app sees GET and uvicorn, which parsed HEAD, drops the body.
+        routed = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
         try:
             refusal = self._refusal(scope, headers)
             if refusal is not None:
                 await refusal(scope, receive, send_wrapper)
                 return
-            await self._run_counted(scope, headers, receive, send_wrapper)
+            await self._run_counted(routed, headers, receive, send_wrapper)
         except ClientDisconnect:
             # Nothing was stored: the body never arrived whole. The client may retry with its key.
             status = CLIENT_CLOSED_REQUEST
@@ -185,7 +188,7 @@ class EdgeMiddleware:
             )
         finally:
             method = scope["method"] if scope["method"] in METHODS else "other"
-            HTTP_LATENCY.labels(self.service, method, self._route(scope), str(status)).observe(
+            HTTP_LATENCY.labels(self.service, method, self._route(routed), str(status)).observe(
                 time.perf_counter() - started
             )
 
