@@ -1,1 +1,2 @@
-"""Development tools shipped with the package: a Coinbase-compatible price stub."""
+"""Development tools shipped with the package: a Coinbase-compatible price stub, and the embedded
+PostgreSQL and private RabbitMQ node that ./run.sh uses when no URL is configured."""
