@@ -214,7 +214,7 @@ def test_body_too_large_chunked_is_413(create: httpx.Client, system: System) -> 
 
 @pytest.fixture(scope="module")
 def impatient_create(databases: Databases, coinbase: CoinbaseStub) -> Iterator[System]:
-    """create alone, with a body timeout of 1 s instead of 10, so the stalled-body test is short."""
+    """create alone, with a body timeout of 1 s instead of 5, so the stalled-body test is short."""
     env = base_env(databases.write_url, databases.read_url, coinbase.url, None)
     env["BODY_TIMEOUT_S"] = "1"
     with running(env, "create") as started:

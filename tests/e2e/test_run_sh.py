@@ -143,6 +143,8 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
         assert f"{name}.1 stopped (rc=0)" in text, f"{name} did not exit cleanly:\n{text[-3000:]}"
     # The stalled request held create for its graceful shutdown; honcho waited for it, killed nothing.
     assert "sending SIGKILL" not in text, text[-3000:]
+    # ... and answered it (408 within BODY_TIMEOUT_S < GRACEFUL_SHUTDOWN_S), never cancelled it (a 500).
+    assert "Exception in ASGI application" not in text, text[-3000:]
     stalled.close()
     assert not (data_dir / "pg" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
     print(f"\nrun.sh ready after {ready_s:.1f}s (bound {READY_BOUND_S:.0f}s)")

@@ -81,12 +81,25 @@ def _register(service: Any) -> None:
         _sigterm_installed = True
 
 
-def _start_time(pid: int) -> str | None:
-    """When ``pid`` started: with the pid, names one process (a pid alone may be reused)."""
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started (epoch seconds): with the pid, names one process (a pid alone may be
+    reused). psutil derives it from the boot time, which moves when the clock is stepped: compare
+    with `_same_start`, never for equality."""
     try:
-        return str(psutil.Process(pid).create_time())
+        return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def _same_start(recorded: str, pid: int) -> bool:
+    """Whether the owner file's start time is ``pid``'s. An owner file this code cannot read
+    counts as live: killing another session's services is worse than leaving a stale dir."""
+    try:
+        expected = float(recorded)
+    except ValueError:
+        return True
+    started = _start_time(pid)
+    return started is not None and abs(started - expected) < 2.0
 
 
 def reap_stale() -> list[Path]:
@@ -100,7 +113,7 @@ def reap_stale() -> list[Path]:
             pid = int(pid_text)
         except (OSError, ValueError):
             continue  # not ours, or being created right now
-        if _pid_alive(pid) and _start_time(pid) == start:
+        if _pid_alive(pid) and _same_start(start, pid):
             continue
         pids = set(processes_mentioning(str(d))) | set(processes_mentioning(d.name))
         with contextlib.suppress(OSError, ValueError, psutil.Error):

@@ -79,8 +79,12 @@ def free_amqp_port() -> int:
     a private RabbitMQ node (pydist.devtools.embedded_rabbitmq) lays its ports out."""
     for _ in range(100):
         port = free_port()
-        if not any(rmq.port_in_use(port + d) for d in (10000, 20000)):
-            return port
+        derived = {port + 10000, port + 20000}
+        with _port_lock:
+            if derived & _chosen_ports or any(rmq.port_in_use(p) for p in derived):
+                continue
+            _chosen_ports.update(derived)  # never handed out by free_port afterwards
+        return port
     raise RuntimeError("no AMQP port with free derived ports")
 
 

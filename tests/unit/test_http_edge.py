@@ -30,7 +30,8 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
-from starlette.types import Message
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from pydist import bootstrap
 from pydist.adapters.listing import Page
@@ -38,9 +39,9 @@ from pydist.config import Settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
-from pydist.entrypoints import create_api, fetch_api
+from pydist.entrypoints import create_api, fetch_api, serve
 from pydist.entrypoints.create_api import _refusal_reason
-from pydist.entrypoints.http_app import _api_routes_first
+from pydist.entrypoints.http_app import EdgeMiddleware, _api_routes_first
 from pydist.service.create_order import CreateBuyOrderCommand, Outcome
 from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
 
@@ -910,3 +911,43 @@ async def test_head_is_routed_as_get_and_counted_as_head(fetch_client: httpx.Asy
     assert (await fetch_client.head("/buy_orders/extra")).status_code == 404
     after = REGISTRY.get_sample_value("pydist_http_request_duration_seconds_count", labels)
     assert after == before + 1
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_get_with_a_body_is_counted_in_flight_at_once(method: str) -> None:
+    """A GET's body is never read; a Content-Length on one must not keep it out of the count
+    that MAX_IN_FLIGHT sheds by (a client could otherwise pass the limit by adding one)."""
+    seen: list[int] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(edge._in_flight)  # what the edge counts while the app runs
+        await Response(b"ok")(scope, receive, send)
+
+    edge = EdgeMiddleware(inner, service="fetch_buy_orders", api_keys=frozenset(), max_in_flight=5)
+    scope = {**put_scope(), "method": method, "path": "/buy_orders", "raw_path": b"/buy_orders"}
+    scope["headers"] = [(b"content-length", b"1"), (b"host", b"testserver")]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        raise AssertionError("a GET's body is never read")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await edge(scope, receive, send)
+    assert seen == [1]
+    assert sent[0]["status"] == 200
+    assert edge._in_flight == 0
+
+
+async def test_a_405_on_a_get_route_allows_head_too(fetch_client: httpx.AsyncClient) -> None:
+    response = await fetch_client.put("/buy_orders", content=b"{}", headers=JSON)
+    assert_problem(response, 405)
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+def test_the_body_timeout_stays_below_the_graceful_shutdown() -> None:
+    """A body stalled at a shutdown must get its 408 before uvicorn cancels what is in flight."""
+    assert make_settings().body_timeout_s < serve.GRACEFUL_SHUTDOWN_S
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        make_settings(body_timeout_s=serve.GRACEFUL_SHUTDOWN_S)

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -251,8 +252,9 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
         _await_amqp(cfg, server, deadline)
     except BaseException:
         _stop_processes(cfg)
-        for p in started:  # whatever _stop_processes could not find yet
-            p.kill()
+        for p in started:  # whatever _stop_processes could not find yet, the script's subshell too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # each was started as its own session (_detached)
             p.wait()
         raise
     return cfg
@@ -313,15 +315,17 @@ def _stop_processes(cfg: NodeConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
 
 
 def _end(procs: list[psutil.Process], timeout: float) -> None:
-    """SIGTERM, then SIGKILL whatever still runs after ``timeout`` (psutil reaps our own children)."""
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
+    """SIGTERM, then SIGKILL whatever still runs after ``timeout``. A zombie counts as gone: a
+    process that is not our child stays one until its parent reaps it."""
+    for stop, bound in ((psutil.Process.terminate, timeout), (psutil.Process.kill, 10.0)):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to signal
+                stop(proc)
+        deadline = time.monotonic() + bound
+        while any(_running(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)  # paces the polling of a condition, never a stand-in for one
+        if not any(_running(p) for p in procs):
+            return
 
 
 def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadline: float) -> None:

@@ -167,11 +167,14 @@ def _route_put_buy_order(app: FastAPI, create_order: bootstrap.CreateOrder, sett
     ) -> Response:
         raw = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
         body = BuyOrderIn.model_validate(raw)  # ValidationError: a 422 problem
-        # Repeated header lines are one comma-separated list (RFC 9110 section 5.3), and FastAPI's
-        # parameter would keep only one of them: two keys are no key, a 422.
-        lines = request.headers.getlist("idempotency-key")
-        header = ", ".join(lines) if len(lines) > 1 else idempotency_key_header
-        command = CreateBuyOrderCommand(body.currency, body.amount, body.idempotence_key, _header_key(header))
+        # Repeated header lines are one list (RFC 9110 section 5.3), of which FastAPI's parameter
+        # keeps one: two keys are no key.
+        if len(request.headers.getlist("idempotency-key")) > 1:
+            raise invalid(
+                "Idempotency-Key", "given more than once", "Idempotency-Key header must be given once"
+            )
+        header_key = _header_key(idempotency_key_header)
+        command = CreateBuyOrderCommand(body.currency, body.amount, body.idempotence_key, header_key)
         try:
             outcome = await create_order(command, request.state.request_id)
         except REFUSALS as exc:

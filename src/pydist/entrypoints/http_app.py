@@ -120,12 +120,14 @@ class EdgeMiddleware:
         self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send
     ) -> None:
         """The app, with the request counted in flight from the moment its body has arrived
-        whole (at once if it has none) until the app is done. A client that stalls in its body
-        holds no slot, so slow senders cannot lock the others out; the ops paths hold none."""
+        whole (at once if it has none, or is a GET or HEAD) until the app is done. A client that
+        stalls in its body holds no slot, so slow senders cannot lock the others out; the ops
+        paths hold none."""
         if scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        counted = not _has_body(headers)
+        # A GET's body is never read, so a Content-Length on it must not keep it uncounted.
+        counted = scope["method"] == "GET" or not _has_body(headers)
         if counted:
             self._in_flight += 1
 

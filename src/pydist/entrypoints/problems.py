@@ -205,7 +205,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
-        return problem(exc.status_code, slug, detail, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if "GET" in headers.get("Allow", "").split(", "):  # the edge answers HEAD as GET
+            headers["Allow"] += ", HEAD"
+        return problem(exc.status_code, slug, detail, headers=headers)
 
     async def on_mapped(_: Request, exc: Exception) -> Response:
         return problem_type(exc).response(exc)
