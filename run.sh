@@ -93,8 +93,8 @@ MSG
 read -ra names <<< "${processes//,/ }"
 # honcho SIGKILLs what has not stopped KILL_WAIT (5) s after its SIGTERM; uvicorn gives a request in
 # flight GRACEFUL_SHUTDOWN_S (8) s. The wait is raised to fit, so a stop never kills an order midway.
-python -c 'import sys, honcho.command, honcho.manager, pydist.entrypoints.serve as serve
-honcho.manager.KILL_WAIT = serve.GRACEFUL_SHUTDOWN_S + 4
+python -c 'import sys, honcho.command, honcho.manager, pydist.config as config
+honcho.manager.KILL_WAIT = config.GRACEFUL_SHUTDOWN_S + 4
 honcho.command.main(sys.argv[1:])' start --no-prefix --procfile Procfile "${names[@]}" &
 honcho_pid=$!
 trap 'kill -TERM "$honcho_pid" 2>/dev/null || true' INT TERM

@@ -159,7 +159,7 @@ def meter_pids(system: System, *skip: str) -> dict[str, int]:
     """The running processes of `system` (but `skip`) and the broker, as CpuMeter entries."""
     pids = {n: p.popen.pid for n, p in system.procs.items() if p.alive() and n not in skip}
     url = system.env.get("BROKER_URL")
-    port = urlsplit(url).port or 5672 if url else None
+    port = (urlsplit(url).port or 5672) if url else None
     broker = _listener(port) if port else None
     if port and broker is None:  # e.g. not root: another user's sockets show no pid
         log(f"the broker's process (listening on port {port}) is not visible: its CPU is not measured")

@@ -85,10 +85,8 @@ def _create_rows(r: dict[str, Any]) -> list[Row]:
     figure = f"create orders/s end to end (HTTP → committed order + cap + outbox), c={plan['create_c']}"
     pg_base = f"pgbench naive order tx, c={plan['pgbench_c']}: {_s(pg['tps'])} tps"
     hello_base = f"FastAPI POST + pydantic body: {_s(hello['rps'])} req/s"
-    latency, p99 = (
-        f"{_s(create['p50_ms'], 1)} / {_s(create['p99_ms'], 1)} ms",
-        _verdict(_m(create, "p99_ms"), 50),
-    )
+    latency = f"{_s(create['p50_ms'], 1)} / {_s(create['p99_ms'], 1)} ms"
+    p99 = _verdict(_m(create, "p99_ms"), 50)
     return [
         _ratio(figure, value, pg_base, rate, _m(pg, "tps"), 2.0),
         _ratio("create, as a share of hello-world POST", value, hello_base, rate, _m(hello, "rps"), 0.5),

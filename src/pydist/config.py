@@ -23,6 +23,9 @@ def plain_url(url: str) -> str:
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus-client's multiprocess directory (read by prometheus_client itself, at import)."""
+GRACEFUL_SHUTDOWN_S = 8
+"""How long in-flight requests get after SIGTERM before uvicorn cancels them (not a setting: the
+body timeout below and run.sh's supervisor are sized by it)."""
 
 
 class Settings(BaseSettings):
@@ -54,9 +57,9 @@ class Settings(BaseSettings):
     relay_pace_s: float = Field(default=0.02, ge=0, le=0.1)
     sync_prefetch: int = Field(default=16, ge=1)
     max_body_bytes: int = 16 * 1024
-    # Below serve.GRACEFUL_SHUTDOWN_S (8 s): a body stalled at a shutdown still gets its 408
-    # before uvicorn cancels what is in flight (which would be a 500).
-    body_timeout_s: float = Field(default=5.0, gt=0, lt=8)
+    # Below GRACEFUL_SHUTDOWN_S: a body stalled at a shutdown still gets its 408 before uvicorn
+    # cancels what is in flight (which would be a 500).
+    body_timeout_s: float = Field(default=5.0, gt=0, lt=GRACEFUL_SHUTDOWN_S)
     max_in_flight: int = Field(default=1000, ge=1)
     api_keys: SecretStr | None = None
     log_level: str = "INFO"

@@ -36,7 +36,7 @@ from tests.support.tcp_proxy import TcpProxy
 
 SIGTERM_EXIT_S = 10.0
 """Issue 4: "exit 0 within a few seconds". Generous for a loaded 2-core machine; the graceful
-shutdown itself is bounded at 8 s (serve.GRACEFUL_SHUTDOWN_S), which a hung process would exceed."""
+shutdown itself is bounded at 8 s (config.GRACEFUL_SHUTDOWN_S), which a hung process would exceed."""
 LATENCY = "pydist_http_request_duration_seconds"
 
 

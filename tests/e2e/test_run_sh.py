@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.procs import command_lines, free_amqp_port, free_port
+from tests.support.procs import free_amqp_port, free_port, node_processes
 
 # Measured on 2 shared cores, other sessions' tests running: run.sh to every process ready 42-94 s
 # (the private node's first boot 9-19 s of it), SIGTERM to run.sh's exit 5-11 s, plus the 8 s
@@ -161,10 +161,6 @@ def test_run_sh_brings_up_the_whole_system_and_stops_cleanly(data_dir: Path) -> 
         f"read-model sync: RabbitMQ (private node {NODE} on 127.0.0.1:{rabbit_port}, data in {rabbit_dir})"
     ], text[-3000:]
     # run.sh's EXIT trap waited for the node to stop: nothing of it may be left, not even epmd.
-    left = {
-        pid: cmd
-        for pid, cmd in command_lines().items()
-        if ("beam.smp" in cmd and str(data_dir) in cmd) or f"epmd -port {rabbit_port + 10000} " in cmd
-    }
+    left = node_processes(data_dir, rabbit_port)
     assert not left, f"private RabbitMQ processes left: {left}"
     print(next(line for line in text.splitlines() if f"{NODE} accepts AMQP after" in line))

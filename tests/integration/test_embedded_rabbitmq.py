@@ -8,34 +8,16 @@ machine's shared RabbitMQ is never touched. Measured on 2 shared cores: a boot 6
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiormq
-import psutil
 import pytest
 
 from pydist.devtools import embedded_rabbitmq as rmq
-from tests.support.procs import command_lines, free_amqp_port
-
-
-def _left(data_dir: Path, amqp_port: int) -> dict[int, str]:
-    """The node's processes still running: its epmd (by its port), and everything started with
-    the node's environment (the rabbitmq-server script, the subshell it starts erl from, the
-    beam), which names the data dir."""
-    epmd = f"-port {amqp_port + 10000} "
-    left = {}
-    for pid, cmd in command_lines().items():
-        with contextlib.suppress(psutil.Error):  # gone meanwhile
-            env = psutil.Process(pid).environ() if pid != os.getpid() else {}
-            ours_epmd = cmd.split(" ", 1)[0].endswith("epmd") and epmd in f"{cmd} "
-            if ours_epmd or str(data_dir) in env.get("RABBITMQ_MNESIA_BASE", ""):
-                left[pid] = cmd
-    return left
+from tests.support.procs import free_amqp_port, node_processes
 
 
 def _beams_and_epmds(left: dict[int, str]) -> tuple[int, int]:
@@ -60,14 +42,14 @@ def test_start_reuses_a_running_node_and_stop_ends_it_keeping_its_data(data_dir:
     port = free_amqp_port()
     cfg = rmq.start(data_dir, port)
     assert asyncio.run(_logs_in(cfg.broker_url))
-    running = _left(data_dir, port)
+    running = node_processes(data_dir, port)
     assert _beams_and_epmds(running) == (1, 1), running
     assert rmq.start(data_dir, port) == cfg  # reused: nothing new starts
-    assert _left(data_dir, port) == running
+    assert node_processes(data_dir, port) == running
     with pytest.raises(rmq.NodeError, match=f"already runs on port {port}"):
         rmq.start(data_dir, port + 1)
     assert rmq.stop(data_dir) is True
-    assert _left(data_dir, port) == {}
+    assert node_processes(data_dir, port) == {}
     assert any(cfg.mnesia_base.iterdir())  # the data stays
     assert rmq.stop(data_dir) is False  # nothing left to stop
 
@@ -79,7 +61,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(data_dir: Path) -> None
         holder.listen()
         with pytest.raises(rmq.NodeError, match=f"port\\(s\\) {port} already in use"):
             rmq.start(data_dir, port)
-    assert _left(data_dir, port) == {}
+    assert node_processes(data_dir, port) == {}
 
 
 def test_a_boot_that_times_out_leaves_nothing_running(data_dir: Path) -> None:
@@ -92,6 +74,6 @@ def test_a_boot_that_times_out_leaves_nothing_running(data_dir: Path) -> None:
     # Not even the subshell rabbitmq-server starts erl from, which outlived the script's own kill
     # before start killed the whole session: it would boot the node later, with no owner.
     deadline = time.monotonic() + 30  # a killed process is gone in well under 1 s
-    while (left := _left(data_dir, port)) and time.monotonic() < deadline:
+    while (left := node_processes(data_dir, port)) and time.monotonic() < deadline:
         time.sleep(0.1)  # paces the polling of a condition
     assert left == {}

@@ -93,6 +93,23 @@ def command_lines() -> dict[int, str]:
     return {p.pid: " ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"])}
 
 
+def node_processes(data_dir: Path, amqp_port: int) -> dict[int, str]:
+    """The processes of a private RabbitMQ node (pydist.devtools.embedded_rabbitmq) still running
+    under `data_dir`, by command line: its epmd (by its port, AMQP + 10000), and everything started
+    with the node's environment, which names the data dir (the rabbitmq-server script, the subshell
+    it starts erl from, the beam). Judged apart from the module's own lookup, so a broken lookup
+    cannot pass."""
+    epmd = f"-port {amqp_port + 10000} "
+    left = {}
+    for pid, cmd in command_lines().items():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            env = psutil.Process(pid).environ() if pid != os.getpid() else {}
+            ours_epmd = cmd.split(" ", 1)[0].endswith("epmd") and epmd in f"{cmd} "
+            if ours_epmd or str(data_dir) in env.get("RABBITMQ_MNESIA_BASE", ""):
+                left[pid] = cmd
+    return left
+
+
 @dataclass
 class Proc:
     name: str

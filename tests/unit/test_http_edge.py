@@ -35,11 +35,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from pydist import bootstrap
 from pydist.adapters.listing import Page
-from pydist.config import Settings
+from pydist.config import GRACEFUL_SHUTDOWN_S, Settings
 from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.domain.order import BuyOrder, OrderRequest
-from pydist.entrypoints import create_api, fetch_api, serve
+from pydist.entrypoints import create_api, fetch_api
 from pydist.entrypoints.create_api import _refusal_reason
 from pydist.entrypoints.http_app import EdgeMiddleware, _api_routes_first
 from pydist.service.create_order import CreateBuyOrderCommand, Outcome
@@ -948,6 +948,6 @@ async def test_a_405_on_a_get_route_allows_head_too(fetch_client: httpx.AsyncCli
 
 def test_the_body_timeout_stays_below_the_graceful_shutdown() -> None:
     """A body stalled at a shutdown must get its 408 before uvicorn cancels what is in flight."""
-    assert make_settings().body_timeout_s < serve.GRACEFUL_SHUTDOWN_S
+    assert make_settings().body_timeout_s < GRACEFUL_SHUTDOWN_S
     with pytest.raises(ValueError, match="body_timeout_s"):
-        make_settings(body_timeout_s=serve.GRACEFUL_SHUTDOWN_S)
+        make_settings(body_timeout_s=GRACEFUL_SHUTDOWN_S)

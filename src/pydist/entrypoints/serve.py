@@ -23,7 +23,7 @@ import structlog
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from pydist.config import MULTIPROC_DIR_ENV, Settings, get_settings
+from pydist.config import GRACEFUL_SHUTDOWN_S, MULTIPROC_DIR_ENV, Settings, get_settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,8 +63,6 @@ def process_app(name: str) -> FastAPI:
     raise ValueError(f"no process {name!r}: one of {', '.join(PORTS)}")
 
 
-GRACEFUL_SHUTDOWN_S = 8
-"""How long in-flight requests get after SIGTERM before uvicorn cancels them."""
 MULTI_WORKER = frozenset({"create", "fetch"})
 """The processes WEB_CONCURRENCY applies to. btc_price stays one process (one cache, one bounded
 call rate to Coinbase, and a price age computed at scrape time); relay and sync scale as more
