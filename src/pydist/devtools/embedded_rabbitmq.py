@@ -1,27 +1,20 @@
 """A private RabbitMQ node for `./run.sh`, so the default run has the real topology (relay →
 RabbitMQ → read_model_sync) whenever the machine has `rabbitmq-server` installed.
 
-The node must never touch the machine's own RabbitMQ (``rabbit@localhost`` on 5672, its cookie
-in ``/var/lib/rabbitmq``, ``/etc/rabbitmq``), which other software may rely on. So everything it
-reads or writes lives under its data dir: its own ``HOME`` holding its own 0600 ``.erlang.cookie``
-(a test cluster's nodes share one HOME, and so one cookie, in the cluster's temp dir),
-its own ``RABBITMQ_CONF_ENV_FILE`` (``/etc/rabbitmq/rabbitmq-env.conf`` is never read), config
-file, empty plugin list, mnesia and log dirs and pid file; it registers with a private epmd on a
-private port (the shared epmd on 4369 belongs to the machine's node, and an epmd our node started
-there by itself would outlive it). The scripts come from ``/usr/lib/rabbitmq/bin``: the
-``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its cookie.
+It must never touch the machine's own RabbitMQ (``rabbit@localhost`` on 5672/25672, epmd on 4369,
+its cookie in ``/var/lib/rabbitmq``, ``/etc/rabbitmq``), which other software may rely on. So all
+the node reads or writes is under its data dir: its own ``HOME`` and 0600 ``.erlang.cookie``, env
+file, config, empty plugin list, mnesia, logs, pid file. It registers with an epmd of its own on a
+private port (one that erl started on 4369 by itself would outlive the node). The scripts come from
+``/usr/lib/rabbitmq/bin``: the ``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its cookie.
 
-Ports follow from the AMQP port P (default 5673), as RabbitMQ derives its own: distribution on
-P + 20000 (5672 → 25672 for the shared node), epmd on P + 10000. One AMQP port, one node. The
-fault tests' 3-node cluster (tests/support/private_services.py) lays its nodes out the same way,
-through `NodeConfig`, `prepare`, `cli_env` and `server_env`, with ports of its own and one shared
-epmd; it runs its processes itself (`start` and `stop` here assume a node with its own HOME).
-
-The pure parts (`NodeConfig`, `rabbitmq_conf`, `cli_env`, `server_env`) do no I/O, so they are
-unit-tested;
-`start` and `stop` do the processes, and find them again by their command lines (psutil). The node
-outlives `start` (it runs in its own session, like pgserver's PostgreSQL): `./run.sh` stops it
-from its EXIT trap.
+Ports follow from the AMQP port P (default 5673) as RabbitMQ derives its own: distribution on
+P + 20000, epmd on P + 10000. `NodeConfig`, `rabbitmq_conf`, `cli_env` and `server_env` do no I/O
+(unit-tested); with `prepare` they also lay out the fault tests' 3-node cluster
+(tests/support/private_services.py: ports of its own, one epmd and one HOME), which runs its
+processes itself. `start` and `stop` find a node with a HOME of its own by its processes' command
+lines (psutil). The node outlives `start` in its own session (like pgserver's PostgreSQL):
+`./run.sh` stops it from its EXIT trap.
 """
 
 from __future__ import annotations
@@ -31,7 +24,9 @@ import contextlib
 import glob
 import itertools
 import json
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import aiormq
 import psutil
 
 NODE_NAME = "pydist-dev@localhost"
@@ -59,80 +55,38 @@ class NodeError(RuntimeError):
     """The node could not be started or stopped; the message carries the cause and its log."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeConfig:
-    """Where one private node keeps everything, and the ports it uses (no I/O). The ports follow
-    from the AMQP port unless given; the nodes of a test cluster share one epmd and one HOME (the
-    cookie they authenticate each other with), so those can be given too."""
+    """Where one private node keeps everything, and its ports (no I/O). The distribution and epmd
+    ports follow from the AMQP port unless given (0: derived); a test cluster's nodes share one epmd
+    and one HOME (the cookie they authenticate each other with), so those can be given too."""
 
     data_dir: Path
     amqp_port: int = DEFAULT_AMQP_PORT
     node_name: str = NODE_NAME
-    dist: int | None = None
-    epmd: int | None = None
+    dist_port: int = 0
+    epmd_port: int = 0
     shared_home: Path | None = None
 
     def __post_init__(self) -> None:
-        # A derived port (P + 20000, P + 10000) must still be a port; below 1024 needs root and
-        # clashes with system services.
-        derived = max(20000 if self.dist is None else 0, 10000 if self.epmd is None else 0)
-        highest = 65535 - derived
+        # A derived port must still be a port; below 1024 needs root and clashes with system services.
+        highest = 65535 - max(0 if self.dist_port else 20000, 0 if self.epmd_port else 10000)
         if not 1024 <= self.amqp_port <= highest:
             raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..{highest}")
-
-    @property
-    def dist_port(self) -> int:
-        return self.dist or self.amqp_port + 20000
-
-    @property
-    def epmd_port(self) -> int:
-        return self.epmd or self.amqp_port + 10000
-
-    @property
-    def broker_url(self) -> str:
+        self.dist_port = self.dist_port or self.amqp_port + 20000
+        self.epmd_port = self.epmd_port or self.amqp_port + 10000
         # guest is allowed from loopback only (RabbitMQ's default), which is all this node listens on.
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
-
-    @property
-    def home(self) -> Path:
-        return self.shared_home or self.data_dir / "home"
-
-    @property
-    def cookie(self) -> Path:
-        return self.home / ".erlang.cookie"
-
-    @property
-    def config_file(self) -> Path:
-        return self.data_dir / "rabbitmq.conf"
-
-    @property
-    def env_file(self) -> Path:
-        return self.data_dir / "rabbitmq-env.conf"
-
-    @property
-    def plugins_file(self) -> Path:
-        return self.data_dir / "enabled_plugins"
-
-    @property
-    def mnesia_base(self) -> Path:
-        return self.data_dir / "mnesia"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.data_dir / "log"
-
-    @property
-    def console_log(self) -> Path:
-        return self.log_dir / "console.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "rabbit.pid"
-
-    @property
-    def state_file(self) -> Path:
-        """What `stop` needs to find the processes again: the ports and the epmd pid."""
-        return self.data_dir / "node.json"
+        self.broker_url = f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        self.home = self.shared_home or self.data_dir / "home"
+        self.cookie = self.home / ".erlang.cookie"  # Erlang reads the cookie from $HOME
+        self.config_file = self.data_dir / "rabbitmq.conf"
+        self.env_file = self.data_dir / "rabbitmq-env.conf"
+        self.plugins_file = self.data_dir / "enabled_plugins"
+        self.mnesia_base = self.data_dir / "mnesia"
+        self.log_dir = self.data_dir / "log"
+        self.console_log = self.log_dir / "console.log"
+        self.pid_file = self.data_dir / "rabbit.pid"
+        self.state_file = self.data_dir / "node.json"  # the ports and epmd pid `start` gave it
 
 
 def rabbitmq_conf(cfg: NodeConfig) -> str:
@@ -152,7 +106,7 @@ def cli_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
     shared node), plus the node's cookie (via HOME), its epmd, and nothing read from /etc."""
     env = {k: v for k, v in base.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
     env.update(
-        HOME=str(cfg.home),  # Erlang reads the cookie from $HOME/.erlang.cookie
+        HOME=str(cfg.home),
         ERL_EPMD_PORT=str(cfg.epmd_port),
         ERL_EPMD_ADDRESS="127.0.0.1",
         RABBITMQ_CONF_ENV_FILE=str(cfg.env_file),
@@ -179,6 +133,20 @@ def server_env(cfg: NodeConfig, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def prepare(cfg: NodeConfig) -> None:
+    """The data dir, the private cookie (0600: Erlang refuses one others can read; kept if there
+    is one, which the nodes sharing a HOME rely on), the config."""
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cfg.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cfg.log_dir.mkdir(exist_ok=True)
+    if not cfg.cookie.exists():
+        cfg.cookie.touch(mode=0o600, exist_ok=False)  # private before it holds the secret
+        cfg.cookie.write_text("PYDIST" + secrets.token_hex(16).upper())
+    cfg.env_file.write_text("# private node: /etc/rabbitmq/rabbitmq-env.conf is not read\n")
+    cfg.plugins_file.write_text("[].\n")
+    cfg.config_file.write_text(rabbitmq_conf(cfg))
+
+
 def find_scripts(
     environ: Mapping[str, str],
     which: Callable[[str], str | None] = shutil.which,
@@ -189,19 +157,14 @@ def find_scripts(
     ``PYDIST_RABBITMQ_BIN`` overrides the dir; else Debian's ``/usr/lib/rabbitmq/bin`` (or
     ``system_dirs``), then a ``rabbitmq-server`` on PATH, but never Debian's ``/usr/sbin`` wrapper
     (a link to rabbitmq-script-wrapper, which su's to the rabbitmq user and its cookie)."""
+    if system_dirs is None:
+        system_dirs = [Path("/usr/lib/rabbitmq/bin")]
+        system_dirs += map(Path, sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin")))
     override = environ.get("PYDIST_RABBITMQ_BIN")
-    if override:
-        candidates = [Path(override)]
-    else:
-        if system_dirs is None:
-            system_dirs = [Path("/usr/lib/rabbitmq/bin")]
-            system_dirs += [
-                Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
-            ]
-        candidates = list(system_dirs)
-        on_path = which("rabbitmq-server")
-        if on_path and Path(on_path).resolve().name != "rabbitmq-script-wrapper":
-            candidates.append(Path(on_path).resolve().parent)
+    candidates = [Path(override)] if override else list(system_dirs)
+    on_path = which("rabbitmq-server")
+    if not override and on_path and Path(on_path).resolve().name != "rabbitmq-script-wrapper":
+        candidates.append(Path(on_path).resolve().parent)
     scripts = next((d for d in candidates if (d / "rabbitmq-server").exists()), None)
     if scripts is None:
         raise NotInstalledError(
@@ -221,38 +184,39 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
     accepts AMQP connections, within ``timeout`` seconds; on failure nothing started is left."""
     cfg = NodeConfig(data_dir, amqp_port)
     scripts, epmd_exe = find_scripts(os.environ)
+    deadline = time.monotonic() + timeout
     state = _read_state(cfg)
     if _beams_of(cfg):
-        running_port = state.get("amqp_port")
-        if running_port != amqp_port:
+        if (running_port := state.get("amqp_port")) != amqp_port:
             raise NodeError(
                 f"the node in {data_dir} already runs on port {running_port}, not {amqp_port}: "
                 f"stop it (pydist dev rabbitmq-stop --data-dir {data_dir}) or use that port"
             )
-        _await_amqp(cfg, None, time.monotonic() + timeout)
+        _await_amqp(cfg, None, deadline)
         return cfg
     prepare(cfg)
-    epmd = _own_epmd(cfg, state)
+    epmd = _own_epmd(state) if state.get("epmd_port") == cfg.epmd_port else None
     ports = (cfg.amqp_port, cfg.dist_port) + (() if epmd else (cfg.epmd_port,))
-    busy = [p for p in ports if port_in_use(p)]
-    if busy:
+    if busy := [p for p in ports if port_in_use(p)]:
         raise NodeError(
             f"port(s) {', '.join(map(str, busy))} already in use: choose another AMQP port "
             "(PYDIST_RABBITMQ_PORT; distribution and epmd ports follow from it)"
         )
-    deadline = time.monotonic() + timeout
     started: list[subprocess.Popen[bytes]] = []
     try:
         if epmd is None:
-            started.append(_detached([epmd_exe, "-port", str(cfg.epmd_port), "-address", "127.0.0.1"]))
-        _write_state(cfg, epmd.pid if epmd else started[0].pid)
+            started.append(_detached(cfg, [epmd_exe, "-port", str(cfg.epmd_port), "-address", "127.0.0.1"]))
+        epmd_pid = epmd.pid if epmd else started[0].pid
+        state = dict(node=cfg.node_name, amqp_port=cfg.amqp_port, epmd_port=cfg.epmd_port, epmd_pid=epmd_pid)
+        cfg.state_file.write_text(json.dumps(state) + "\n")
         with cfg.console_log.open("ab") as log:
-            server = _detached([str(scripts / "rabbitmq-server")], server_env(cfg, os.environ), cfg, log)
-        started.append(server)
-        _await_amqp(cfg, server, deadline)
+            started.append(
+                _detached(cfg, [str(scripts / "rabbitmq-server")], log, server_env(cfg, os.environ))
+            )
+        _await_amqp(cfg, started[-1], deadline)
     except BaseException:
-        _stop_processes(cfg)
-        for p in started:  # whatever _stop_processes could not find yet, the script's subshell too
+        stop(data_dir)
+        for p in started:  # whatever stop could not find yet, the script's subshell too
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)  # each was started as its own session (_detached)
             p.wait()
@@ -261,82 +225,27 @@ def start(data_dir: Path, amqp_port: int = DEFAULT_AMQP_PORT, timeout: float = B
 
 
 def _detached(
-    argv: list[str],
-    env: dict[str, str] | None = None,
-    cfg: NodeConfig | None = None,
-    log: IO[bytes] | None = None,
+    cfg: NodeConfig, argv: list[str], out: IO[bytes] | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """A process in its own session: it outlives this command and is not hit by the terminal's
-    Ctrl-C (run.sh stops it from its EXIT trap)."""
+    """A process in its own session, run from the data dir (where erl writes a crash dump): it
+    outlives this command and is not hit by the terminal's Ctrl-C (run.sh stops it from its EXIT
+    trap)."""
     return subprocess.Popen(
         argv,
         env=env,
-        cwd=cfg.data_dir if cfg else None,
+        cwd=cfg.data_dir,
         stdin=subprocess.DEVNULL,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        stdout=out or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
 
-def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """Stop the node of ``data_dir`` (SIGTERM: RabbitMQ's clean shutdown; SIGKILL after
-    ``timeout``) and its epmd. Data is kept. Returns whether anything was running."""
-    state = _read_state(NodeConfig(data_dir))
-    port = state.get("amqp_port")
-    cfg = NodeConfig(data_dir, port if isinstance(port, int) else DEFAULT_AMQP_PORT)
-    return _stop_processes(cfg, timeout)
-
-
-def prepare(cfg: NodeConfig) -> None:
-    """The data dir, the private cookie (0600: Erlang refuses one others can read; kept if there
-    is one, which the nodes sharing a HOME rely on), the config."""
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cfg.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cfg.log_dir.mkdir(exist_ok=True)
-    if not cfg.cookie.exists():
-        fd = os.open(cfg.cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as cookie:
-            cookie.write("PYDIST" + os.urandom(16).hex().upper())
-    cfg.env_file.write_text("# private node: /etc/rabbitmq/rabbitmq-env.conf is not read\n")
-    cfg.plugins_file.write_text("[].\n")
-    cfg.config_file.write_text(rabbitmq_conf(cfg))
-
-
-def _stop_processes(cfg: NodeConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """SIGTERM (RabbitMQ's clean shutdown) to the node's beam, even one still booting, then its
-    epmd; SIGKILL what is left after ``timeout``."""
-    beams = _beams_of(cfg)
-    _end(beams, timeout)
-    epmd = _own_epmd(cfg, _read_state(cfg))
-    _end([epmd] if epmd else [], 10)
-    cfg.state_file.unlink(missing_ok=True)
-    return bool(beams) or epmd is not None
-
-
-def _end(procs: list[psutil.Process], timeout: float) -> None:
-    """SIGTERM, then SIGKILL whatever still runs after ``timeout``. A zombie counts as gone: a
-    process that is not our child stays one until its parent reaps it."""
-    for stop, bound in ((psutil.Process.terminate, timeout), (psutil.Process.kill, 10.0)):
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to signal
-                stop(proc)
-        deadline = time.monotonic() + bound
-        while any(_running(p) for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)  # paces the polling of a condition, never a stand-in for one
-        if not any(_running(p) for p in procs):
-            return
-
-
 def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadline: float) -> None:
     """Poll until an AMQP login as guest succeeds (the node has booted and seeded its users)."""
-    import logging
-
-    import aiormq
-
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # each refused attempt is expected here
 
-    async def attempt() -> bool:
+    async def logs_in() -> bool:
         try:
             connection = await asyncio.wait_for(aiormq.connect(cfg.broker_url), timeout=5)
         except Exception:  # not listening yet, or mid-boot: aiormq raises a variety of things
@@ -344,19 +253,14 @@ def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadlin
         await connection.close()
         return True
 
-    async def poll() -> None:
-        while True:
-            if server is not None and server.poll() is not None:
-                raise NodeError(
-                    f"rabbitmq-server exited while booting (rc={server.returncode}):\n{node_logs(cfg)}"
-                )
-            if await attempt():
-                return
-            if time.monotonic() >= deadline:
-                raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{node_logs(cfg)}")
-            await asyncio.sleep(0.2)  # paces the polling only
-
-    asyncio.run(poll())
+    while not asyncio.run(logs_in()):
+        if server is not None and server.poll() is not None:
+            raise NodeError(
+                f"rabbitmq-server exited while booting (rc={server.returncode}):\n{node_logs(cfg)}"
+            )
+        if time.monotonic() >= deadline:
+            raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{node_logs(cfg)}")
+        time.sleep(0.2)  # paces the polling only
 
 
 def node_logs(cfg: NodeConfig, lines: int = 20) -> str:
@@ -368,6 +272,33 @@ def node_logs(cfg: NodeConfig, lines: int = 20) -> str:
     return "\n".join(out)
 
 
+def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the node of ``data_dir``, even one still booting, and its epmd: SIGTERM (RabbitMQ's
+    clean shutdown), SIGKILL what is left after ``timeout``. Data is kept. Returns whether anything
+    was running."""
+    cfg = NodeConfig(data_dir)  # the default port: the beams are found by HOME, the epmd by state
+    beams = _beams_of(cfg)
+    _end(beams, timeout)
+    epmd = _own_epmd(_read_state(cfg))
+    _end([epmd] if epmd else [], 10)
+    cfg.state_file.unlink(missing_ok=True)
+    return bool(beams) or epmd is not None
+
+
+def _end(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM, then SIGKILL whatever still runs after ``timeout``. A zombie counts as gone: a
+    process that is not our child stays one until its parent reaps it (so no psutil.wait_procs)."""
+    for signal_it, bound in ((psutil.Process.terminate, timeout), (psutil.Process.kill, 10.0)):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to signal
+                signal_it(proc)
+        deadline = time.monotonic() + bound
+        while any(_running(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)  # paces the polling of a condition, never a stand-in for one
+        if not any(_running(p) for p in procs):
+            return
+
+
 def _read_state(cfg: NodeConfig) -> dict[str, object]:
     try:
         value = json.loads(cfg.state_file.read_text())
@@ -376,44 +307,33 @@ def _read_state(cfg: NodeConfig) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
 
-def _write_state(cfg: NodeConfig, epmd_pid: int) -> None:
-    state = {
-        "node": cfg.node_name,
-        "amqp_port": cfg.amqp_port,
-        "epmd_port": cfg.epmd_port,
-        "epmd_pid": epmd_pid,
-    }
-    cfg.state_file.write_text(json.dumps(state) + "\n")
-
-
-def _own_epmd(cfg: NodeConfig, state: Mapping[str, object]) -> psutil.Process | None:
-    """Our epmd, if it still runs (checked against its command line: a pid may be recycled)."""
-    pid, port = state.get("epmd_pid"), state.get("epmd_port")
-    if not isinstance(pid, int) or port != cfg.epmd_port:
-        return None
-    with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(pid)
-        cmd = proc.cmdline()
-        if cmd and cmd[0].endswith("epmd") and _follows(cmd, "-port", str(port)) and _running(proc):
-            return proc
+def _own_epmd(state: Mapping[str, object]) -> psutil.Process | None:
+    """The epmd the state file names, if it still runs (checked against its command line, with
+    the port the state file names: a pid may be recycled)."""
+    pid = state.get("epmd_pid")
+    if isinstance(pid, int):
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if _runs(proc, "epmd", "-port", str(state.get("epmd_port"))):
+                return proc
     return None
 
 
 def _beams_of(cfg: NodeConfig) -> list[psutil.Process]:
-    """Live Erlang VMs started with this node's private HOME (``-home <data dir>/home``, which
-    erl puts on the command line), booted or still booting: this node's, and only it (for a node
-    with a HOME of its own, which is what `start` makes), not a shell or an editor that happens
-    to mention the data dir."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if cmd and cmd[0].endswith("beam.smp") and _follows(cmd, "-home", str(cfg.home)) and _running(proc):
-            found.append(proc)
-    return found
+    """Live Erlang VMs started with this node's private HOME (``-home <data dir>/home`` on erl's
+    command line), booted or still booting: only this node's (`start` gives each node a HOME of
+    its own), never a shell or an editor that happens to mention the data dir."""
+    return [p for p in psutil.process_iter() if _runs(p, "beam.smp", "-home", str(cfg.home))]
 
 
-def _follows(cmd: list[str], flag: str, value: str) -> bool:
-    return any(a == flag and b == value for a, b in itertools.pairwise(cmd))
+def _runs(proc: psutil.Process, program: str, flag: str, value: str) -> bool:
+    """Whether ``proc`` is a live ``program`` whose command line has ``flag value``."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:  # gone meanwhile, or not ours to read
+        return False
+    ours = bool(cmd) and cmd[0].endswith(program) and (flag, value) in itertools.pairwise(cmd)
+    return ours and _running(proc)
 
 
 def _running(proc: psutil.Process) -> bool:
