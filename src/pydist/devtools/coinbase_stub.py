@@ -2,7 +2,7 @@
 
 It speaks the one endpoint pydist uses (GET /v2/prices/BTC-{CCY}/spot) over real HTTP, and can be
 told to misbehave: down (HTTP 500), slow, garbage, negative or zero prices, or refuse connections.
-Control it in-process (`CoinbaseStub.mode = ...`) or over HTTP (POST /_control, GET /_stats).
+Control it in-process (`CoinbaseStub.configure(...)`) or over HTTP (POST /_control, GET /_stats).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DEFAULT_PRICES = {"USD": "97000.00", "EUR": "91234.56", "GBP": "76543.21"}
+NOT_FOUND = {"errors": [{"id": "not_found"}]}
 MODES = ("ok", "down", "slow", "garbage", "negative", "zero", "not_json", "wrong_pair")
 
 
@@ -29,7 +31,6 @@ class CoinbaseStub:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -43,15 +44,12 @@ class CoinbaseStub:
         delay_s: float | None = None,
         reset_hits: bool = False,
     ) -> None:
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
         with self._lock:
-            if mode is not None:
-                if mode not in MODES:
-                    raise ValueError(f"mode must be one of {MODES}")
-                self.mode = mode
-            if prices:
-                self.prices.update(prices)
-            if delay_s is not None:
-                self.delay_s = delay_s
+            self.mode = mode or self.mode
+            self.prices.update(prices or {})
+            self.delay_s = self.delay_s if delay_s is None else delay_s
             if reset_hits:
                 self.hits.clear()
 
@@ -60,8 +58,7 @@ class CoinbaseStub:
         self.configure(mode="ok", prices=dict(DEFAULT_PRICES), delay_s=10.0, reset_hits=True)
 
     def start(self) -> CoinbaseStub:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -81,61 +78,58 @@ def _handler(stub: CoinbaseStub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *_: Any) -> None:
             pass
 
-        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        def _send(self, status: int, body: object, ctype: str = "application/json") -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (e.g. timed out on "slow"): nothing to answer
 
         def do_GET(self) -> None:
             if self.path == "/_stats":
-                self._send(200, json.dumps({"hits": dict(stub.hits), "mode": stub.mode}).encode())
+                self._send(200, {"hits": dict(stub.hits), "mode": stub.mode})
                 return
-            prefix, suffix = "/v2/prices/BTC-", "/spot"
-            if not (self.path.startswith(prefix) and self.path.endswith(suffix)):
-                self._send(404, b'{"errors":[{"id":"not_found"}]}')
+            pair = re.fullmatch(r"/v2/prices/BTC-(.*)/spot", self.path)
+            if pair is None:
+                self._send(404, NOT_FOUND)
                 return
-            currency = self.path[len(prefix) : -len(suffix)]
+            currency = pair[1]
             with stub._lock:
                 stub.hits[currency] += 1
                 mode, price = stub.mode, stub.prices.get(currency)
             if price is None:
-                self._send(404, b'{"errors":[{"id":"not_found"}]}')
-                return
-            if mode == "down":
-                self._send(500, b'{"errors":[{"id":"internal_server_error"}]}')
-                return
-            if mode == "slow":
-                time.sleep(stub.delay_s)
-            amount: Any = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(mode, price)
-            if mode == "not_json":
+                self._send(404, NOT_FOUND)
+            elif mode == "down":
+                self._send(500, {"errors": [{"id": "internal_server_error"}]})
+            elif mode == "not_json":
                 self._send(200, b"<html>maintenance</html>", "text/html")
-                return
-            pair_currency = "JPY" if mode == "wrong_pair" else currency
-            body = {"data": {"base": "BTC", "currency": pair_currency, "amount": amount}}
-            self._send(200, json.dumps(body).encode())
+            else:
+                if mode == "slow":
+                    time.sleep(stub.delay_s)
+                amount = {"garbage": "lots", "negative": "-" + price, "zero": "0.00"}.get(mode, price)
+                quoted = "JPY" if mode == "wrong_pair" else currency
+                self._send(200, {"data": {"base": "BTC", "currency": quoted, "amount": amount}})
 
         def do_POST(self) -> None:
             if self.path != "/_control":
-                self._send(404, b"{}")
+                self._send(404, {})
                 return
             length = int(self.headers.get("Content-Length", "0"))
-            data = json.loads(self.rfile.read(length) or b"{}")
-            stub.configure(**data)
-            self._send(200, b"{}")
+            stub.configure(**json.loads(self.rfile.read(length) or b"{}"))
+            self._send(200, {})
 
     return Handler
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8790)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     stub = CoinbaseStub(args.host, args.port)
     print(json.dumps({"event": "coinbase_stub_started", "url": stub.url}), flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -433,14 +433,12 @@ def dev_rabbitmq_stop(data_dir: DataDir = Path(".data/rabbitmq")) -> None:
 def dev_coinbase_stub(port: Annotated[int, typer.Option()] = 8790) -> None:
     """Serve Coinbase-compatible spot prices locally (offline demos, tests, benchmarks)."""
     import signal
-    import sys
 
     from pydist.devtools import coinbase_stub
 
     # SIGTERM (honcho, run.sh's Ctrl-C) ends it like Ctrl-C: the stub's main exits 0 on that.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    sys.argv = ["coinbase-stub", "--port", str(port)]
-    coinbase_stub.main()
+    coinbase_stub.main(["--port", str(port)])
 
 
 @app.command()
