@@ -170,7 +170,8 @@ def _listener(port: int) -> int | None:
     """The pid listening on `port`: the broker the bench uses, not whichever other RabbitMQ node
     (a test's private cluster) happens to run on the machine."""
     for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+        # laddr is () for a socket with no address
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
             return conn.pid
     return None
 
