@@ -118,9 +118,7 @@ def shutdown() -> None:
 
 def parse_traceparent(value: object) -> tuple[int, int, int] | None:
     """(trace id, span id, flags) of a valid W3C version-00 traceparent, else None."""
-    if not isinstance(value, str):
-        return None
-    match = _TRACEPARENT.match(value.strip().lower())
+    match = _TRACEPARENT.match(value.strip().lower()) if isinstance(value, str) else None
     if match is None:
         return None
     trace_id, span_id, flags = (int(g, 16) for g in match.groups())
@@ -140,9 +138,7 @@ def current_traceparent() -> str | None:
     from opentelemetry import trace
 
     ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return format_traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+    return format_traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags)) if ctx.is_valid else None
 
 
 def span_context(traceparent: str | None) -> SpanContext | None:

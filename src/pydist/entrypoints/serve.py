@@ -8,7 +8,6 @@ the supervisor imports none). No app module imports this one.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
+from uvicorn.importer import import_from_string
 from uvicorn.supervisors import Multiprocess
 
 from pydist.config import GRACEFUL_SHUTDOWN_S, MULTIPROC_DIR_ENV, Settings, get_settings
@@ -44,8 +44,7 @@ def process_app(name: str) -> FastAPI:
     """Import process `name`'s app module (and only it), and build its app."""
     if name not in PROCESSES:
         raise ValueError(f"no process {name!r}: one of {', '.join(PROCESSES)}")
-    module, factory = PROCESSES[name][2].split(":")
-    app: FastAPI = getattr(importlib.import_module(f"pydist.entrypoints.{module}"), factory)()
+    app: FastAPI = import_from_string(f"pydist.entrypoints.{PROCESSES[name][2]}")()
     return app
 
 
