@@ -82,9 +82,8 @@ class Settings(BaseSettings):
 
     @property
     def api_key_set(self) -> frozenset[str]:
-        if self.api_keys is None:
-            return frozenset()
-        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+        keys = self.api_keys.get_secret_value().split(",") if self.api_keys is not None else []
+        return frozenset(k.strip() for k in keys if k.strip())
 
 
 @lru_cache(maxsize=1)

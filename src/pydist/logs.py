@@ -4,46 +4,42 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
+from structlog.typing import EventDict, Processor
 
 from pydist.config import Settings
 from pydist.telemetry import add_trace_ids
 
 
-class FluentForwarder:
-    """Sends each event to fluentd (forward protocol) too: `processor(label)` is a structlog
-    processor that tags an event `<tag>.<its label field>`.
+def fluent_forwarder(host: str, port: int, tag: str) -> Callable[[str], Processor]:
+    """Each event to fluentd (forward protocol) too: the `tagged_by(label)` it returns makes a
+    structlog processor that tags an event `<tag>.<its label field>`.
 
     The async sender queues events for a background thread, so a slow or absent fluentd never
     blocks a request; its bounded circular queue drops the oldest events rather than grow. Stdout
     stays the primary stream (12-factor), so nothing is lost to the container log driver."""
+    import atexit
 
-    def __init__(self, host: str, port: int, tag: str) -> None:
-        import atexit
+    from fluent import asyncsender
 
-        from fluent import asyncsender
+    sender = asyncsender.FluentSender(
+        tag, host=host, port=port, nanosecond_precision=True, queue_maxsize=10_000, queue_circular=True
+    )
+    atexit.register(sender.close)  # flush what is queued on a clean exit
 
-        self._sender = asyncsender.FluentSender(
-            tag,
-            host=host,
-            port=port,
-            nanosecond_precision=True,
-            queue_maxsize=10_000,
-            queue_circular=True,
-        )
-        atexit.register(self._sender.close)  # flush what is queued on a clean exit
-
-    def processor(self, label: str) -> Any:
-        def forward(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def tagged_by(label: str) -> Processor:
+        def forward(_logger: Any, _name: str, event: EventDict) -> EventDict:
             # msgpack knows no UUID, Decimal or datetime: send what stdout gets, as JSON types.
-            record = orjson.loads(orjson.dumps(event, default=str))
-            self._sender.emit(str(event.get(label) or "log"), record)
+            sender.emit(str(event.get(label) or "log"), orjson.loads(orjson.dumps(event, default=str)))
             return event
 
         return forward
+
+    return tagged_by
 
 
 def configure_logging(service: str, settings: Settings, *, tracing: bool = False) -> None:
@@ -59,11 +55,10 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
         _add_service(service),
     ]
     host = settings.fluentd_host
-    fluent = FluentForwarder(host, settings.fluentd_port, f"pydist.{service}") if host else None
-    processors = [*context, *fields, *([fluent.processor("event")] if fluent else [])]
-    processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps, default=str))
+    fluent = fluent_forwarder(host, settings.fluentd_port, f"pydist.{service}") if host else None
+    renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps, default=str)
     structlog.configure(
-        processors=processors,
+        processors=[*context, *fields, *([fluent("event")] if fluent else []), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
         cache_logger_on_first_use=True,
@@ -77,8 +72,10 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *([fluent.processor("logger")] if fluent else []),
-                structlog.processors.JSONRenderer(serializer=_dumps_text),
+                *([fluent("logger")] if fluent else []),
+                structlog.processors.JSONRenderer(
+                    serializer=lambda obj, **_: orjson.dumps(obj, default=str).decode()
+                ),
             ],
             foreign_pre_chain=[*context, structlog.stdlib.add_logger_name, *fields],
         )
@@ -91,12 +88,8 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _dumps_text(obj: Any, **_: Any) -> str:
-    return orjson.dumps(obj, default=str).decode()
-
-
-def _add_service(service: str) -> Any:
-    def processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_service(service: str) -> Processor:
+    def processor(_logger: Any, _name: str, event: EventDict) -> EventDict:
         event.setdefault("service", service)
         return event
 

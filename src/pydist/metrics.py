@@ -1,15 +1,14 @@
 """Prometheus metrics. One registry per process; names are stable for dashboards.
 
-Each process exposes only the series it produces: apart from the HTTP latency every HTTP process
-shares, a metric is created unregistered and the entrypoint that owns it calls `expose()`. (A
-registered-everywhere `pydist_cap_used_btc 0` scraped from fetch_buy_orders, or an
-`pydist_outbox_backlog 0` from btc_price, would read as facts on a dashboard.)
+Each process exposes only the series it produces: apart from the HTTP metrics every HTTP process
+shares, a metric is created unregistered and the entrypoint that owns it calls `expose()` (a
+`pydist_cap_used_btc 0` scraped from fetch_buy_orders would read as a fact on a dashboard).
 
 An HTTP service run with several workers (WEB_CONCURRENCY > 1) uses prometheus-client's
 multiprocess mode: `pydist serve` points PROMETHEUS_MULTIPROC_DIR at a directory of its own before
-the workers start, every worker writes its values to its own files there, and `render()` answers
-a scrape of any worker with the totals of all of them (docs/architecture.md, "Metrics with
-several workers"). Whether a process is in that mode is fixed when prometheus_client is imported.
+the workers start, each worker writes its values to its own files there, and `render()` answers a
+scrape of any worker with the totals of all of them (docs/architecture.md, "Metrics with several
+workers"). Whether a process is in that mode is fixed when prometheus_client is imported.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from functools import lru_cache
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
 from pydist.config import MULTIPROC_DIR_ENV
 
@@ -35,28 +33,32 @@ HTTP_LATENCY = Histogram(
 HTTP_SHED = Counter(
     "pydist_http_requests_shed_total", "Requests answered 503 overloaded at once (MAX_IN_FLIGHT)", ["service"]
 )
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def newest_reading(name: str, documentation: str) -> Gauge:
+    """A gauge that every create worker sets from the same rows (the cap row, the outbox): the
+    newest reading of any of them is the truth (multiprocess mode "mostrecent"; a dead worker's
+    last reading is older, so never shown over a live one's). Neither "liveall" (one series per
+    pid) nor "max" (wrong once the cap row is reset) would be."""
+    return Gauge(name, documentation, registry=None, multiprocess_mode="mostrecent")
+
+
 # create_buy_order
 ORDERS_CREATED = Counter("pydist_orders_created_total", "Orders stored", ["currency"], registry=None)
 ORDERS_REPLAYED = Counter("pydist_orders_replayed_total", "Idempotent replays answered", registry=None)
 ORDERS_REFUSED = Counter("pydist_orders_refused_total", "Orders refused", ["reason"], registry=None)
 WRITE_BATCH_SIZE = Histogram(
-    "pydist_write_batch_orders",
-    "Orders per write transaction",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-    registry=None,
+    "pydist_write_batch_orders", "Orders per write transaction", buckets=BATCH_BUCKETS, registry=None
 )
-# Every create worker polls the one cap row: the newest reading of any of them is the truth
-# (multiprocess mode "mostrecent"; a dead worker's last reading is older, so never shown over a
-# live one's). Neither "liveall" (one series per pid) nor "max" (wrong once the cap row is
-# reset) would be.
-CAP_USED = Gauge(
-    "pydist_cap_used_btc", "BTC of the cap used (last seen)", registry=None, multiprocess_mode="mostrecent"
-)
-CAP_REMAINING = Gauge(
-    "pydist_cap_remaining_btc",
-    "BTC of the cap still available (last seen)",
-    registry=None,
-    multiprocess_mode="mostrecent",
+CAP_USED = newest_reading("pydist_cap_used_btc", "BTC of the cap used (last seen)")
+CAP_REMAINING = newest_reading("pydist_cap_remaining_btc", "BTC of the cap still available (last seen)")
+# The outbox, read by create_buy_order (which writes it) rather than by the relay (which drains
+# it): a stopped relay cannot report its own backlog.
+OUTBOX_BACKLOG = newest_reading("pydist_outbox_backlog", "Outbox rows not yet published")
+OUTBOX_OLDEST_AGE = newest_reading(
+    "pydist_outbox_oldest_unpublished_age_seconds",
+    "Age of the oldest outbox event not yet published (0 when none)",
 )
 # btc_price: always one process (`serve` refuses more), so its age is computed at scrape time
 # (`set_function`), which multiprocess mode could not aggregate.
@@ -67,24 +69,12 @@ PRICE_UPSTREAM_CALLS = Counter(
     ["currency", "outcome"],
     registry=None,
 )
-# The outbox, read by create_buy_order (which writes it) rather than by the relay (which drains
-# it): a stopped relay cannot report its own backlog. Every create worker reads the same rows, so
-# the newest reading is the truth, as for the cap.
-OUTBOX_BACKLOG = Gauge(
-    "pydist_outbox_backlog", "Outbox rows not yet published", registry=None, multiprocess_mode="mostrecent"
-)
-OUTBOX_OLDEST_AGE = Gauge(
-    "pydist_outbox_oldest_unpublished_age_seconds",
-    "Age of the oldest outbox event not yet published (0 when none)",
-    registry=None,
-    multiprocess_mode="mostrecent",
-)
 # relay
 EVENTS_PUBLISHED = Counter("pydist_events_published_total", "Events confirmed by the sink", registry=None)
 EVENTS_PER_MESSAGE = Histogram(
     "pydist_events_per_message",
     "Events per broker message (batch envelope)",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    buckets=BATCH_BUCKETS,
     registry=None,
 )
 # read_model_sync, and the relay in direct mode
@@ -102,7 +92,7 @@ READ_MODEL_LAG = Histogram(
     registry=None,
 )
 
-CREATE_METRICS: tuple[Collector, ...] = (
+CREATE_METRICS: tuple[MetricWrapperBase, ...] = (
     ORDERS_CREATED,
     ORDERS_REPLAYED,
     ORDERS_REFUSED,
@@ -112,11 +102,11 @@ CREATE_METRICS: tuple[Collector, ...] = (
     OUTBOX_BACKLOG,
     OUTBOX_OLDEST_AGE,
 )
-PRICE_METRICS: tuple[Collector, ...] = (PRICE_AGE, PRICE_UPSTREAM_CALLS)
-PROJECTION_METRICS: tuple[Collector, ...] = (EVENTS_PROJECTED, READ_MODEL_LAG)
-RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PUBLISHED,)
-BROKER_RELAY_METRICS: tuple[Collector, ...] = (EVENTS_PER_MESSAGE,)
-SYNC_METRICS: tuple[Collector, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
+PRICE_METRICS: tuple[MetricWrapperBase, ...] = (PRICE_AGE, PRICE_UPSTREAM_CALLS)
+PROJECTION_METRICS: tuple[MetricWrapperBase, ...] = (EVENTS_PROJECTED, READ_MODEL_LAG)
+RELAY_METRICS: tuple[MetricWrapperBase, ...] = (EVENTS_PUBLISHED,)
+BROKER_RELAY_METRICS: tuple[MetricWrapperBase, ...] = (EVENTS_PER_MESSAGE,)
+SYNC_METRICS: tuple[MetricWrapperBase, ...] = (*PROJECTION_METRICS, EVENTS_DEAD_LETTERED, DLQ_MESSAGES)
 
 
 _EXPOSED: set[str] = {
@@ -126,13 +116,12 @@ _EXPOSED: set[str] = {
 and multiprocess files carry them: a counter's without its `_total`)."""
 
 
-def expose(*collectors: Collector) -> None:
+def expose(*collectors: MetricWrapperBase) -> None:
     """Add `collectors` to this process's /metrics (idempotent: an app may be built twice)."""
     for collector in collectors:
         with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(collector)
-        describe = getattr(collector, "describe", None)  # every metric has it; the Protocol not
-        _EXPOSED.update(family.name for family in (describe() if describe else collector.collect()))
+        _EXPOSED.update(family.name for family in collector.describe())
 
 
 def multiprocess_dir() -> str | None:
@@ -142,34 +131,23 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_DIR_ENV) or None
 
 
-class ExposedFamilies:
-    """The families `expose()`d in this process, summed over every worker's files in `directory`.
-
-    The files hold every metric a worker created, registered or not (pydist.metrics creates them
-    all at import): without the filter fetch_buy_orders would show `pydist_cap_used_btc`."""
-
-    def __init__(self, directory: str) -> None:
-        self._files = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+class ExposedFamilies(MultiProcessCollector):
+    """The families `expose()`d in this process, summed over every worker's files. The files hold
+    every metric a worker created, registered or not (pydist.metrics creates them all at import):
+    without the filter fetch_buy_orders would show `pydist_cap_used_btc`."""
 
     def collect(self) -> Iterator[Metric]:
-        for family in self._files.collect():  # type: ignore[no-untyped-call]
-            if family.name in _EXPOSED:
-                yield family
-
-
-@lru_cache(maxsize=4)
-def _multiprocess_registry(directory: str) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(ExposedFamilies(directory))
-    return registry
+        return (family for family in super().collect() if family.name in _EXPOSED)  # type: ignore[no-untyped-call]
 
 
 def render() -> bytes:
     """The body of GET /metrics. One process: its own registry (with prometheus-client's process
     and GC collectors). Several workers: the totals of all of them, from their files, whichever
-    worker is asked; per-process figures (process_*, python_gc_*) are left out there, since a
-    scrape would show a different worker's each time."""
+    worker is asked, without the per-process process_* and python_gc_* (a different worker's at
+    each scrape). A registry per scrape, as prometheus-client's multiprocess docs do."""
     directory = multiprocess_dir()
     if directory is None:
         return generate_latest(REGISTRY)
-    return generate_latest(_multiprocess_registry(directory))
+    registry = CollectorRegistry()
+    ExposedFamilies(registry, path=directory)  # type: ignore[no-untyped-call]  # (registers itself)
+    return generate_latest(registry)

@@ -2,8 +2,8 @@
 process stops, with a capped exponential backoff, and one log event per failed attempt.
 
 Every background loop (the relay's claims, its NOTIFY listener, read_model_sync's projection,
-the start-up waits) faces the same thing: a backing service that is down for a while. They all
-retry the same way, so a stop (SIGTERM) ends the wait at once instead of after the backoff."""
+the start-up waits) faces the same thing, a backing service down for a while, and retries the same
+way, so a stop (SIGTERM) ends the wait at once instead of after the backoff."""
 
 from __future__ import annotations
 
@@ -25,17 +25,17 @@ def until_stopped(
     """Attempts of one operation: a failure of `retry_on` waits `first_s`, then twice that, … up to
     `max_s`, and tries again; `on_retry(state, wait_s)` logs it. Once `stop` is set no attempt is
     made and the last failure is raised (`reraise`), as is any other exception at once."""
-
-    last: list[BaseException | None] = [None]
+    last: BaseException | None = None
 
     def before_sleep(state: RetryCallState) -> None:
-        last[0] = failure(state)
+        nonlocal last
+        last = failure(state)
         on_retry(state, state.upcoming_sleep)
 
     async def sleep(seconds: float) -> None:
         await sleep_unless_stopped(stop, seconds)
-        if stop.is_set() and last[0] is not None:  # stopped while waiting: no further attempt
-            raise last[0]
+        if stop.is_set() and last is not None:  # stopped while waiting: no further attempt
+            raise last
 
     return AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
@@ -48,9 +48,8 @@ def until_stopped(
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or until `stop` is set if that comes first: the plain waits of the loops
-    that run until their process stops (a SIGTERM must not wait out a backoff or a poll period).
-    A wait for stop *or* another event (the relay's wake-up) is its own."""
+    """Sleep `seconds`, or until `stop` is set if that comes first: a SIGTERM must not wait out a
+    backoff or a poll period."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 

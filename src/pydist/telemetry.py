@@ -1,15 +1,15 @@
 """OpenTelemetry tracing, configured only by the standard OTEL_* variables, and off by default.
 
 Off (no OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_SDK_DISABLED=true)
-nothing is installed: no tracer provider, no instrumentation, and the hot paths only test the
-module flag `ENABLED`. The SDK and the instrumentations are imported only when tracing is on.
+nothing is installed and the hot paths only test `ENABLED`; the SDK and the instrumentations are
+imported only when tracing is on.
 
-On, every process exports its spans over OTLP/HTTP (BatchSpanProcessor: a background thread, so a
-slow collector never slows a request) and the FastAPI, httpx and asyncpg instrumentations make the
-server, client and statement spans. The messaging spans are made here by hand: one broker message
-carries up to 256 orders, each of its own trace, so the publish and projection spans *link* to the
-traces of the orders they carry (the messaging conventions for batches), which no per-message
-instrumentation can do. An order's trace crosses the outbox as its W3C `traceparent` string.
+On, every process exports its spans over OTLP/HTTP (a BatchSpanProcessor's thread, so a slow
+collector never slows a request); the FastAPI, httpx and asyncpg instrumentations make the server,
+client and statement spans. The messaging spans are made here: one broker message carries up to 256
+orders, each of its own trace, so the publish and projection spans *link* to their orders' traces
+(the messaging conventions for batches), which no per-message instrumentation can do. An order's
+trace crosses the outbox as its W3C `traceparent` string.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ ENABLED = False
 """True once `setup` installed a provider: the one check the hot paths make."""
 _provider: Any = None
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_TRACER = "pydist"
 
 
 def wanted(env: Mapping[str, str] | None = None) -> bool:
@@ -41,9 +40,8 @@ def wanted(env: Mapping[str, str] | None = None) -> bool:
 
 
 def service_name(role: str, env: Mapping[str, str] | None = None) -> str:
-    """OTEL_SERVICE_NAME, else SERVICE_NAME if the deployment named the process (compose does),
-    else the process role. SERVICE_NAME's default `pydist` (.env.example's too) names no process:
-    every process would then show as one service."""
+    """OTEL_SERVICE_NAME, else SERVICE_NAME if the deployment named the process (compose does), else
+    the role: SERVICE_NAME's default `pydist` would show every process as one service."""
     env = os.environ if env is None else env
     named = env.get("SERVICE_NAME", "")
     return env.get("OTEL_SERVICE_NAME") or (named if named not in ("", "pydist") else role)
@@ -75,12 +73,10 @@ def setup(role: str) -> bool:
 
 
 def without_lone_statements(sampler: Sampler) -> Sampler:
-    """`sampler` (the one OTEL_TRACES_SAMPLER chose), except that a database statement with no
-    parent span is dropped. The background work of every process runs statements outside any
-    request: the create process's cap and outbox poll every second, the relay's listener probe
-    and its claims, each of which the asyncpg instrumentation would export as a one-span trace
-    of its own (about 90,000 such traces a day per create worker, nobody's order). Statements
-    inside a request or a batch span keep their parent and are sampled as before."""
+    """`sampler` (OTEL_TRACES_SAMPLER's), except that a database statement with no parent span is
+    dropped: the background polls (create's cap and outbox every second, the relay's listener probe
+    and claims) would each be a one-span trace of nobody's order, about 90,000 a day per create
+    worker. Statements inside a request or a batch span are sampled as before."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
@@ -104,9 +100,8 @@ def without_lone_statements(sampler: Sampler) -> Sampler:
 
 
 def instrument_app(app: FastAPI) -> None:
-    """Server spans for every request except the probes (healthcheck, readiness, metrics). The
-    ASGI `receive`/`send` sub-spans are left out: two more spans per request that say nothing
-    the server span does not (measured in docs/benchmarks.md, "Tracing cost")."""
+    """Server spans for every request but the probes (healthcheck, readiness, metrics), without the
+    ASGI `receive`/`send` sub-spans, which say nothing more (docs/benchmarks.md, "Tracing cost")."""
     if ENABLED:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -121,14 +116,9 @@ def shutdown() -> None:
         _provider.shutdown()
 
 
-# ------------------------------------------------------------------ traceparent helpers
-
-
 def parse_traceparent(value: object) -> tuple[int, int, int] | None:
     """(trace id, span id, flags) of a valid W3C version-00 traceparent, else None."""
-    if not isinstance(value, str):
-        return None
-    match = _TRACEPARENT.match(value.strip().lower())
+    match = _TRACEPARENT.match(value.strip().lower()) if isinstance(value, str) else None
     if match is None:
         return None
     trace_id, span_id, flags = (int(g, 16) for g in match.groups())
@@ -148,9 +138,7 @@ def current_traceparent() -> str | None:
     from opentelemetry import trace
 
     ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return format_traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+    return format_traceparent(ctx.trace_id, ctx.span_id, int(ctx.trace_flags)) if ctx.is_valid else None
 
 
 def span_context(traceparent: str | None) -> SpanContext | None:
@@ -167,16 +155,14 @@ def links(traceparents: Sequence[str | None]) -> list[Link]:
     """One Link per distinct valid traceparent: a batch span's ties to its orders' traces."""
     from opentelemetry.trace import Link
 
-    first: dict[tuple[int, int], SpanContext] = {}
-    for ctx in filter(None, map(span_context, traceparents)):
-        first.setdefault((ctx.trace_id, ctx.span_id), ctx)
-    return [Link(ctx) for ctx in first.values()]
+    distinct = {(ctx.trace_id, ctx.span_id): ctx for ctx in filter(None, map(span_context, traceparents))}
+    return [Link(ctx) for ctx in distinct.values()]
 
 
 def tracer() -> Any:
     from opentelemetry import trace
 
-    return trace.get_tracer(_TRACER)
+    return trace.get_tracer("pydist")
 
 
 @contextmanager
@@ -196,17 +182,15 @@ def batch_span(
     if not ENABLED:
         yield None
         return
-    from opentelemetry import context as otel_context
     from opentelemetry import trace
+    from opentelemetry.context import Context
 
     parent_ctx = span_context(parent)
     if parent_ctx is None and first_order_parent:
         parent_ctx = next(filter(None, map(span_context, traceparents)), None)
-    context = (
-        trace.set_span_in_context(trace.NonRecordingSpan(parent_ctx))
-        if parent_ctx is not None
-        else otel_context.Context()
-    )
+    # In an empty context, not the current one: no parent (an invalid one) starts a new trace.
+    parent_span = trace.NonRecordingSpan(parent_ctx or trace.INVALID_SPAN_CONTEXT)
+    context = trace.set_span_in_context(parent_span, Context())
     with tracer().start_as_current_span(
         name,
         context=context,

@@ -5,14 +5,12 @@ in the background (capped backoff, one log event per attempt), never by crashing
 opens at once, so /healthcheck says the process lives and /readyz says 503 until the dependency
 answers; an orchestrator sees an unready process, not a crash loop.
 
-A module of its own, not part of `serve.py`: serve imports the app modules, so an app module
-importing serve would close an import cycle.
+(Not in `serve.py`, which runs the app modules: no app module imports it.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,46 +36,32 @@ async def await_dependency(
     in flight at once (a shutdown never waits for a dependency's timeout)."""
 
     def unavailable(state: RetryCallState, wait_s: float) -> None:
-        error = type(failure(state)).__name__
+        error, attempt = type(failure(state)).__name__, state.attempt_number
         log.warning(
-            "dependency_unavailable",
-            dependency=name,
-            attempt=state.attempt_number,
-            error=error,
-            retry_in_s=wait_s,
+            "dependency_unavailable", dependency=name, attempt=attempt, error=error, retry_in_s=wait_s
         )
+
+    async def until_ready() -> None:
+        async for attempt in until_stopped(stop, first_s=0.1, max_s=max_backoff_s, on_retry=unavailable):
+            with attempt:  # a failure is recorded here, and retried
+                await asyncio.wait_for(check(), timeout=attempt_timeout_s)
+                if (attempts := attempt.retry_state.attempt_number) > 1:
+                    log.info("dependency_ready", dependency=name, attempts=attempts)
+                return
 
     if stop.is_set():
         return False
+    waiting, stopping = asyncio.ensure_future(until_ready()), asyncio.ensure_future(stop.wait())
     try:
-        async for attempt in until_stopped(stop, first_s=0.1, max_s=max_backoff_s, on_retry=unavailable):
-            with attempt:  # a failure is recorded here, and retried
-                await _unless_stopped(check(), stop, attempt_timeout_s)
-                if (attempts := attempt.retry_state.attempt_number) > 1:
-                    log.info("dependency_ready", dependency=name, attempts=attempts)
-                return True
-    except Exception:  # raised only once stopping
-        return False
-    return False
-
-
-class _Stopped(Exception):
-    pass
-
-
-async def _unless_stopped(check: Awaitable[object], stop: asyncio.Event, timeout: float) -> None:
-    checking = asyncio.ensure_future(asyncio.wait_for(check, timeout=timeout))
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([checking, stopping], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-    if not checking.done():
-        checking.cancel()
-        with contextlib.suppress(BaseException):
-            await checking
-        raise _Stopped
-    checking.result()
+        waiting.cancel()  # at a stop, with any attempt in flight (nothing, once it is done)
+    try:
+        await waiting
+    except BaseException:  # cancelled at a stop, or its last failure raised once stopping
+        return False
+    return True
 
 
 Job = Callable[[asyncio.Event], Coroutine[Any, Any, object]]
