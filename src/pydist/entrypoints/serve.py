@@ -2,8 +2,9 @@
 
 uvicorn is handed `partial(process_app, name)`, which imports the one app module the process runs
 when uvicorn builds the app: after `serve` has settled the metrics directory (prometheus_client
-reads it when first imported), and in each worker only (every spawned worker builds its own app;
-the supervisor imports none). No app module imports this one.
+reads it when first imported), and in each worker only (uvicorn's multi-worker mode pickles the
+partial and every spawned worker builds its own app; the supervisor imports no app). No app
+module imports this one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
-from uvicorn.importer import import_from_string
 from uvicorn.supervisors import Multiprocess
 
 from pydist.config import GRACEFUL_SHUTDOWN_S, MULTIPROC_DIR_ENV, Settings, get_settings
@@ -30,22 +30,37 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-PROCESSES = {
-    "create": ("create_buy_order_port", "create_buy_order", "create_api:create_app"),
-    "fetch": ("fetch_buy_orders_port", "fetch_buy_orders", "fetch_api:create_app"),
-    "price": ("btc_price_port", "btc_price", "price_api:create_app"),
-    "relay": ("relay_metrics_port", "relay", "workers:create_relay_app"),
-    "sync": ("sync_metrics_port", "read_model_sync", "workers:create_sync_app"),
+PORTS = {
+    "create": ("create_buy_order_port", "create_buy_order"),
+    "fetch": ("fetch_buy_orders_port", "fetch_buy_orders"),
+    "price": ("btc_price_port", "btc_price"),
+    "relay": ("relay_metrics_port", "relay"),
+    "sync": ("sync_metrics_port", "read_model_sync"),
 }
-"""Each process's port setting, its service name (in logs and metrics) and its app factory."""
+"""Each process's port setting and its service name (in logs and metrics)."""
 
 
 def process_app(name: str) -> FastAPI:
     """Import process `name`'s app module (and only it), and build its app."""
-    if name not in PROCESSES:
-        raise ValueError(f"no process {name!r}: one of {', '.join(PROCESSES)}")
-    app: FastAPI = import_from_string(f"pydist.entrypoints.{PROCESSES[name][2]}")()
-    return app
+    if name == "create":
+        from pydist.entrypoints import create_api
+
+        return create_api.create_app()
+    if name == "fetch":
+        from pydist.entrypoints import fetch_api
+
+        return fetch_api.create_app()
+    if name == "price":
+        from pydist.entrypoints import price_api
+
+        return price_api.create_app()
+    from pydist.entrypoints import workers
+
+    if name == "relay":
+        return workers.create_relay_app()
+    if name == "sync":
+        return workers.create_sync_app()
+    raise ValueError(f"no process {name!r}: one of {', '.join(PORTS)}")
 
 
 MULTI_WORKER = frozenset({"create", "fetch"})
@@ -56,8 +71,9 @@ processes sharing the outbox or the queue."""
 
 def multiprocess_directory(configured: str | None, service: str) -> tuple[Path, bool]:
     """Where a multi-worker run keeps its metric files, and whether the run owns (made, and so
-    removes) it: PROMETHEUS_MULTIPROC_DIR if set, created if missing and wiped of its `*.db` files
-    (a previous run's values must not add to this one's), else a fresh temporary directory."""
+    removes) it. An operator-set PROMETHEUS_MULTIPROC_DIR is used, created if missing, and wiped
+    of its metric files (`*.db`, nothing else): a previous run's values must not be added to this
+    one's. Otherwise a fresh directory under the system temp dir."""
     if configured:
         path = Path(configured)
         path.mkdir(parents=True, exist_ok=True)
@@ -69,26 +85,25 @@ def multiprocess_directory(configured: str | None, service: str) -> tuple[Path, 
 
 class MetricsSupervisor(Multiprocess):
     """uvicorn's worker supervisor, telling prometheus-client about every worker that exited
-    (`mark_process_dead`: a "live*" gauge's values leave with their process). uvicorn has no exit
-    hook, but replaces dead workers in keep_subprocess_alive (every 0.5 s, after any SIGHUP or
-    SIGTTOU): a worker missing from the list afterwards has exited."""
+    (`mark_process_dead`: a "live*" gauge's values leave with their process; counters and
+    histograms stay in the totals). uvicorn has no exit hook: the supervisor loop calls
+    keep_subprocess_alive every 0.5 s, after it handled signals (SIGHUP restarts, SIGTTOU), and
+    replaces dead workers there, so a worker missing from the list afterwards has exited."""
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket], directory: Path) -> None:
         super().__init__(config, sockets)
         self.directory = directory
         self._running: set[int] = set()
 
-    def _now_running(self, running: set[int]) -> None:
-        """Mark every worker that was running and is no longer dead."""
-        from prometheus_client.multiprocess import mark_process_dead
-
-        for pid in sorted(self._running - running):
-            mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
-            log.info("metrics_worker_exited", pid=pid)
-        self._running = running
-
     def _workers(self) -> set[int]:
         return {p.pid for p in self.processes if p.pid is not None}
+
+    def _mark_exited(self, pids: set[int]) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for pid in sorted(pids):
+            mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
+            log.info("metrics_worker_exited", pid=pid)
 
     def init_processes(self) -> None:
         super().init_processes()
@@ -96,16 +111,18 @@ class MetricsSupervisor(Multiprocess):
 
     def keep_subprocess_alive(self) -> None:
         super().keep_subprocess_alive()
-        self._now_running(self._workers())
+        running = self._workers()
+        self._mark_exited(self._running - running)
+        self._running = running
 
     def join_all(self) -> None:
         super().join_all()
-        self._running |= self._workers()
-        self._now_running(set())
+        self._mark_exited(self._running | self._workers())
+        self._running = set()
 
 
 def serve(name: str, *, workers: int | None = None) -> None:
-    port_field, service, _ = PROCESSES[name]
+    port_field, service = PORTS[name]
     settings = get_settings()
     # uvicorn re-raises the signal it caught after its graceful shutdown; with these handlers in
     # place that re-raise is a no-op, so a SIGTERM ends in a clean exit 0 (12-factor disposability).
@@ -147,7 +164,8 @@ def serve_workers(name: str, service: str, n: int, settings: Settings, config: d
     configure_logging(service, settings)
     directory, owned = multiprocess_directory(settings.prometheus_multiproc_dir, service)
     # Before any worker starts: each one (spawned, so importing prometheus_client afresh) reads it.
-    os.environ[MULTIPROC_DIR_ENV] = str(directory)  # (over the deprecated lower-case spelling, if set)
+    os.environ[MULTIPROC_DIR_ENV] = str(directory)
+    os.environ.pop(MULTIPROC_DIR_ENV.lower(), None)
     log.info("metrics_multiprocess", directory=str(directory), workers=n, owned=owned)
     try:
         uv_config = uvicorn.Config(partial(process_app, name), workers=n, **config)
