@@ -10,15 +10,14 @@ consumer keeps running:
 - a message that makes the consumer fail in any other way is requeued, and after the queue's
   delivery limit the broker dead-letters it (adapters/rabbit.py).
 
-A read model that is down is waited for with the message held (not requeued, which would count
-towards the delivery limit and dead-letter healthy events during an outage). Every dead-letter
-is published with confirms before the message is acked, so a crash in between only repeats it.
+A read model that is down is waited for with the message held: a requeue would count towards the
+delivery limit and dead-letter healthy events during an outage. Dead letters are published with
+confirms before the message is acked, so a crash in between only repeats them.
 
-Dead letters go out on a connection of their own, within `DEAD_LETTER_TIMEOUT_S`. During a
-memory or disk alarm RabbitMQ stops reading from every connection that publishes: on the
-consuming connection that would also stop the acks, and the consumer, the one thing that drains
-the queues and so ends the alarm, would wait for ever. A dead letter that cannot go out in time
-requeues its message instead; at the delivery limit the broker dead-letters it by itself.
+They go out on a connection of their own, within `DEAD_LETTER_TIMEOUT_S`: during a memory or disk
+alarm RabbitMQ stops reading from every connection that publishes, and on the consuming one that
+would stop the acks too, so the consumer (what drains the queues and ends the alarm) would wait
+for ever. A dead letter that cannot go out in time requeues its message (the delivery limit holds).
 """
 
 from __future__ import annotations
@@ -156,29 +155,22 @@ class EnvelopeConsumer:
             await message.nack(requeue=True)
 
     async def _project(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> list[BuyOrderCreated]:
-        """Project `events`; returns those the read model refuses, each isolated by bisection."""
+        """Project `events`, retried while the read model is unavailable (until `stop`); returns
+        those the read model refuses, each isolated by bisection."""
         if not events:
             return []
         try:
-            await self._retrying(events, stop)
+            async for attempt in until_stopped(
+                stop, retry_on=StoreUnavailableError, first_s=0.1, max_s=5, on_retry=_read_model_unavailable
+            ):
+                with attempt:
+                    await self._handler(events)
         except EventRejectedError:
             if len(events) == 1:
                 return events
             middle = len(events) // 2
             return await self._project(events[:middle], stop) + await self._project(events[middle:], stop)
         return []
-
-    async def _retrying(self, events: list[BuyOrderCreated], stop: asyncio.Event) -> None:
-        """The handler, retried while the read model is unavailable (until `stop`)."""
-        async for attempt in until_stopped(
-            stop,
-            retry_on=StoreUnavailableError,
-            first_s=0.1,
-            max_s=5,
-            on_retry=lambda state, _: log.warning("read_model_unavailable", attempt=state.attempt_number),
-        ):
-            with attempt:
-                await self._handler(events)
 
     async def _dead_letter(
         self, source: AbstractIncomingMessage, poison: Sequence[Poison], *, whole: bool
@@ -211,6 +203,10 @@ class EnvelopeConsumer:
     async def close(self) -> None:
         await self._link.close()
         await self._dead_letter_link.close()
+
+
+def _read_model_unavailable(state: RetryCallState, _: float) -> None:
+    log.warning("read_model_unavailable", attempt=state.attempt_number)
 
 
 def _dead_letter_message(source: AbstractIncomingMessage, poison: Poison, whole: bool) -> aio_pika.Message:

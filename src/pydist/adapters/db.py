@@ -1,11 +1,10 @@
 """The one way to Postgres: an asyncpg pool per database, plus migrations and the row mapping.
 
-Every statement pydist sends is one round trip on a pooled connection. The pool does no
-checkout ping, and no reset query when a connection comes back (pydist sets no session state
-on pooled connections: no SET, LISTEN, advisory lock or cursor; the outbox's LISTEN has a
-connection of its own). A connection the server has closed (a restart, a terminated backend)
-is seen closed by asyncpg and replaced at the next checkout; one that dies under a statement
-fails that statement, which the caller turns into a 503 or a retry.
+Every statement is one round trip on a pooled connection. The pool sends no checkout ping and
+no reset query on release: pydist sets no session state on pooled connections (no SET, LISTEN,
+advisory lock or cursor; the outbox's LISTEN has a connection of its own). One the server closed
+(a restart, a terminated backend) is replaced at the next checkout; one that dies under a
+statement fails that statement, which the caller turns into a 503 or a retry.
 
 SQLAlchemy stays for Alembic only: the migrations are the schema's one definition.
 """

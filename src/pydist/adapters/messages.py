@@ -65,14 +65,17 @@ def envelope_id(events: Sequence[BuyOrderCreated]) -> str:
     return str(uuid.uuid5(_NAMESPACE, ",".join(str(e.event_id) for e in events)))
 
 
-def _envelope(items: list[dict[str, Any]], message_id: str) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=orjson.dumps(
-            {"message_type": ENVELOPE_TYPE, "schema_version": ENVELOPE_VERSION, "events": items}
-        ),
+Envelope = tuple[Sequence[BuyOrderCreated], aio_pika.Message]
+"""A message, with the events it carries (the publisher's span links to their traces)."""
+
+
+def _envelope(events: Sequence[BuyOrderCreated], items: list[dict[str, Any]]) -> Envelope:
+    body = orjson.dumps({"message_type": ENVELOPE_TYPE, "schema_version": ENVELOPE_VERSION, "events": items})
+    return events, aio_pika.Message(
+        body=body,
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message_id,
+        message_id=envelope_id(events),
         type=ENVELOPE_TYPE,
         headers={"schema_version": ENVELOPE_VERSION, "event_count": len(items)},
     )
@@ -80,23 +83,22 @@ def _envelope(items: list[dict[str, Any]], message_id: str) -> aio_pika.Message:
 
 def batches(
     events: Sequence[BuyOrderCreated], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
-) -> list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]]:
+) -> list[Envelope]:
     """A claim as envelopes of at most `max_events` events and about `max_bytes` body bytes (an
-    event alone larger than `max_bytes` still travels, alone), each with the events it carries
-    (the publisher's span links to their traces)."""
-    out: list[tuple[Sequence[BuyOrderCreated], aio_pika.Message]] = []
+    event alone larger than `max_bytes` still travels, alone)."""
+    out: list[Envelope] = []
     start, size = 0, 0
     items: list[dict[str, Any]] = []
     for i, event in enumerate(events):
         item = event.to_message()
         length = len(orjson.dumps(item)) + 1
         if items and (len(items) >= max_events or size + length > max_bytes):
-            out.append((events[start:i], _envelope(items, envelope_id(events[start:i]))))
+            out.append(_envelope(events[start:i], items))
             start, items, size = i, [], 0
         items.append(item)
         size += length
     if items:
-        out.append((events[start:], _envelope(items, envelope_id(events[start:]))))
+        out.append(_envelope(events[start:], items))
     return out
 
 

@@ -58,8 +58,9 @@ class BatchingOrderWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        left = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
-        self._fail(left, StoreUnavailableError("shutting down"))
+        while not self._queue.empty():
+            self._fail([self._queue.get_nowait()], StoreUnavailableError("shutting down"))
+            self._queue.task_done()
 
     async def place(self, order: PricedOrder, request_id: str | None) -> PlaceResult:
         if self._task is None:
@@ -79,6 +80,9 @@ class BatchingOrderWriter:
             except asyncio.CancelledError:  # in the window or the commit: no order is left waiting
                 self._fail(batch, StoreUnavailableError("shutting down"))
                 raise
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
 
     async def _fill(self, batch: list[_Item]) -> None:
         """The orders queued behind the first, after the commit window if the writer is busy."""
@@ -114,15 +118,8 @@ class BatchingOrderWriter:
         for (_, _, _, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        self._done(len(batch))
 
     def _fail(self, batch: list[_Item], exc: Exception) -> None:
         for *_, future in batch:
             if not future.done():
                 future.set_exception(exc)
-        self._done(len(batch))
-        batch.clear()
-
-    def _done(self, n: int) -> None:
-        for _ in range(n):
-            self._queue.task_done()

@@ -1,5 +1,8 @@
-"""The relay's side of RabbitMQ: a claim of outbox events goes out as a few batch envelopes,
-persistent and `mandatory`, and `publish` returns only once the broker has confirmed every one."""
+"""The relay's side of RabbitMQ (an `EventSink`): a claim of outbox events goes out as a few batch
+envelopes, persistent and `mandatory`, and `publish` returns only once the broker has confirmed
+every one. A message the broker cannot route (its queue was deleted, say) comes back before its
+confirm, which `on_return_raises` makes an error: the relay does not mark the rows. Any failure
+drops the connection; the next attempt declares the topology again, on the next node that answers."""
 
 from __future__ import annotations
 
@@ -23,11 +26,6 @@ and then stalls must not hold the claim's locks for ever."""
 
 
 class BrokerPublisher:
-    """An `EventSink` for the relay. A message the broker cannot route (its queue was deleted,
-    say) is returned before it is confirmed: with `on_return_raises` that is an error, so the
-    relay does not mark the rows, and the topology is declared again before the next attempt.
-    Any failure drops the connection; the next attempt reaches the next node that answers."""
-
     def __init__(
         self, urls: str | Sequence[str], *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BYTES
     ) -> None:

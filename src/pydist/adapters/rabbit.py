@@ -49,9 +49,7 @@ DLQ_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 every return counts as a delivery; with a limit, listing it often enough would drop messages."""
 
 TRANSIENT = (
-    OSError,
-    ConnectionError,
-    asyncio.TimeoutError,
+    OSError,  # ConnectionError and TimeoutError among them
     aio_pika.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,  # a RuntimeError: a channel already closed
 )

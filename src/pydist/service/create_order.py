@@ -29,12 +29,11 @@ class CreateBuyOrderCommand:
     def request(self) -> OrderRequest:
         """The order asked for, under its one key: both keys may be given only if they agree, and
         one of them must be."""
-        body_key, header_key = self.body_key, self.header_key
-        if body_key is not None and header_key is not None and body_key != header_key:
-            raise IdempotencyKeysDifferError()
-        key = body_key if body_key is not None else header_key
+        key = self.body_key if self.body_key is not None else self.header_key
         if key is None:
             raise IdempotencyKeyMissingError()
+        if self.header_key not in (None, key):
+            raise IdempotencyKeysDifferError()
         return OrderRequest(key, self.currency, self.amount)
 
 

@@ -1,8 +1,7 @@
-"""The ports the use cases need; adapters implement them, tests may fake them.
-
-With them, the errors the adapters raise through them, which the use cases and the edge handle.
-They are about infrastructure (a store that cannot be reached, data a read model cannot hold, a
-listing reference that does not exist), so they live here rather than among the domain's rules."""
+"""The ports the use cases need (adapters implement them, tests may fake them), and the errors
+raised through them, which the use cases and the edge handle. They are about infrastructure (a
+store out of reach, data a read model cannot hold, an unknown listing reference), so they live
+here rather than among the domain's rules."""
 
 from __future__ import annotations
 

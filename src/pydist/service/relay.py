@@ -68,14 +68,10 @@ class Relay:
                 return  # raised only once stopping: every failure before that is retried
             if published < self._batch:
                 await _wait_any(stop, self.wake, self._idle_poll_s)
-                await self._paced(stop)
-
-    async def _paced(self, stop: asyncio.Event) -> None:
-        """Wait out what is left of `pace_s` since the last claim started (nothing after a quiet
-        spell longer than that)."""
-        left = self._claimed_at + self._pace_s - time.monotonic()
-        if left > 0:
-            await sleep_unless_stopped(stop, left)
+                # what is left of pace_s since the last claim started (nothing after a quiet spell)
+                left = self._claimed_at + self._pace_s - time.monotonic()
+                if left > 0:
+                    await sleep_unless_stopped(stop, left)
 
     async def _relay_until_it_works(self, stop: asyncio.Event) -> int:
         """One batch, retried (0.05 s, doubling up to `max_backoff_s`) while it fails."""
