@@ -122,6 +122,7 @@ class BuyOrderPage(BaseModel):
     )
 
 
+_FIELD_ERROR = {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}
 PROBLEM_SCHEMA: dict[str, Any] = {
     "application/problem+json": {
         "schema": {
@@ -132,16 +133,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                 "title": {"type": "string"},
                 "status": {"type": "integer"},
                 "detail": {"type": "string"},
-                "errors": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "field": {"type": "string"},
-                            "message": {"type": "string"},
-                        },
-                    },
-                },
+                "errors": {"type": "array", "items": _FIELD_ERROR},
             },
         }
     }
@@ -204,12 +196,9 @@ async def read_json_object(request: Request, max_bytes: int, timeout_s: float) -
     try:
         text = body.decode("utf-8")
         parsed = json.loads(
-            text,
-            parse_float=Decimal,
-            parse_constant=_no_constants,
-            object_pairs_hook=_no_duplicates,
+            text, parse_float=Decimal, parse_constant=_no_constants, object_pairs_hook=_no_duplicates
         )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         reason = "body is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "body is not valid JSON"
         if isinstance(exc, ValueError) and "duplicate key" in str(exc):
             reason = str(exc)
