@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import asdict
 from decimal import Decimal
 from enum import StrEnum
@@ -117,11 +118,8 @@ async def _with_admin(use: Callable[[AdminGraph], Awaitable[T]]) -> T:
     """`use` the admin graph of both models (small pools, closed after)."""
     from pydist import bootstrap
 
-    graph = bootstrap.admin(get_settings())
-    try:
+    async with aclosing(bootstrap.admin(get_settings())) as graph:
         return await use(graph)
-    finally:
-        await graph.aclose()
 
 
 @read_model_app.command("check")

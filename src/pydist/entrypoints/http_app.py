@@ -282,11 +282,7 @@ def _route_ops(app: FastAPI, service: str, ready: Callable[[], Awaitable[None]])
         return Response(render(), media_type=CONTENT_TYPE_LATEST)
 
 
-_STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["status"],
-    "properties": {"status": {"type": "string"}},
-}
+_STATUS_SCHEMA = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 
 
 def _declare_bearer_auth(app: FastAPI) -> None:
