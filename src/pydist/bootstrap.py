@@ -1,16 +1,12 @@
-"""The one place each process's object graph is built from Settings: databases, stores, clients,
-use cases, relay, consumer, publisher.
-
-The app factories, the CLI's admin commands and the integration tests all take their objects
-from here (the benchmark runs the real processes), so the wiring is the same wherever it runs. A
-test hands its fake to a builder (`create(settings, create_order=fake)`) instead of patching
-module names. Settings are an argument: only the outermost entries (a factory called bare by
-uvicorn, the CLI) read the environment.
+"""The one place each process's object graph (databases, stores, clients, use cases, relay,
+consumer, publisher) is built from Settings. The app factories, the CLI's admin commands and the
+integration tests all take it from here, so the wiring is the same wherever it runs; a test hands
+its fake to a builder (`create(settings, create_order=fake)`) instead of patching module names.
+Only the outermost entries (a factory called bare by uvicorn, the CLI) read the environment.
 
 Builders import their adapters themselves, so a process loads only what it runs (btc_price needs
-no asyncpg: ~20 MB of RSS). Building opens nothing (connections are made on
-first use), so a graph is built with its backing services down, as every process starts, and
-released with `aclose()`.
+no asyncpg: ~20 MB of RSS). Building opens nothing (connections are made on first use): a graph
+is built with its backing services down, as every process starts, and released with `aclose()`.
 """
 
 from __future__ import annotations

@@ -7,36 +7,32 @@ from __future__ import annotations
 from decimal import Decimal
 
 
-class DomainError(Exception):
-    """Base of every rule the domain can refuse."""
-
-
-class InvalidAmountError(DomainError, ValueError):
+class InvalidAmountError(ValueError):
     pass
 
 
-class InvalidPriceError(DomainError, ValueError):
+class InvalidPriceError(ValueError):
     """The upstream price is not usable (non-numeric, non-positive)."""
 
 
-class IdempotencyKeyReusedError(DomainError):
+class IdempotencyKeyReusedError(Exception):
     def __init__(self) -> None:
         super().__init__("idempotency key reused with a different request")
 
 
-class IdempotencyKeyMissingError(DomainError):
+class IdempotencyKeyMissingError(Exception):
     def __init__(self) -> None:
         super().__init__(
             "an idempotency key is required: idempotence_key in the body or the Idempotency-Key header"
         )
 
 
-class IdempotencyKeysDifferError(DomainError):
+class IdempotencyKeysDifferError(Exception):
     def __init__(self) -> None:
         super().__init__("idempotence_key in the body and the Idempotency-Key header differ")
 
 
-class CapExceededError(DomainError):
+class CapExceededError(Exception):
     def __init__(self, requested_btc: Decimal, available_btc: Decimal) -> None:
         self.requested_btc = requested_btc
         self.available_btc = available_btc
@@ -46,5 +42,5 @@ class CapExceededError(DomainError):
         )
 
 
-class PriceUnavailableError(DomainError):
+class PriceUnavailableError(Exception):
     """No price younger than the allowed age can be had right now."""

@@ -27,13 +27,9 @@ class Currency(StrEnum):
 
 
 def parse_fiat_amount(value: object) -> Decimal:
-    """Accept a decimal string or an exactly parsed JSON number; reject anything that would round.
-
-    At most two decimals are allowed; more is an error, never silent rounding.
-    """
-    if isinstance(value, bool):
-        raise InvalidAmountError('amount must be a decimal string such as "123.45"')
-    if isinstance(value, int):
+    """A decimal string or an exactly parsed JSON number, with at most 2 decimals: more is an
+    error, never silent rounding."""
+    if isinstance(value, int) and not isinstance(value, bool):  # True is an int, not an amount
         value = Decimal(value)
     if isinstance(value, Decimal):
         if not value.is_finite():

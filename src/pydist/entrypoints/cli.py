@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import asdict
 from decimal import Decimal
 from enum import StrEnum
@@ -25,16 +26,21 @@ if TYPE_CHECKING:
 # the top is paid by all of them.
 
 app = typer.Typer(help="pydist: BTC buy orders, idempotent and race-free.", no_args_is_help=True)
-serve_app = typer.Typer(help="Run one HTTP process.", no_args_is_help=True)
-read_model_app = typer.Typer(help="Admin tasks on the read model.", no_args_is_help=True)
-orders_app = typer.Typer(help="A client for the two APIs.", no_args_is_help=True)
-dlq_app = typer.Typer(help="The dead-letter queue of read_model_sync.", no_args_is_help=True)
-broker_app = typer.Typer(help="Admin tasks on RabbitMQ.", no_args_is_help=True)
-app.add_typer(serve_app, name="serve")
-app.add_typer(dlq_app, name="dlq")
-app.add_typer(broker_app, name="broker")
-app.add_typer(read_model_app, name="read-model")
-app.add_typer(orders_app, name="orders")
+
+
+def _group(name: str, help_text: str) -> typer.Typer:
+    """A sub-command group of `pydist` (listed in --help in the order made here)."""
+    group = typer.Typer(help=help_text, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
+serve_app = _group("serve", "Run one HTTP process.")
+dlq_app = _group("dlq", "The dead-letter queue of read_model_sync.")
+broker_app = _group("broker", "Admin tasks on RabbitMQ.")
+read_model_app = _group("read-model", "Admin tasks on the read model.")
+orders_app = _group("orders", "A client for the two APIs.")
+dev_app = _group("dev", "Development helpers used by ./run.sh.")
 console = Console()
 T = TypeVar("T")
 
@@ -112,11 +118,8 @@ async def _with_admin(use: Callable[[AdminGraph], Awaitable[T]]) -> T:
     """`use` the admin graph of both models (small pools, closed after)."""
     from pydist import bootstrap
 
-    graph = bootstrap.admin(get_settings())
-    try:
+    async with aclosing(bootstrap.admin(get_settings())) as graph:
         return await use(graph)
-    finally:
-        await graph.aclose()
 
 
 @read_model_app.command("check")
@@ -211,15 +214,7 @@ def dlq_replay(as_json: JsonOpt = False) -> None:
         broker=True,
     )
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "replayed_messages": report.replayed_messages,
-                    "replayed_events": report.replayed_events,
-                    "kept": [asdict(letter) for letter in report.kept],
-                }
-            )
-        )
+        print(json.dumps(asdict(report)))  # replayed_messages, replayed_events, kept
     else:
         console.print(
             f"replayed {report.replayed_events} event(s) from {report.replayed_messages} message(s); "
@@ -261,10 +256,6 @@ def cap(as_json: JsonOpt = False) -> None:
         )
 
 
-def _default_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
-
-
 def _auth(settings: Settings) -> dict[str, str]:
     """The client's Authorization header: the first of API_KEYS, if any are set."""
     return {"Authorization": f"Bearer {sorted(settings.api_key_set)[0]}"} if settings.api_key_set else {}
@@ -284,35 +275,28 @@ def orders_create(
 ) -> None:
     """Place an order. Retries safely (same idempotency key) on 503 and connection errors."""
     import httpx
-    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
     settings = get_settings()
-    base = url or _default_url(settings.create_buy_order_port)
+    base = url or f"http://127.0.0.1:{settings.create_buy_order_port}"
     idem = key or str(uuid.uuid4())
     headers = {"Idempotency-Key": idem, **_auth(settings)}
+    order_in = {"currency": currency, "amount": amount, "idempotence_key": idem}
     if not as_json:
         console.print(f"idempotency key: [bold]{idem}[/bold]")
 
-    async def run() -> Any:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            async for attempt in AsyncRetrying(
+    try:
+        with httpx.Client(base_url=base, timeout=10, headers=headers) as client:
+            for attempt in Retrying(
                 stop=stop_after_attempt(5),
                 wait=wait_exponential(multiplier=0.2, max=3),
                 retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
                 reraise=True,
             ):
                 with attempt:
-                    response = await client.put(
-                        "/buy_order",
-                        json={"currency": currency, "amount": amount, "idempotence_key": idem},
-                        headers=headers,
-                    )
+                    response = client.put("/buy_order", json=order_in)
                     if response.status_code == 503:
                         raise _Retryable()
-            return response
-
-    try:
-        response = asyncio.run(run())
     except (httpx.TransportError, _Retryable) as exc:
         console.print(f"[red]gave up after retries: {type(exc).__name__}[/red]")
         raise typer.Exit(2) from None
@@ -344,7 +328,7 @@ def orders_list(
     from rich.table import Table
 
     settings = get_settings()
-    base = url or _default_url(settings.fetch_buy_orders_port)
+    base = url or f"http://127.0.0.1:{settings.fetch_buy_orders_port}"
     headers = _auth(settings)
     rows: list[dict[str, str]] = []
     ref = last_reference
@@ -372,10 +356,6 @@ def orders_list(
     total = sum((Decimal(r["btc_amount"]) for r in rows), Decimal(0))
     console.print(table)
     console.print(f"{len(rows)} orders, {total} BTC; last_reference: {ref}")
-
-
-dev_app = typer.Typer(help="Development helpers used by ./run.sh.", no_args_is_help=True)
-app.add_typer(dev_app, name="dev")
 
 
 @dev_app.command("postgres-start")

@@ -10,7 +10,6 @@ from functools import partial
 from typing import Annotated
 
 import orjson
-import structlog
 from fastapi import FastAPI, Header, Request
 from starlette.responses import Response
 
@@ -36,7 +35,6 @@ from pydist.metrics import (
 from pydist.service.create_order import CreateBuyOrderCommand
 from pydist.service.ports import StoreUnavailableError
 
-log = structlog.get_logger()
 _MAX_KEY_HEADER = 100
 WATCH_S = 1.0
 """How often the cap and outbox gauges are read from the write model (WriteStore.status: the cap

@@ -264,7 +264,6 @@ def _route_ops(app: FastAPI, service: str, ready: Callable[[], Awaitable[None]])
         "/readyz",
         tags=["ops"],
         summary="Readiness: the process can do its work (its database answers; btc_price: a fresh quote)",
-        response_class=Response,
         responses={
             200: {"description": "Ready", "content": {"application/json": {"schema": _STATUS_SCHEMA}}},
             503: {"description": "Not ready: a dependency is down", "content": PROBLEM_SCHEMA},
@@ -278,16 +277,12 @@ def _route_ops(app: FastAPI, service: str, ready: Callable[[], Awaitable[None]])
             return problem(503, "not-ready", f"{service} is not ready: a dependency is down")
         return Response(b'{"status":"ready"}', media_type="application/json")
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(render(), media_type=CONTENT_TYPE_LATEST)
 
 
-_STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["status"],
-    "properties": {"status": {"type": "string"}},
-}
+_STATUS_SCHEMA = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 
 
 def _declare_bearer_auth(app: FastAPI) -> None:

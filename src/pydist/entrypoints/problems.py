@@ -55,26 +55,6 @@ def safe_text(value: object, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class ProblemError(Exception):
-    """Raise anywhere in a handler to answer with a problem document."""
-
-    def __init__(
-        self,
-        status: int,
-        slug: str,
-        detail: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        **extensions: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.slug = slug
-        self.detail = detail
-        self.headers = headers
-        self.extensions = extensions
-
-
 def problem(
     status: int,
     slug: str,
@@ -96,19 +76,23 @@ def problem(
     )
 
 
+class ProblemError(Exception):
+    """Raise anywhere in a handler to answer with `problem(status, slug, detail, **fields)`."""
+
+    def __init__(self, status: int, slug: str, detail: str, **fields: Any) -> None:
+        super().__init__(detail)
+        self.response = problem(status, slug, detail, **fields)
+
+
 def validation_problem(errors: Sequence[Any]) -> Response:
     """422 with an `errors` list naming each field, without echoing what the client sent."""
-    listed = [
-        {
-            "field": safe_text(
-                ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
-                or "body",
-                _MAX_FIELD,
-            ),
-            "message": safe_text(str(err.get("msg", "invalid")).removeprefix("Value error, "), _MAX_MESSAGE),
-        }
-        for err in errors[:10]
-    ]
+    listed = []
+    for err in errors[:10]:
+        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        listed.append(
+            {"field": safe_text(field or "body", _MAX_FIELD), "message": safe_text(message, _MAX_MESSAGE)}
+        )
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in listed)
     return problem(422, "validation-error", detail, errors=listed)
 
@@ -195,7 +179,7 @@ def problem_type(exc: Exception) -> ProblemType:
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemError)
-        return problem(exc.status, exc.slug, exc.detail, headers=exc.headers, **exc.extensions)
+        return exc.response
 
     async def on_validation(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError | ValidationError)

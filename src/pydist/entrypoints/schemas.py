@@ -10,7 +10,7 @@ import uuid
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, WithJsonSchema
 from starlette.requests import Request
 
 from pydist.domain.money import BTC_CAP, Currency, parse_fiat_amount
@@ -38,33 +38,22 @@ AMOUNT_JSON_SCHEMA: dict[str, Any] = {
     "examples": ["123.45"],
 }
 
-FiatAmount = Annotated[
-    Decimal,
-    BeforeValidator(parse_fiat_amount),
-    WithJsonSchema(AMOUNT_JSON_SCHEMA),
-]
+_EXAMPLE: dict[str, JsonValue] = {
+    "currency": "USD",
+    "amount": "123.45",
+    "idempotence_key": "0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b",
+}
 
 
 class BuyOrderIn(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "currency": "USD",
-                    "amount": "123.45",
-                    "idempotence_key": "0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b",
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
 
     # Inline enum, not a $ref: create_api embeds this schema in the OpenAPI document as is, where
     # a "#/$defs/..." reference would point at the document root and not resolve.
     currency: Annotated[Currency, WithJsonSchema({"type": "string", "enum": [c.value for c in Currency]})] = (
         Field(description="ISO 4217 code: EUR, GBP or USD")
     )
-    amount: FiatAmount
+    amount: Annotated[Decimal, BeforeValidator(parse_fiat_amount), WithJsonSchema(AMOUNT_JSON_SCHEMA)]
     # "idempotence_key" is the API contract's name for it (body, responses, both databases); the
     # IETF header is Idempotency-Key, and the code speaks of the idempotency key.
     idempotence_key: uuid.UUID | None = Field(
@@ -122,6 +111,7 @@ class BuyOrderPage(BaseModel):
     )
 
 
+_FIELD_ERROR = {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}
 PROBLEM_SCHEMA: dict[str, Any] = {
     "application/problem+json": {
         "schema": {
@@ -132,16 +122,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                 "title": {"type": "string"},
                 "status": {"type": "integer"},
                 "detail": {"type": "string"},
-                "errors": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "field": {"type": "string"},
-                            "message": {"type": "string"},
-                        },
-                    },
-                },
+                "errors": {"type": "array", "items": _FIELD_ERROR},
             },
         }
     }
@@ -204,12 +185,9 @@ async def read_json_object(request: Request, max_bytes: int, timeout_s: float) -
     try:
         text = body.decode("utf-8")
         parsed = json.loads(
-            text,
-            parse_float=Decimal,
-            parse_constant=_no_constants,
-            object_pairs_hook=_no_duplicates,
+            text, parse_float=Decimal, parse_constant=_no_constants, object_pairs_hook=_no_duplicates
         )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         reason = "body is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "body is not valid JSON"
         if isinstance(exc, ValueError) and "duplicate key" in str(exc):
             reason = str(exc)
