@@ -149,5 +149,5 @@ def render() -> bytes:
     if directory is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    ExposedFamilies(registry, path=directory)  # type: ignore[no-untyped-call]  # (registers itself)
+    registry.register(ExposedFamilies(None, path=directory))  # type: ignore[no-untyped-call]
     return generate_latest(registry)

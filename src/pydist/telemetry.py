@@ -155,8 +155,10 @@ def links(traceparents: Sequence[str | None]) -> list[Link]:
     """One Link per distinct valid traceparent: a batch span's ties to its orders' traces."""
     from opentelemetry.trace import Link
 
-    distinct = {(ctx.trace_id, ctx.span_id): ctx for ctx in filter(None, map(span_context, traceparents))}
-    return [Link(ctx) for ctx in distinct.values()]
+    first: dict[tuple[int, int], SpanContext] = {}
+    for ctx in filter(None, map(span_context, traceparents)):
+        first.setdefault((ctx.trace_id, ctx.span_id), ctx)  # the first copy, its flags with it
+    return [Link(ctx) for ctx in first.values()]
 
 
 def tracer() -> Any:

@@ -285,8 +285,8 @@ class RabbitCluster:
                 self.base / f"n{i}",
                 free_port(),
                 f"pydist-rmq{i}@localhost",
-                dist_port=free_port(),
-                epmd_port=self.epmd_port,
+                dist=free_port(),
+                epmd=self.epmd_port,
                 shared_home=self.base / "home",  # one cookie for the nodes and the CLI
             )
             rmq.prepare(cfg)

@@ -48,9 +48,7 @@ def test_a_port_whose_derived_ports_cannot_exist_is_refused(port: int) -> None:
 
 def test_a_cluster_node_takes_the_ports_and_the_home_it_is_given() -> None:
     home = DATA.parent / "cluster-home"
-    node = NodeConfig(
-        DATA / "n2", 31000, "pydist-rmq2@localhost", dist_port=31001, epmd_port=31002, shared_home=home
-    )
+    node = NodeConfig(DATA / "n2", 31000, "pydist-rmq2@localhost", dist=31001, epmd=31002, shared_home=home)
     assert (node.amqp_port, node.dist_port, node.epmd_port) == (31000, 31001, 31002)
     assert node.cookie == home / ".erlang.cookie"  # one cookie for the cluster's nodes and its CLI
     assert node.config_file == DATA / "n2" / "rabbitmq.conf"
@@ -73,10 +71,10 @@ def test_the_cli_environment_reaches_the_node_and_names_no_node() -> None:
 
 
 def test_only_the_derived_ports_bound_the_amqp_port() -> None:
-    assert NodeConfig(DATA, 60000, dist_port=60001, epmd_port=60002).epmd_port == 60002  # nothing derived
-    assert NodeConfig(DATA, 50000, dist_port=50001).epmd_port == 60000  # epmd derived: P + 10000
+    assert NodeConfig(DATA, 60000, dist=60001, epmd=60002).epmd_port == 60002  # nothing derived
+    assert NodeConfig(DATA, 50000, dist=50001).epmd_port == 60000  # epmd derived: P + 10000
     with pytest.raises(ValueError, match=r"outside 1024\.\.55535"):
-        NodeConfig(DATA, 60000, dist_port=60001)  # P + 10000 would be 70000
+        NodeConfig(DATA, 60000, dist=60001)  # P + 10000 would be 70000
 
 
 def test_config_listens_on_loopback_only_on_its_own_port() -> None:

@@ -71,8 +71,8 @@ def _death_reason(headers: dict[str, Any]) -> str:
 async def _dead_letters(
     urls: str | Sequence[str], limit: int
 ) -> AsyncIterator[list[AbstractIncomingMessage]]:
-    """Up to `limit` of the messages the DLQ holds now (never what arrives meanwhile), unacked
-    until leaving closes the link."""
+    """Up to `limit` of the messages the DLQ holds now (never what arrives meanwhile), unacked;
+    leaving closes the link, which returns every one not acked to the queue."""
     link = BrokerLink(urls, name="pydist dlq", publisher_confirms=False)
     try:
         queue = await (await link.channel()).declare_queue(DEAD_LETTER_QUEUE, passive=True)

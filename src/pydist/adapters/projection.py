@@ -35,13 +35,16 @@ class ProjectionStore:
         """Apply `events`, then record their lag and log each order projected. Same signature as
         the broker publisher: in direct mode the relay calls this directly."""
         projected = await self.apply(events)
-        request_ids = {e.order.id: e.request_id for e in events}
-        for row in projected:  # each new row once, even if the batch repeats its event
+        for row in projected:
             READ_MODEL_LAG.observe(max((row.projected_at - row.created_at).total_seconds(), 0.0))
-            log.info("order_projected", order_id=str(row.order_id), request_id=request_ids[row.order_id])
         EVENTS_PROJECTED.inc(len(projected))
         if len(projected) < len(events):
             log.info("duplicate_events_ignored", count=len(events) - len(projected))
+        new = {row.order_id for row in projected}
+        for event in events:  # in the order they came; each new row once, even if repeated
+            if event.order.id in new:
+                new.discard(event.order.id)
+                log.info("order_projected", order_id=str(event.order.id), request_id=event.request_id)
 
     async def apply(self, events: Sequence[BuyOrderCreated]) -> list[Projected]:
         """Idempotent: an order already present is left as it is (ON CONFLICT DO NOTHING), and

@@ -58,23 +58,25 @@ class NodeError(RuntimeError):
 @dataclass
 class NodeConfig:
     """Where one private node keeps everything, and its ports (no I/O). The distribution and epmd
-    ports follow from the AMQP port unless given (0: derived); a test cluster's nodes share one epmd
-    and one HOME (the cookie they authenticate each other with), so those can be given too."""
+    ports follow from the AMQP port unless given (`dist`, `epmd`); a test cluster's nodes share one
+    epmd and one HOME (the cookie they authenticate each other with), so those can be given too.
+    What follows from the fields is worked out once, in `__post_init__` (so `dataclasses.replace`
+    works it out again); nothing changes a config after that."""
 
     data_dir: Path
     amqp_port: int = DEFAULT_AMQP_PORT
     node_name: str = NODE_NAME
-    dist_port: int = 0
-    epmd_port: int = 0
+    dist: int | None = None
+    epmd: int | None = None
     shared_home: Path | None = None
 
     def __post_init__(self) -> None:
         # A derived port must still be a port; below 1024 needs root and clashes with system services.
-        highest = 65535 - max(0 if self.dist_port else 20000, 0 if self.epmd_port else 10000)
+        highest = 65535 - max(20000 if self.dist is None else 0, 10000 if self.epmd is None else 0)
         if not 1024 <= self.amqp_port <= highest:
             raise ValueError(f"AMQP port {self.amqp_port} is outside 1024..{highest}")
-        self.dist_port = self.dist_port or self.amqp_port + 20000
-        self.epmd_port = self.epmd_port or self.amqp_port + 10000
+        self.dist_port = self.dist or self.amqp_port + 20000
+        self.epmd_port = self.epmd or self.amqp_port + 10000
         # guest is allowed from loopback only (RabbitMQ's default), which is all this node listens on.
         self.broker_url = f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
         self.home = self.shared_home or self.data_dir / "home"
@@ -140,8 +142,9 @@ def prepare(cfg: NodeConfig) -> None:
     cfg.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     cfg.log_dir.mkdir(exist_ok=True)
     if not cfg.cookie.exists():
-        cfg.cookie.touch(mode=0o600, exist_ok=False)  # private before it holds the secret
-        cfg.cookie.write_text("PYDIST" + secrets.token_hex(16).upper())
+        fd = os.open(cfg.cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from the start
+        with os.fdopen(fd, "w") as cookie:
+            cookie.write("PYDIST" + secrets.token_hex(16).upper())
     cfg.env_file.write_text("# private node: /etc/rabbitmq/rabbitmq-env.conf is not read\n")
     cfg.plugins_file.write_text("[].\n")
     cfg.config_file.write_text(rabbitmq_conf(cfg))
@@ -308,14 +311,17 @@ def _read_state(cfg: NodeConfig) -> dict[str, object]:
 
 
 def _own_epmd(state: Mapping[str, object]) -> psutil.Process | None:
-    """The epmd the state file names, if it still runs (checked against its command line, with
-    the port the state file names: a pid may be recycled)."""
-    pid = state.get("epmd_pid")
-    if isinstance(pid, int):
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if _runs(proc, "epmd", "-port", str(state.get("epmd_port"))):
-                return proc
+    """The epmd `start` gave the node, if it still runs: the state file's pid, checked against its
+    command line (a pid may be recycled) with the port that follows from the node's AMQP port (so
+    never the machine's epmd on 4369, whatever a stale or edited state file says)."""
+    pid, amqp_port = state.get("epmd_pid"), state.get("amqp_port")
+    if not isinstance(pid, int) or not isinstance(amqp_port, int):
+        return None
+    port = amqp_port + 10000
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if state.get("epmd_port") == port and _runs(proc, "epmd", "-port", str(port)):
+            return proc
     return None
 
 

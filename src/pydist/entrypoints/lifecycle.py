@@ -5,7 +5,8 @@ in the background (capped backoff, one log event per attempt), never by crashing
 opens at once, so /healthcheck says the process lives and /readyz says 503 until the dependency
 answers; an orchestrator sees an unready process, not a crash loop.
 
-(Not in `serve.py`, which runs the app modules: no app module imports it.)
+Not in `serve.py`: serve imports the app modules, so an app module importing serve would close
+an import cycle.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ async def await_dependency(
         await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        waiting.cancel()  # at a stop, with any attempt in flight (nothing, once it is done)
+        ready = waiting.done()  # before the stop, not because of it (a check may swallow a cancel)
+        waiting.cancel()  # at a stop, with any attempt in flight
     try:
         await waiting
     except BaseException:  # cancelled at a stop, or its last failure raised once stopping
         return False
-    return True
+    return ready
 
 
 Job = Callable[[asyncio.Event], Coroutine[Any, Any, object]]

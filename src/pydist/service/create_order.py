@@ -32,7 +32,7 @@ class CreateBuyOrderCommand:
         key = self.body_key if self.body_key is not None else self.header_key
         if key is None:
             raise IdempotencyKeyMissingError()
-        if self.header_key not in (None, key):
+        if self.header_key is not None and self.header_key != key:  # both given, and they differ
             raise IdempotencyKeysDifferError()
         return OrderRequest(key, self.currency, self.amount)
 
