@@ -160,14 +160,14 @@ def find_scripts(
     ``PYDIST_RABBITMQ_BIN`` overrides the dir; else Debian's ``/usr/lib/rabbitmq/bin`` (or
     ``system_dirs``), then a ``rabbitmq-server`` on PATH, but never Debian's ``/usr/sbin`` wrapper
     (a link to rabbitmq-script-wrapper, which su's to the rabbitmq user and its cookie)."""
-    if system_dirs is None:
-        system_dirs = [Path("/usr/lib/rabbitmq/bin")]
-        system_dirs += map(Path, sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin")))
     override = environ.get("PYDIST_RABBITMQ_BIN")
-    candidates = [Path(override)] if override else list(system_dirs)
-    on_path = which("rabbitmq-server")
-    if not override and on_path and Path(on_path).resolve().name != "rabbitmq-script-wrapper":
-        candidates.append(Path(on_path).resolve().parent)
+    if override:
+        candidates = [Path(override)]
+    else:
+        candidates = list(_system_script_dirs() if system_dirs is None else system_dirs)
+        on_path = which("rabbitmq-server")
+        if on_path and Path(on_path).resolve().name != "rabbitmq-script-wrapper":
+            candidates.append(Path(on_path).resolve().parent)
     scripts = next((d for d in candidates if (d / "rabbitmq-server").exists()), None)
     if scripts is None:
         raise NotInstalledError(
@@ -177,6 +177,12 @@ def find_scripts(
     if epmd is None:
         raise NotInstalledError("Erlang's epmd not found (it comes with erlang-base)")
     return scripts, epmd
+
+
+def _system_script_dirs() -> list[Path]:
+    """Debian's scripts dir, then any versioned one a rabbitmq-server package unpacked."""
+    versioned = sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
+    return [Path("/usr/lib/rabbitmq/bin"), *map(Path, versioned)]
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -256,14 +262,19 @@ def _await_amqp(cfg: NodeConfig, server: subprocess.Popen[bytes] | None, deadlin
         await connection.close()
         return True
 
-    while not asyncio.run(logs_in()):
-        if server is not None and server.poll() is not None:
-            raise NodeError(
-                f"rabbitmq-server exited while booting (rc={server.returncode}):\n{node_logs(cfg)}"
-            )
-        if time.monotonic() >= deadline:
-            raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{node_logs(cfg)}")
-        time.sleep(0.2)  # paces the polling only
+    async def poll() -> None:  # one event loop for every attempt
+        while True:
+            if server is not None and server.poll() is not None:
+                raise NodeError(
+                    f"rabbitmq-server exited while booting (rc={server.returncode}):\n{node_logs(cfg)}"
+                )
+            if await logs_in():
+                return
+            if time.monotonic() >= deadline:
+                raise NodeError(f"{cfg.node_name} did not accept AMQP connections in time:\n{node_logs(cfg)}")
+            await asyncio.sleep(0.2)  # paces the polling only
+
+    asyncio.run(poll())
 
 
 def node_logs(cfg: NodeConfig, lines: int = 20) -> str:
