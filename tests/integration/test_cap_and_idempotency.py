@@ -11,9 +11,10 @@ import pytest
 from pydist.adapters.db import Database
 from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.write_store import WriteStore
-from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
+from pydist.domain.order import CapExceededError, IdempotencyKeyReusedError
 from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
+from pydist.service.ports import PriceUnavailableError
 from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support.services import Databases

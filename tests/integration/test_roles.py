@@ -22,8 +22,8 @@ from pydist.adapters.order_writer import BatchingOrderWriter
 from pydist.adapters.outbox import Outbox
 from pydist.adapters.projection import ProjectionStore
 from pydist.adapters.write_store import WriteStore
-from pydist.domain.errors import CapExceededError
 from pydist.domain.money import Currency
+from pydist.domain.order import CapExceededError
 from pydist.migrations.roles import ensure_roles
 from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand
 from tests.support import db as testdb

@@ -10,17 +10,25 @@ from decimal import Decimal
 
 import pytest
 
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyMissingError,
-    IdempotencyKeyReusedError,
-    IdempotencyKeysDifferError,
-    PriceUnavailableError,
-)
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, CapRefused, OrderRequest, Placed, PlaceResult, PricedOrder
-from pydist.service.create_order import CreateBuyOrder, CreateBuyOrderCommand, Outcome
-from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource
+from pydist.domain.order import (
+    BuyOrder,
+    CapExceededError,
+    CapRefused,
+    IdempotencyKeyReusedError,
+    OrderRequest,
+    Placed,
+    PlaceResult,
+    PricedOrder,
+)
+from pydist.service.create_order import (
+    CreateBuyOrder,
+    CreateBuyOrderCommand,
+    IdempotencyKeyMissingError,
+    IdempotencyKeysDifferError,
+    Outcome,
+)
+from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource, PriceUnavailableError
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

@@ -36,14 +36,13 @@ from starlette.types import Message, Receive, Scope, Send
 from pydist import bootstrap
 from pydist.adapters.listing import Page
 from pydist.config import GRACEFUL_SHUTDOWN_S, Settings
-from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, OrderRequest
+from pydist.domain.order import BuyOrder, CapExceededError, IdempotencyKeyReusedError, OrderRequest
 from pydist.entrypoints import create_api, fetch_api
 from pydist.entrypoints.create_api import _refusal_reason
 from pydist.entrypoints.http_app import EdgeMiddleware, _api_routes_first
 from pydist.service.create_order import CreateBuyOrderCommand, Outcome
-from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
+from pydist.service.ports import PriceUnavailableError, StoreUnavailableError, UnknownReferenceError
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 OTHER_KEY = uuid.UUID("11111111-2222-4333-8444-555555555555")

@@ -14,8 +14,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pydist.domain.errors import InvalidAmountError, InvalidPriceError
-from pydist.domain.money import btc_for_fiat, parse_btc_price, parse_fiat_amount
+from pydist.domain.money import (
+    InvalidAmountError,
+    InvalidPriceError,
+    btc_for_fiat,
+    parse_btc_price,
+    parse_fiat_amount,
+)
 
 ONE_SATOSHI = Fraction(1, 10**8)
 

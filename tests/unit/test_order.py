@@ -14,10 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pydist.domain.errors import IdempotencyKeyReusedError
 from pydist.domain.events import BUY_ORDER_CREATED, EVENT_VERSION, BuyOrderCreated, order_from_message
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, OrderRequest
+from pydist.domain.order import BuyOrder, IdempotencyKeyReusedError, OrderRequest
 
 KEY = uuid.UUID("0b6f3c5e-8d1a-4f5e-9c7b-2a4d6e8f0a1b")
 ORDER_ID = uuid.UUID("5d1c9a9e-1f0b-4c55-8a0e-6c1f2b3d4e5f")

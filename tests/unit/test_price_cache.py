@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
+from pydist.service.ports import PriceUnavailableError
 from pydist.service.price_cache import PriceCache, Quote
 
 MAX_AGE = 10.0

@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 
 from pydist.adapters.prices import KEEPALIVE_EXPIRY_S, PriceServiceClient
-from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
+from pydist.service.ports import PriceUnavailableError
 
 
 async def test_idle_connections_expire_well_before_the_server_closes_them():

@@ -19,9 +19,9 @@ import httpx
 import orjson
 import structlog
 
-from pydist.domain.errors import InvalidPriceError, PriceUnavailableError
-from pydist.domain.money import Currency, parse_btc_price
+from pydist.domain.money import Currency, InvalidPriceError, parse_btc_price
 from pydist.metrics import PRICE_UPSTREAM_CALLS
+from pydist.service.ports import PriceUnavailableError
 
 log = structlog.get_logger()
 T = TypeVar("T")

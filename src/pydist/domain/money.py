@@ -8,7 +8,15 @@ from decimal import Decimal
 from enum import StrEnum
 from fractions import Fraction
 
-from pydist.domain.errors import InvalidAmountError, InvalidPriceError
+
+class InvalidAmountError(ValueError):
+    """A fiat amount that breaks a money rule (the body's validation makes it a 422)."""
+
+
+class InvalidPriceError(ValueError):
+    """The upstream price is not usable (non-numeric, non-positive): the price clients make it a
+    PriceUnavailableError."""
+
 
 BTC_CAP = Decimal("100")
 """The sum of btc_amount over all orders may reach, never exceed, this."""

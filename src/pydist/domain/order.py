@@ -1,4 +1,5 @@
-"""The buy order and the request that asks for one."""
+"""The buy order, the request that asks for one, and the refusals of its rules (a key reused for
+another request, an order past the cap)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from pydist.domain.errors import IdempotencyKeyReusedError
 from pydist.domain.money import Currency, btc_for_fiat
+
+
+class IdempotencyKeyReusedError(Exception):
+    def __init__(self) -> None:
+        super().__init__("idempotency key reused with a different request")
+
+
+class CapExceededError(Exception):
+    def __init__(self, requested_btc: Decimal, available_btc: Decimal) -> None:
+        self.requested_btc = requested_btc
+        self.available_btc = available_btc
+        super().__init__(
+            f"order needs {requested_btc:f} BTC but only {available_btc:f} BTC "
+            "is still available under the cap"
+        )
 
 
 @dataclass(frozen=True, slots=True)

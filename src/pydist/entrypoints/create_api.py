@@ -16,7 +16,7 @@ from starlette.responses import Response
 from pydist import bootstrap, telemetry
 from pydist.adapters.write_store import WriteStore
 from pydist.config import Settings, get_settings
-from pydist.domain.errors import CapExceededError, IdempotencyKeyReusedError, PriceUnavailableError
+from pydist.domain.order import CapExceededError, IdempotencyKeyReusedError
 from pydist.entrypoints.http_app import Lifespan, build_app
 from pydist.entrypoints.lifecycle import Job, await_dependency, every, running
 from pydist.entrypoints.problems import invalid, problem_type
@@ -33,7 +33,7 @@ from pydist.metrics import (
     expose,
 )
 from pydist.service.create_order import CreateBuyOrderCommand
-from pydist.service.ports import StoreUnavailableError
+from pydist.service.ports import PriceUnavailableError, StoreUnavailableError
 
 _MAX_KEY_HEADER = 100
 WATCH_S = 1.0

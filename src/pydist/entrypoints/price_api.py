@@ -12,12 +12,12 @@ from starlette.responses import Response
 
 from pydist import bootstrap
 from pydist.config import Settings, get_settings
-from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
 from pydist.entrypoints.http_app import build_app
 from pydist.entrypoints.lifecycle import every, running
 from pydist.entrypoints.schemas import problem_responses
 from pydist.metrics import PRICE_AGE, PRICE_METRICS, expose
+from pydist.service.ports import PriceUnavailableError
 
 
 def create_app(settings: Settings | None = None, *, graph: bootstrap.PriceGraph | None = None) -> FastAPI:

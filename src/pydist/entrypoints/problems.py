@@ -14,14 +14,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from pydist.domain.errors import (
-    CapExceededError,
-    IdempotencyKeyMissingError,
-    IdempotencyKeyReusedError,
-    IdempotencyKeysDifferError,
-    PriceUnavailableError,
-)
-from pydist.service.ports import StoreUnavailableError, UnknownReferenceError
+from pydist.domain.order import CapExceededError, IdempotencyKeyReusedError
+from pydist.service.create_order import IdempotencyKeyMissingError, IdempotencyKeysDifferError
+from pydist.service.ports import PriceUnavailableError, StoreUnavailableError, UnknownReferenceError
 
 log = structlog.get_logger()
 PROBLEM_JSON = "application/problem+json"

@@ -8,12 +8,23 @@ from decimal import Decimal
 
 import structlog
 
-from pydist.domain.errors import CapExceededError, IdempotencyKeyMissingError, IdempotencyKeysDifferError
 from pydist.domain.money import Currency
-from pydist.domain.order import BuyOrder, CapRefused, OrderRequest
+from pydist.domain.order import BuyOrder, CapExceededError, CapRefused, OrderRequest
 from pydist.service.ports import OrderLookup, OrderPlacer, PriceSource
 
 log = structlog.get_logger()
+
+
+class IdempotencyKeyMissingError(Exception):
+    def __init__(self) -> None:
+        super().__init__(
+            "an idempotency key is required: idempotence_key in the body or the Idempotency-Key header"
+        )
+
+
+class IdempotencyKeysDifferError(Exception):
+    def __init__(self) -> None:
+        super().__init__("idempotence_key in the body and the Idempotency-Key header differ")
 
 
 @dataclass(frozen=True, slots=True)

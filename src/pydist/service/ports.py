@@ -1,6 +1,6 @@
 """The ports the use cases need (adapters implement them, tests may fake them), and the errors
 raised through them, which the use cases and the edge handle. They are about infrastructure (a
-store out of reach, data a read model cannot hold, an unknown listing reference), so they live
+price or a store out of reach, data a read model cannot hold, an unknown listing reference), so they live
 here rather than among the domain's rules."""
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ class ReadModelRows(OrderRows, Protocol):
         ...
 
     async def delete(self, ids: list[uuid.UUID]) -> None: ...
+
+
+class PriceUnavailableError(Exception):
+    """No price younger than the allowed age can be had right now (Coinbase or btc_price is down,
+    slow, or answers nonsense); nothing was stored, retry with the key."""
 
 
 class StoreUnavailableError(Exception):

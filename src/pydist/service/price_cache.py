@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from pydist.domain.errors import PriceUnavailableError
 from pydist.domain.money import Currency
+from pydist.service.ports import PriceUnavailableError
 
 Fetch = Callable[[Currency], Awaitable[Decimal]]
 
