@@ -6,7 +6,9 @@ its cookie in ``/var/lib/rabbitmq``, ``/etc/rabbitmq``), which other software ma
 the node reads or writes is under its data dir: its own ``HOME`` and 0600 ``.erlang.cookie``, env
 file, config, empty plugin list, mnesia, logs, pid file. It registers with an epmd of its own on a
 private port (one that erl started on 4369 by itself would outlive the node). The scripts come from
-``/usr/lib/rabbitmq/bin``: the ``/usr/sbin`` wrappers switch to the ``rabbitmq`` user and its cookie.
+``PYDIST_RABBITMQ_BIN``, else ``/usr/lib/rabbitmq/bin`` or a versioned ``rabbitmq_server-*/sbin``,
+else the PATH's (`find_scripts`), never the ``/usr/sbin`` wrappers: they switch to the ``rabbitmq``
+user and its cookie.
 
 Ports follow from the AMQP port P (default 5673) as RabbitMQ derives its own: distribution on
 P + 20000, epmd on P + 10000. `NodeConfig`, `rabbitmq_conf`, `cli_env` and `server_env` do no I/O

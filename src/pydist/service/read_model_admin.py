@@ -4,8 +4,9 @@ Both walk the models in keyset-ordered chunks, so memory stays flat at any size 
 can keep running meanwhile: orders are append-only and their ids are never reused, so
 
 - an order of the write model that is not (yet) in the read model is *missing*;
-- a read row whose wire form (what GET /buy_orders would serve) differs from its order is
-  *different* — compared as strings, so even a changed scale ("97000.0" vs "97000.00") counts;
+- a read row whose record (what GET /buy_orders would serve, and the idempotency key) differs
+  from its order is *different* — compared as strings, so even a changed scale ("97000.0" vs
+  "97000.00") counts;
 - a read row whose id the write model does not have is *extra*. That is decided by looking the
   id up in the write model *after* reading the row, and a projected row always comes from an
   order committed earlier, so an order created during the check is never taken for an extra,
