@@ -463,7 +463,6 @@ def env_for(
         label, kv = spec.split(":", 1)
         if label not in envs and not new_labels:
             raise SystemExit(f"--env-for {spec}: no variant {label!r} (one of {', '.join(envs)})")
-        label_env = envs.setdefault(label, {})
         name, value = kv.split("=", 1)
-        label_env[name] = value
+        envs.setdefault(label, {})[name] = value
     return envs

@@ -201,8 +201,7 @@ async def raw_publish(amqp_url: str, n: int, in_flight: int = 500) -> float:
     time. Returns msgs/s (= events/s)."""
     ids, amounts = (uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)), (Decimal("10.00"), Decimal("97000.00"))
     order, request_id = BuyOrder(*ids, Currency.USD, *amounts, BULK_BTC), uuid.uuid4().hex
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    try:
+    async with await aio_pika.connect(amqp_url, timeout=10) as connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange("bench.raw", aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue("bench.raw", durable=True, arguments={"x-queue-type": "quorum"})
@@ -219,8 +218,6 @@ async def raw_publish(amqp_url: str, n: int, in_flight: int = 500) -> float:
         elapsed = time.perf_counter() - started
         await queue.delete(if_unused=False, if_empty=False)
         await exchange.delete()
-    finally:
-        await connection.close()
     return n / elapsed
 
 
