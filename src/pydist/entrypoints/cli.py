@@ -19,6 +19,8 @@ from rich.console import Console
 from pydist.config import Settings, get_settings
 
 if TYPE_CHECKING:
+    import httpx
+
     from pydist.bootstrap import AdminGraph
 
 # httpx, tenacity, rich.progress and rich.table are imported by the commands that use them: every
@@ -189,14 +191,9 @@ def dlq_list(
 
     table = Table("message id", "type", "reason", "from message", "index", "events")
     for letter in letters:
-        table.add_row(
-            letter.message_id or "",
-            letter.type or "",
-            letter.reason,
-            letter.source_message_id or "",
-            "" if letter.event_index is None else str(letter.event_index),
-            str(len(letter.event_ids)),
-        )
+        index = None if letter.event_index is None else str(letter.event_index)  # None: a blank cell
+        events = str(len(letter.event_ids))
+        table.add_row(letter.message_id, letter.type, letter.reason, letter.source_message_id, index, events)
     console.print(table)
     console.print(f"{len(letters)} dead-lettered message(s)")
 
@@ -261,8 +258,15 @@ def _auth(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {sorted(settings.api_key_set)[0]}"} if settings.api_key_set else {}
 
 
+def _client(url: str | None, port: int) -> httpx.Client:
+    """A client of one API: at `url`, else on this host at `port`; it sends the API key, if any."""
+    import httpx
+
+    return httpx.Client(base_url=url or f"http://127.0.0.1:{port}", timeout=10, headers=_auth(get_settings()))
+
+
 class _Retryable(Exception):
-    pass
+    """A 503: the service cannot take the order now, another attempt may."""
 
 
 @orders_app.command("create")
@@ -278,26 +282,24 @@ def orders_create(
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
     settings = get_settings()
-    base = url or f"http://127.0.0.1:{settings.create_buy_order_port}"
     idem = key or str(uuid.uuid4())
-    headers = {"Idempotency-Key": idem, **_auth(settings)}
     order_in = {"currency": currency, "amount": amount, "idempotence_key": idem}
     if not as_json:
         console.print(f"idempotency key: [bold]{idem}[/bold]")
-
+    retried = (httpx.TransportError, _Retryable)
     try:
-        with httpx.Client(base_url=base, timeout=10, headers=headers) as client:
+        with _client(url, settings.create_buy_order_port) as client:
             for attempt in Retrying(
                 stop=stop_after_attempt(5),
                 wait=wait_exponential(multiplier=0.2, max=3),
-                retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
+                retry=retry_if_exception_type(retried),
                 reraise=True,
             ):
                 with attempt:
-                    response = client.put("/buy_order", json=order_in)
+                    response = client.put("/buy_order", json=order_in, headers={"Idempotency-Key": idem})
                     if response.status_code == 503:
                         raise _Retryable()
-    except (httpx.TransportError, _Retryable) as exc:
+    except retried as exc:
         console.print(f"[red]gave up after retries: {type(exc).__name__}[/red]")
         raise typer.Exit(2) from None
     body = response.json()
@@ -318,21 +320,17 @@ def orders_create(
 @orders_app.command("list")
 def orders_list(
     page_size: Annotated[int, typer.Option(min=1, max=100)] = 10,
-    last_reference: Annotated[str | None, typer.Option()] = None,
+    last_reference: str | None = None,
     all_pages: Annotated[bool, typer.Option("--all", help="Walk every page")] = False,
     url: Annotated[str | None, typer.Option(help="fetch service base URL")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List orders newest first (one page, or --all)."""
-    import httpx
     from rich.table import Table
 
-    settings = get_settings()
-    base = url or f"http://127.0.0.1:{settings.fetch_buy_orders_port}"
-    headers = _auth(settings)
     rows: list[dict[str, str]] = []
     ref = last_reference
-    with httpx.Client(base_url=base, timeout=10, headers=headers) as client:
+    with _client(url, get_settings().fetch_buy_orders_port) as client:
         while True:
             params: dict[str, Any] = {"page_size": page_size}
             if ref:
@@ -410,7 +408,7 @@ def dev_rabbitmq_stop(data_dir: DataDir = Path(".data/rabbitmq")) -> None:
 
 
 @dev_app.command("coinbase-stub")
-def dev_coinbase_stub(port: Annotated[int, typer.Option()] = 8790) -> None:
+def dev_coinbase_stub(port: int = 8790) -> None:
     """Serve Coinbase-compatible spot prices locally (offline demos, tests, benchmarks)."""
     import signal
 
