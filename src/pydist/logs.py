@@ -61,7 +61,9 @@ def configure_logging(service: str, settings: Settings, *, tracing: bool = False
         processors=[*context, *fields, *([fluent("event")] if fluent else []), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
-        cache_logger_on_first_use=True,
+        # No cache_logger_on_first_use: it saved 1.8 us of a 6-8 us log call (about one per order
+        # in create, one per event in read_model_sync: under 1% of an order's cost), and a logger
+        # cached by one test's app kept structlog.testing.capture_logs from seeing another's events.
     )
     # Route stdlib logging (uvicorn, aio-pika, alembic) through the same processors and the same
     # renderer, so its lines carry the same fields (timestamp, level, event, service, request_id

@@ -63,11 +63,16 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+_PORTS_RNG = random.SystemRandom()
+"""Not the module-level generator, which pytest-randomly reseeds before each test: two test
+processes (./test.sh and a benchmark, two CI jobs) must not walk the same sequence of ports."""
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 (and ::1), never handed out twice by this process."""
     with _port_lock:
         for _ in range(1000):
-            port = random.randint(*_PORT_RANGE)
+            port = _PORTS_RNG.randint(*_PORT_RANGE)
             if port not in _chosen_ports and _port_is_free(port):
                 _chosen_ports.add(port)
                 return port
