@@ -108,24 +108,24 @@ class EnvelopeConsumer:
                     message = await asyncio.wait_for(inbox.get(), timeout=0.5)
                 except TimeoutError:
                     continue
-                await self.handle(message, stop)  # its own TimeoutError is a failure
+                await self._handle(message, stop)  # its own TimeoutError is a failure
             with contextlib.suppress(*TRANSIENT):
                 await queue.cancel(tag)
             while not inbox.empty():  # what was already delivered; the broker redelivers the rest
-                await self.handle(inbox.get_nowait(), stop)
+                await self._handle(inbox.get_nowait(), stop)
         finally:
             self.consuming.clear()
 
-    async def handle(self, message: AbstractIncomingMessage, stop: asyncio.Event) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, stop: asyncio.Event) -> None:
         decoded = decode(message)
         if not telemetry.ENABLED:
             await self._settle(message, decoded, stop)
             return
         events = [] if isinstance(decoded, str) else decoded.events
         attrs = telemetry.messaging_attributes(("process", "process"), QUEUE, message.message_id, events)
-        header = (message.headers or {}).get("traceparent")
-        parent = header.decode("ascii", "replace") if isinstance(header, bytes) else header
         traceparents = [e.traceparent for e in events]
+        header = (message.headers or {}).get("traceparent")  # the relay's publish span, the parent
+        parent = header.decode("ascii", "replace") if isinstance(header, bytes) else header
         parent = parent if isinstance(parent, str) else None
         with telemetry.batch_span(f"process {QUEUE}", "CONSUMER", traceparents, attrs, parent=parent):
             await self._settle(message, decoded, stop)

@@ -36,7 +36,7 @@ _NAMESPACE = uuid.UUID("6f1d1d1e-52a8-4c1e-9a43-2f5c3c7e0b9a")
 
 @dataclass(frozen=True, slots=True)
 class Poison:
-    """One event of a message that cannot be projected, and why."""
+    """What of a message cannot be projected (one event, or the whole message), and why."""
 
     index: int | None
     """Its position in the envelope, where known."""
@@ -111,8 +111,9 @@ def decode(message: AbstractMessage) -> Decoded | str:
     if not isinstance(body, dict):
         return "not a JSON object"
     if body.get("message_type") == ENVELOPE_TYPE:
-        if type(body.get("schema_version")) is not int or body["schema_version"] != ENVELOPE_VERSION:
-            return f"unknown envelope schema_version {body.get('schema_version')!r:.20}"
+        version = body.get("schema_version")
+        if type(version) is not int or version != ENVELOPE_VERSION:  # 2.0 == 2, but is no version
+            return f"unknown envelope schema_version {version!r:.20}"
         items = body.get("events")
         if not isinstance(items, list) or not items:
             return "an envelope needs a non-empty events list"
@@ -120,8 +121,7 @@ def decode(message: AbstractMessage) -> Decoded | str:
         for index, item in enumerate(items):
             event = parse_event(item)
             if isinstance(event, str):
-                raw = orjson.dumps(item)
-                decoded.poison.append(Poison(index, event, raw, _event_id_of(item)))
+                decoded.poison.append(Poison(index, event, orjson.dumps(item), _event_id_of(item)))
             else:
                 decoded.events.append(event)
                 decoded.sources.append((index, item))

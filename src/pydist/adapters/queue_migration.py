@@ -18,7 +18,7 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from pydist.adapters.rabbit import DEAD_LETTERS, SYNC, BoundQueue, BrokerLink, declare_topology
 
@@ -43,9 +43,7 @@ async def _migrate(link: BrokerLink, target: BoundQueue) -> int:
     if kind == "other":
         channel = await link.channel()
         await target.declare(channel, temp)
-        old = await channel.declare_queue(target.name, passive=True)
-        await _unbind(old, target)
-        moved = await _move(channel, target.name, temp)
+        moved = await _move(channel, target, target.name, temp)
         await channel.queue_delete(target.name, if_unused=True, if_empty=True)
         # A channel that delivered to the classic queue crashes (RabbitMQ 3.10) when it delivers
         # to the quorum queue of the same name: go on with a new one.
@@ -55,9 +53,7 @@ async def _migrate(link: BrokerLink, target: BoundQueue) -> int:
         await target.declare(await link.channel())
     if await _kind(link, temp, target.arguments) != "missing":
         channel = await link.channel()
-        leftover = await channel.declare_queue(temp, passive=True)
-        await _unbind(leftover, target)
-        moved = await _move(channel, temp, target.name)
+        moved = await _move(channel, target, temp, target.name)
         await channel.queue_delete(temp)  # unbound and drained (quorum queues know no if_empty)
         log.info("queue_migrated", queue=target.name, messages=moved)
     return moved
@@ -77,16 +73,13 @@ async def _kind(link: BrokerLink, name: str, arguments: dict[str, Any]) -> str:
     return "quorum"
 
 
-async def _unbind(queue: AbstractQueue, target: BoundQueue) -> None:
-    """Unbind `queue` from the target's exchange: by the binding key, and by "" (what an earlier
-    migration bound the DLQ with); unbinding what is not bound is a no-op in RabbitMQ."""
+async def _move(channel: AbstractChannel, target: BoundQueue, source: str, destination: str) -> int:
+    """Unbind `source` from the target's exchange (by the binding key, and by "", what an earlier
+    migration bound the DLQ with; unbinding what is not bound is a no-op), then move each of its
+    messages into `destination`: published with confirms, then acked."""
+    queue = await channel.declare_queue(source, passive=True)
     for key in dict.fromkeys((target.binding_key, "")):
         await queue.unbind(target.exchange, key)
-
-
-async def _move(channel: AbstractChannel, source: str, destination: str) -> int:
-    """Every message of `source` into `destination`: published with confirms, then acked."""
-    queue = await channel.declare_queue(source, passive=True)
     moved = 0
     while (message := await queue.get(no_ack=False, fail=False)) is not None:
         await channel.default_exchange.publish(_copy(message), routing_key=destination, mandatory=True)

@@ -81,11 +81,15 @@ class BrokerLink:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lost = False  # a connection that had worked was dropped: try the next node first
-        self._closing: set[asyncio.Future[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def node(self) -> str:
         return _host(self.urls[self._current])
+
+    @property
+    def is_open(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
 
     async def channel(self) -> AbstractChannel:
         if self._channel is not None and not self._channel.is_closed:
@@ -128,7 +132,7 @@ class BrokerLink:
         if connection is None:
             return
         self._lost = True
-        closing = asyncio.ensure_future(self._close(connection))
+        closing = asyncio.create_task(self._close(connection))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
@@ -143,10 +147,6 @@ class BrokerLink:
                 await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_S)
             except Exception as exc:  # already half-gone: nothing to keep
                 log.debug("broker_close_failed", error=type(exc).__name__)
-
-    @property
-    def is_open(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
 
 
 def _host(url: str) -> str:
@@ -176,9 +176,9 @@ class BoundQueue:
 DEAD_LETTERS = BoundQueue(
     DEAD_LETTER_QUEUE, DLQ_ARGUMENTS, DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, DEAD_LETTER_QUEUE
 )
-"""A fanout exchange ignores the key, but a binding is named by it: this is the key aio-pika binds
-with when given none (the queue's name), the one brokers set up before it was explicit have, so
-the queue migration unbinds exactly that binding."""
+"""A fanout exchange ignores the key, but a binding is named by it. The key is the queue's name,
+what aio-pika binds with when given none: brokers set up before it was explicit have that binding,
+and the queue migration unbinds exactly it."""
 SYNC = BoundQueue(QUEUE, QUEUE_ARGUMENTS, EXCHANGE, aio_pika.ExchangeType.TOPIC, "buy_order.#")
 
 
