@@ -531,6 +531,11 @@ class TestApiKeys:
             assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
             assert schema["paths"]["/healthcheck"]["get"]["security"] == []
 
+
+class TestSecretsInLogs:
+    """Its own `keyed` stack (the fixture is class-scoped): the test stops the processes to read
+    their whole logs, which would take the stack away from any TestApiKeys test run after it."""
+
     def test_no_secret_is_ever_logged(self, keyed: System) -> None:
         auth = {"Authorization": f"Bearer {KEYS[0]}"}
         for _ in range(3):  # some traffic of every kind, then a clean stop so every line is out
