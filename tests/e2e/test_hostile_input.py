@@ -461,8 +461,12 @@ def test_price_feed_down_is_a_clean_503(create: httpx.Client, system: System, co
     finally:
         coinbase.configure(mode="ok")
         # Leave the system as the next test (in any order) expects it: taking orders again. btc_price
-        # and create's price client each remember a failure for a moment: under 1 s; bound 20 s.
-        accepted = lambda: create.put("/buy_order", json=order()).status_code == 200  # noqa: E731
+        # and create's price client each remember a failure for a moment: 0.42 s measured (5 runs
+        # after this test); bound 20 s.
+
+        def accepted() -> bool:
+            return create.put("/buy_order", json=order()).status_code == 200
+
         wait_for(accepted, timeout=20, what="orders accepted again after the price feed came back")
 
 
