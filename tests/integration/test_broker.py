@@ -6,6 +6,7 @@ publish, and the move from classic to quorum queues."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from tests.integration.conftest import Stores
 from tests.support import db as testdb
 from tests.support import read_model_admin
 from tests.support.messages import single_event
+from tests.support.procs import free_port
 from tests.support.read_side import (
     CountingHandler,
     background,
@@ -727,3 +729,24 @@ async def test_broker_link_moves_to_the_next_node_after_a_failure(amqp_url: str)
     finally:
         await link.close()
         dead_port.stop()
+
+
+async def test_a_refused_attempt_is_closed_not_left_to_the_garbage_collector(amqp_url: str):
+    """`aio_pika.connect()` drops a connection that failed to connect without closing it; its
+    `__del__` schedules the close, and when the garbage collector runs outside the event loop
+    that close is a coroutine never awaited. `BrokerLink` closes each failed attempt itself."""
+    port = free_port()  # nothing listens there: the connection is refused
+    link = BrokerLink([f"amqp://guest:guest@127.0.0.1:{port}/", amqp_url], name="test-refused")
+    gc.collect()
+    gc.disable()  # an object kept only by a reference cycle stays visible until collected
+    try:
+        await link.channel()
+        await link.close()
+        left = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, aio_pika.Connection) and o.url.port == port and not o.is_closed
+        ]
+    finally:
+        gc.enable()
+    assert left == []

@@ -30,11 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 
 from pydist.adapters.db import READ, WRITE, migrate
-from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE
+from pydist.adapters.rabbit import DEAD_LETTER_QUEUE, QUEUE, BrokerLink
 from tests.support import db as testdb
 from tests.support.faults import Attempt, stop_together, wait_converged
 from tests.support.private_services import PrivatePostgres, RabbitCluster
@@ -170,19 +169,14 @@ class RealStack:
         return int(self.cluster.queue_info(queue)["messages"])
 
     async def purge(self) -> None:
-        last: BaseException | None = None
-        for url in self.cluster.amqp_urls():
-            try:
-                connection = await aio_pika.connect(url, timeout=10)
-            except (OSError, aio_pika.exceptions.AMQPError) as exc:
-                last = exc
-                continue
-            async with connection:
-                channel = await connection.channel()
-                await (await channel.declare_queue(QUEUE, passive=True)).purge()
-                await (await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)).purge()
-            return
-        raise RuntimeError(f"no node to purge the queues through: {last!r}")
+        """Empty the sync queue and its DLQ, through the first node that answers."""
+        link = BrokerLink(self.cluster.amqp_urls(), name="test-purge")
+        try:
+            channel = await link.channel()
+            await (await channel.declare_queue(QUEUE, passive=True)).purge()
+            await (await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)).purge()
+        finally:
+            await link.close()
 
     # -- between tests
 

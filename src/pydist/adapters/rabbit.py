@@ -22,6 +22,7 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.connection import make_url
 
 log = structlog.get_logger()
 
@@ -101,12 +102,8 @@ class BrokerLink:
         for offset in range(len(self.urls)):
             index = (start + offset) % len(self.urls)
             try:
-                self._connection = await aio_pika.connect(
-                    self.urls[index],
-                    timeout=CONNECT_TIMEOUT_S,
-                    heartbeat=HEARTBEAT_S,
-                    client_properties={"connection_name": self.name},
-                )
+                self._connection = self._new_connection(self.urls[index])
+                await self._connection.connect(timeout=CONNECT_TIMEOUT_S)
                 self._channel = await self._connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
                 )
@@ -118,6 +115,16 @@ class BrokerLink:
             log.info("broker_connected", node=self.node, connection=self.name)
             return self._channel
         raise ConnectionError("no broker node answered: " + "; ".join(errors))
+
+    def _new_connection(self, url: str) -> aio_pika.Connection:
+        """A connection not yet connected. `aio_pika.connect()` would build and connect it in one
+        call, and on a failure drop it unclosed: its `__del__` then schedules the close, which the
+        garbage collector running outside the event loop leaves as a coroutine never awaited. Held
+        in `_connection` first, a failed attempt is closed by `close()` like any other."""
+        return aio_pika.Connection(
+            make_url(url, heartbeat=HEARTBEAT_S),
+            client_properties={"connection_name": self.name},
+        )
 
     async def reset(self) -> None:
         """Drop the connection after a failure and wait for its close."""
