@@ -731,6 +731,13 @@ async def test_broker_link_moves_to_the_next_node_after_a_failure(amqp_url: str)
         dead_port.stop()
 
 
+def _unclosed_connections(port: int) -> list[aio_pika.Connection]:
+    """aio-pika connections to `port` not marked closed, among all live objects (run with the
+    collector disabled, this includes those kept only by a reference cycle)."""
+    live = (o for o in gc.get_objects() if isinstance(o, aio_pika.Connection))
+    return [c for c in live if c.url.port == port and not c.is_closed]
+
+
 async def test_a_refused_attempt_is_closed_not_left_to_the_garbage_collector(amqp_url: str):
     """`aio_pika.connect()` drops a connection that failed to connect without closing it; its
     `__del__` schedules the close, and when the garbage collector runs outside the event loop
@@ -738,15 +745,33 @@ async def test_a_refused_attempt_is_closed_not_left_to_the_garbage_collector(amq
     port = free_port()  # nothing listens there: the connection is refused
     link = BrokerLink([f"amqp://guest:guest@127.0.0.1:{port}/", amqp_url], name="test-refused")
     gc.collect()
-    gc.disable()  # an object kept only by a reference cycle stays visible until collected
+    gc.disable()
     try:
         await link.channel()
         await link.close()
-        left = [
-            o
-            for o in gc.get_objects()
-            if isinstance(o, aio_pika.Connection) and o.url.port == port and not o.is_closed
-        ]
+        left = _unclosed_connections(port)
     finally:
         gc.enable()
+    assert left == []
+
+
+async def test_a_close_that_times_out_still_marks_the_connection_closed(
+    amqp_url: str, rabbit_proxy: TcpProxy
+) -> None:
+    """A node that stops reading (a partition, a resource alarm) holds a graceful close; after
+    `close_timeout_s` the link gives up waiting, and the connection must still end up closed, or
+    its `__del__` schedules a close never awaited (seen after the resource-alarm fault test).
+    Behind a blackholed proxy the close waits aiormq's 2 s for a Close-Ok that never comes:
+    always longer than the 0.2 s allowed here."""
+    link = BrokerLink([rabbit_proxy.url_for(amqp_url)], name="test-close-timeout", close_timeout_s=0.2)
+    await link.channel()
+    rabbit_proxy.blackhole()
+    gc.collect()
+    gc.disable()
+    try:
+        await link.close()
+        left = _unclosed_connections(rabbit_proxy.port)
+    finally:
+        gc.enable()
+        rabbit_proxy.flow()
     assert left == []

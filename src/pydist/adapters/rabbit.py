@@ -73,11 +73,17 @@ class BrokerLink:
     client_properties`, the management UI), so an operator sees which one is blocked or busy."""
 
     def __init__(
-        self, urls: str | Sequence[str], *, name: str = "pydist", publisher_confirms: bool = True
+        self,
+        urls: str | Sequence[str],
+        *,
+        name: str = "pydist",
+        publisher_confirms: bool = True,
+        close_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self.urls = broker_urls(urls) if isinstance(urls, str) else list(urls)
         self.name = name
         self._confirms = publisher_confirms
+        self._close_timeout_s = close_timeout_s
         self._current = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -134,7 +140,7 @@ class BrokerLink:
     def drop(self) -> None:
         """Drop the connection after a failure: the next `channel()` starts with the next node.
         Its close runs in the background, because a node that stopped reading it (a resource
-        alarm) holds a graceful close for CONNECT_TIMEOUT_S; `close()` waits for it."""
+        alarm) holds a graceful close for `close_timeout_s`; `close()` waits for it."""
         connection, self._connection, self._channel = self._connection, None, None
         if connection is None:
             return
@@ -147,13 +153,16 @@ class BrokerLink:
         connection, self._connection, self._channel = self._connection, None, None
         await asyncio.gather(self._close(connection), *self._closing)
 
-    @staticmethod
-    async def _close(connection: AbstractConnection | None) -> None:
+    async def _close(self, connection: AbstractConnection | None) -> None:
         if connection is not None and not connection.is_closed:
             try:
-                await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_S)
+                await asyncio.wait_for(connection.close(), timeout=self._close_timeout_s)
             except Exception as exc:  # already half-gone: nothing to keep
                 log.debug("broker_close_failed", error=type(exc).__name__)
+                # aio-pika let go of the transport as the first close began (aiormq's writer closes
+                # the socket on its own); this one only marks the connection closed, or `__del__`
+                # would schedule another close, never awaited if the collector runs outside the loop.
+                await connection.close()
 
 
 def _host(url: str) -> str:
