@@ -6,10 +6,11 @@ publish, and the move from classic to quorum queues."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -731,9 +732,20 @@ async def test_broker_link_moves_to_the_next_node_after_a_failure(amqp_url: str)
         dead_port.stop()
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Meanwhile an object kept only by a reference cycle stays among the live objects, its
+    `__del__` not run, so a connection left unclosed is seen, not collected by chance."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _unclosed_connections(port: int) -> list[aio_pika.Connection]:
-    """aio-pika connections to `port` not marked closed, among all live objects (run with the
-    collector disabled, this includes those kept only by a reference cycle)."""
+    """aio-pika connections to `port`, among the live objects, not marked closed."""
     live = (o for o in gc.get_objects() if isinstance(o, aio_pika.Connection))
     return [c for c in live if c.url.port == port and not c.is_closed]
 
@@ -744,15 +756,10 @@ async def test_a_refused_attempt_is_closed_not_left_to_the_garbage_collector(amq
     that close is a coroutine never awaited. `BrokerLink` closes each failed attempt itself."""
     port = free_port()  # nothing listens there: the connection is refused
     link = BrokerLink([f"amqp://guest:guest@127.0.0.1:{port}/", amqp_url], name="test-refused")
-    gc.collect()
-    gc.disable()
-    try:
+    with _collector_paused():
         await link.channel()
         await link.close()
-        left = _unclosed_connections(port)
-    finally:
-        gc.enable()
-    assert left == []
+        assert _unclosed_connections(port) == []
 
 
 async def test_a_close_that_times_out_still_marks_the_connection_closed(
@@ -766,15 +773,9 @@ async def test_a_close_that_times_out_still_marks_the_connection_closed(
     link = BrokerLink([rabbit_proxy.url_for(amqp_url)], name="test-close-timeout", close_timeout_s=0.2)
     await link.channel()
     rabbit_proxy.blackhole()
-    gc.collect()
-    gc.disable()
-    try:
+    with _collector_paused():
         await link.close()
-        left = _unclosed_connections(rabbit_proxy.port)
-    finally:
-        gc.enable()
-        rabbit_proxy.flow()
-    assert left == []
+        assert _unclosed_connections(rabbit_proxy.port) == []
 
 
 async def test_a_cancelled_close_leaves_the_closes_under_way_to_finish(
@@ -788,19 +789,14 @@ async def test_a_cancelled_close_leaves_the_closes_under_way_to_finish(
     link = BrokerLink([rabbit_proxy.url_for(amqp_url)], name="test-cancelled-close", close_timeout_s=0.5)
     await link.channel()
     rabbit_proxy.blackhole()
-    gc.collect()
-    gc.disable()
-    try:
+
+    async def all_closed() -> bool:
+        return not _unclosed_connections(rabbit_proxy.port)
+
+    with _collector_paused():
         link.drop()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await link.close()
-
-        async def all_closed() -> bool:
-            return not _unclosed_connections(rabbit_proxy.port)
-
         took = await wait_until(all_closed, timeout=10, what="the dropped connection closed")
-    finally:
-        gc.enable()
-        rabbit_proxy.flow()
     print(f"the dropped connection closed {took:.2f}s after the cancelled close()")
