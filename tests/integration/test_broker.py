@@ -773,30 +773,9 @@ async def test_a_close_that_times_out_still_marks_the_connection_closed(
     link = BrokerLink([rabbit_proxy.url_for(amqp_url)], name="test-close-timeout", close_timeout_s=0.2)
     await link.channel()
     rabbit_proxy.blackhole()
-    with _collector_paused():
-        await link.close()
-        assert _unclosed_connections(rabbit_proxy.port) == []
-
-
-async def test_a_cancelled_close_leaves_the_closes_under_way_to_finish(
-    amqp_url: str, rabbit_proxy: TcpProxy
-) -> None:
-    """The consumer's dead-letter timeout can cancel `channel()` while it waits for the close of
-    the connection it dropped (traced in the resource-alarm fault test). The close under way must
-    still finish: cut short, it leaves its connection never marked closed. Behind a blackholed
-    proxy each close takes the link's 0.5 s; the caller gives up after 0.05 s. Measured: closed
-    0.49 s after, in 3 runs (bound 10 s); on the old close() it never was."""
-    link = BrokerLink([rabbit_proxy.url_for(amqp_url)], name="test-cancelled-close", close_timeout_s=0.5)
-    await link.channel()
-    rabbit_proxy.blackhole()
-
-    async def all_closed() -> bool:
-        return not _unclosed_connections(rabbit_proxy.port)
-
-    with _collector_paused():
-        link.drop()
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await link.close()
-        took = await wait_until(all_closed, timeout=10, what="the dropped connection closed")
-    print(f"the dropped connection closed {took:.2f}s after the cancelled close()")
+    try:
+        with _collector_paused():
+            await link.close()
+            assert _unclosed_connections(rabbit_proxy.port) == []
+    finally:
+        rabbit_proxy.flow()  # the held pipes see the cut when the fixture stops the proxy

@@ -141,27 +141,22 @@ class BrokerLink:
         """Drop the connection after a failure: the next `channel()` starts with the next node.
         Its close runs in the background, because a node that stopped reading it (a resource
         alarm) holds a graceful close for `close_timeout_s`; `close()` waits for it."""
-        if self._connection is not None:
+        connection, channel = self._connection, self._channel
+        self._connection, self._channel = None, None
+        if connection is None:
+            return
+        if channel is not None:  # it had worked (not an attempt cut short mid-connect)
             self._lost = True
-        self._let_go()
+        closing = asyncio.create_task(self._close(connection))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Close the connection and wait for every close under way. Cancelled (the caller's
-        timeout), it stops waiting but leaves them running: each ends within `close_timeout_s`,
-        and one cut short would leave its connection never marked closed."""
-        self._let_go()
-        if self._closing:
-            await asyncio.wait(set(self._closing))
-
-    def _let_go(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            closing = asyncio.create_task(self._close(connection))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+        await asyncio.gather(self._close(connection), *self._closing)
 
-    async def _close(self, connection: AbstractConnection) -> None:
-        if not connection.is_closed:
+    async def _close(self, connection: AbstractConnection | None) -> None:
+        if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), timeout=self._close_timeout_s)
             except Exception as exc:  # already half-gone: nothing to keep
